@@ -1,0 +1,5 @@
+import sys
+
+from cs336_systems.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""What every benchmark shares: timing, OOM handling, run metadata and the results writer.
+
+A benchmark only builds its setup and calls `time_ms`; rows go into a `Results`, which writes
+`NAME.md` (markdown table), `NAME.json` (rows + metadata: device, versions, git revision, date)
+and, when asked, `NAME.png`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+OOM = "OOM"
+UNSUPPORTED = "unsupported"
+
+
+def synchronize(device: torch.device | str | None = None) -> None:
+    """Wait for queued device work; a no-op on CPU."""
+    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median milliseconds of `fn()`: triton.testing.do_bench on CUDA, a synchronised loop on CPU."""
+    if torch.device(device).type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up: first-call costs (allocation, compilation) stay out of the numbers
+    times, deadline = [], time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 1000):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def mean_std(samples: Sequence[float]) -> tuple[float, float]:
+    return statistics.fmean(samples), (statistics.stdev(samples) if len(samples) > 1 else 0.0)
+
+
+def is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def free_device_memory() -> None:
+    """Drop cached blocks after an OOM so the next configuration starts clean."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: torch.device | str) -> dict[str, Any]:
+    """Where and when the numbers were taken."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
+        "git": git_revision(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "" if value is None else str(value)
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    columns = list(columns or dict.fromkeys(k for row in rows for k in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+@dataclass
+class Results:
+    """Benchmark rows plus metadata, written as NAME.md / NAME.json (and NAME.png via `plot`)."""
+
+    name: str
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, **row: Any) -> dict[str, Any]:
+        self.rows.append(row)
+        return row
+
+    def write(self, out_dir: str | Path, columns: Sequence[str] | None = None) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        table = markdown_table(self.rows, columns)
+        meta = ", ".join(f"{k}={v}" for k, v in self.meta.items())
+        (out / f"{self.name}.md").write_text(f"# {self.name}\n\n{meta}\n\n{table}\n")
+        (out / f"{self.name}.json").write_text(json.dumps({"meta": self.meta, "rows": self.rows}, indent=1))
+        print(table)
+        print(f"wrote {out / self.name}.md and .json")
+        return out
+
+    def plot(self, out_dir: str | Path, draw: Callable[[Any], None]) -> Path | None:
+        """Save `draw(plt)`'s figure as NAME.png; skipped (with a note) when matplotlib is absent."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot")
+            return None
+        path = Path(out_dir) / f"{self.name}.png"
+        draw(plt)
+        plt.tight_layout()
+        plt.savefig(path, dpi=120)
+        plt.close("all")
+        return path

@@ -1,0 +1,122 @@
+"""Process-group plumbing shared by the wrappers, tests, benchmarks and training.
+
+`launch(fn, world_size, *args)` runs `fn(*args)` in `world_size` local processes with a process
+group already initialised (gloo on CPU, NCCL with one GPU per rank on CUDA) and returns every
+rank's return value, ordered by rank. Ports are picked free, so launches can run concurrently.
+Under torchrun the environment already names rank and world size: `init_from_env()` reads it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+# A collective that waits longer than this is a bug (a rank that never joined), not slowness:
+# fail loudly instead of hanging CI for the default 30 minutes.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=120)
+
+
+def find_free_port() -> int:
+    """A TCP port on localhost that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_backend(device: str | torch.device | None = None) -> str:
+    """NCCL when the ranks use CUDA GPUs, gloo otherwise."""
+    use_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    return "nccl" if use_cuda else "gloo"
+
+
+def require_process_group(what: str) -> None:
+    """Raise a clear error when `what` is used without torch.distributed being initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            f"{what} needs an initialised process group: call torch.distributed.init_process_group "
+            "first (or launch through cs336_systems.distributed.launch / torchrun)"
+        )
+
+
+def init_from_env(backend: str | None = None) -> tuple[int, int]:
+    """Initialise the default group from torchrun-style variables; return (rank, world_size)."""
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=DEFAULT_TIMEOUT)
+    return rank, world_size
+
+
+def _worker(rank, world_size, port, backend, fn, args, results) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+        LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+    )
+    # One intra-op thread per rank: the ranks share the machine's cores.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    try:
+        init_from_env(backend)
+        results.put((rank, True, fn(*args)))
+    except BaseException as error:  # noqa: BLE001 - report every failure to the parent
+        results.put((rank, False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | None = None) -> list[Any]:
+    """Run `fn(*args)` on `world_size` local ranks; return their results in rank order.
+
+    `fn` must be picklable (a module-level function). If any rank raises, this raises a
+    RuntimeError carrying every failing rank's traceback.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    backend = backend or default_backend()
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise ValueError(f"world_size={world_size} needs {world_size} GPUs, found {torch.cuda.device_count()}")
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    port = find_free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results))
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outcomes = _collect(procs, results, world_size)
+    failures = [f"rank {r}: {value}" for r, (ok, value) in sorted(outcomes.items()) if not ok]
+    if failures:
+        raise RuntimeError("distributed launch failed\n" + "\n".join(failures))
+    return [outcomes[r][1] for r in range(world_size)]
+
+
+def _collect(procs, results, world_size: int) -> dict[int, tuple[bool, Any]]:
+    """Gather one (ok, value) per rank; a rank that died without reporting counts as a failure."""
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    while len(outcomes) < world_size:
+        if not results.empty():
+            rank, ok, value = results.get()
+            outcomes[rank] = (ok, value)
+            continue
+        dead = [r for r, p in enumerate(procs) if not p.is_alive() and r not in outcomes]
+        if dead and results.empty():
+            for r in dead:
+                outcomes[r] = (False, f"process exited with code {procs[r].exitcode} without a result")
+        else:
+            procs[0].join(timeout=0.05)
+    for p in procs:
+        p.join(timeout=30)
+        if p.is_alive():
+            p.kill()
+    return outcomes
