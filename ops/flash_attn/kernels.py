@@ -1,0 +1,133 @@
+"""FlashAttention-2 Triton kernels: forward, and backward as D-preprocess + dK/dV pass + dQ pass.
+
+Layout: every tensor is viewed as (BH, N, D) with arbitrary strides (passed in), so
+non-contiguous inputs need no copy. L and D are contiguous (BH, Nq) float32.
+
+Scores are kept in the log2 domain: S2 = (q . k) * scale * log2(e), so softmax uses exp2 and the
+log2(e) factor costs nothing extra. The returned L is converted back to natural log.
+
+Causal masking is top-left aligned (query i sees keys j <= i). Key tiles wholly above the diagonal
+are never visited; tiles wholly below it take the unmasked path; only diagonal tiles and the
+ragged last tile (N not a multiple of the block) pay for masks. Head dims that are not a power of
+two are padded to BLOCK_D inside the kernel by masked loads.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_rows(base, rows, cols, stride_row, stride_col, n_rows,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (len(rows), BLOCK_D) tile; rows >= n_rows and cols >= HEAD_DIM read as 0."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, tile, rows, cols, stride_row, stride_col, n_rows, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
+
+
+@triton.jit
+def _key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """For the query tile starting at start_m: (end of unmasked key tiles, end of all visible keys)."""
+    if IS_CAUSAL:
+        # A key tile is fully visible when its last key <= the tile's first query.
+        full_end = (tl.minimum(start_m, n_keys) // BLOCK_N) * BLOCK_N
+        end = tl.minimum(start_m + BLOCK_M, n_keys)
+    else:
+        full_end = (n_keys // BLOCK_N) * BLOCK_N
+        end = n_keys
+    return full_end, end
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+               rows, cols_d, lo, hi, n_keys, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_rows(k_base, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASKED:
+            keep = keys[None, :] < n_keys
+            if IS_CAUSAL:
+                keep = keep & (keys[None, :] <= rows[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the previous max
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def flash_fwd_kernel(
+    Q, K, V, O, LSE,  # (BH, Nq, D), (BH, Nk, D), (BH, Nk, D), (BH, Nq, D), (BH, Nq) float32
+    stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od,
+    n_queries, n_keys, qk_scale,  # qk_scale = softmax scale * log2(e)
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """O = softmax(Q K^T * scale) V and L = logsumexp for one BLOCK_M query tile of one head."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest causal rows launch first
+    bh = tl.program_id(1).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
+
+    q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    full_end, end = _key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               rows, cols_d, 0, full_end, n_keys, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                               rows, cols_d, full_end, end, n_keys, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+    acc = acc / l_i[:, None]
+    _store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
+    lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
+    tl.store(LSE + bh * n_queries + rows, lse, mask=rows < n_queries)
+
+
+@triton.jit
+def flash_bwd_preprocess_kernel(
+    O, DO, DELTA,  # (BH, Nq, D), (BH, Nq, D), (BH, Nq) float32
+    stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod, n_queries,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA = rowsum(O * dO): the softmax-Jacobian term shared by every key tile."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * n_queries + rows, delta, mask=rows < n_queries)

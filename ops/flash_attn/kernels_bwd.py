@@ -1,0 +1,149 @@
+"""FlashAttention-2 backward kernels: one pass owning key tiles (dK, dV), one owning query tiles (dQ).
+
+Each program writes only its own tile of the output, so there are no atomics and results are
+deterministic. P is recomputed from L (saved by the forward): P = exp2(S2 - L * log2(e)).
+"""
+
+import triton
+import triton.language as tl
+
+from ops.flash_attn.kernels import LOG2E, _key_ranges, _load_rows, _store_rows
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
+                stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, qk_scale,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), working on transposed scores."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E
+            delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + rows) * LOG2E
+            delta = tl.load(delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:
+            keep = rows[None, :] < n_queries
+            if IS_CAUSAL:
+                keep = keep & (rows[None, :] >= keys[:, None])
+            p_t = tl.where(keep, p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,  # (BH,Nq,D) (BH,Nk,D) (BH,Nk,D) (BH,Nq,D) (BH,Nq) (BH,Nq) (BH,Nk,D) x2
+    stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+    stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
+    n_queries, n_keys, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head.
+
+    Padded key rows (>= Nk) may hold garbage in registers but are never stored, and rows of dK/dV
+    do not mix, so only query-side masks matter here.
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    keys = start_n + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + bh * stride_kb, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_base, do_base = Q + bh * stride_qb, DO + bh * stride_dob
+    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
+
+    q_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # Query tiles before `lo` see none of these keys; [lo, diag_end) straddle the diagonal.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = tl.maximum(lo, tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_end))
+    else:
+        lo = 0
+        diag_end = 0
+    full_end = tl.maximum(diag_end, (n_queries // BLOCK_M) * BLOCK_M)  # tiles wholly inside Nq
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                         stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                         stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
+    dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
+                         stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, qk_scale,
+                         HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+    _store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
+    _store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+              rows, cols_d, lo, hi, n_keys, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        keys = start_n + offs_n
+        k = _load_rows(k_base, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        p = tl.exp2(s - lse2[:, None])
+        if MASKED:
+            # Padded keys must be zeroed here: their P could overflow and dQ sums over keys.
+            keep = keys[None, :] < n_keys
+            if IS_CAUSAL:
+                keep = keep & (keys[None, :] <= rows[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
+    stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+    stride_dqb, stride_dqn, stride_dqd,
+    n_queries, n_keys, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dQ = scale * dS K for one BLOCK_M query tile of one head."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest causal rows launch first
+    bh = tl.program_id(1).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    rows = start_m + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    lse2 = tl.load(LSE + bh * n_queries + rows, mask=rows < n_queries, other=0.0) * LOG2E
+    delta = tl.load(DELTA + bh * n_queries + rows, mask=rows < n_queries, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
+    full_end, end = _key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   rows, cols_d, 0, full_end, n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False,
+                   PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                   rows, cols_d, full_end, end, n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True,
+                   PRECISION)
+    _store_rows(DQ + bh * stride_dqb, dq * sm_scale, rows, cols_d, stride_dqn, stride_dqd, n_queries, HEAD_DIM)

@@ -1,0 +1,120 @@
+"""Launchers: allocate outputs, view inputs as (BH, N, D) with their strides, pick blocks, launch.
+
+Outputs are always fresh contiguous tensors (never views of inputs), as torch.library requires.
+Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from ops.flash_attn.kernels import LOG2E, flash_bwd_preprocess_kernel, flash_fwd_kernel
+from ops.flash_attn.kernels_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
+
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where batch*heads goes
+
+
+@dataclass(frozen=True)
+class Blocks:
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def forward_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
+    if interpreting():
+        return Blocks(16, 16, 1, 1)  # small tiles so small test shapes still cross tile edges
+    if dtype == torch.float32 or head_dim > 128:
+        return Blocks(64, 32, 4, 2)
+    if head_dim <= 64:
+        return Blocks(128, 64, 4, 3)
+    return Blocks(128, 64, 8, 3)
+
+
+def backward_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
+    if interpreting():
+        return Blocks(16, 16, 1, 1)
+    if dtype == torch.float32 or head_dim > 128:
+        return Blocks(32, 32, 4, 1)
+    if head_dim <= 64:
+        return Blocks(64, 64, 4, 2)
+    return Blocks(32, 64, 4, 2)
+
+
+def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) -> (BH, N, D); a view whenever the leading dims can be merged."""
+    return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs get true float32 products (not tf32) so they meet float32 tolerances.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:
+    if bh > MAX_GRID_Y:
+        raise ValueError(f"flash_attn supports at most {MAX_GRID_Y} batch*heads, got {bh}")
+    return (triton.cdiv(n_rows, block), bh)
+
+
+def flash_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    q3, k3, v3, o3 = _as_bhnd(q), _as_bhnd(k), _as_bhnd(v), _as_bhnd(out)
+    bh, n_q, head_dim = q3.shape
+    if bh == 0:
+        return out, lse
+    blocks = forward_blocks(head_dim, q.dtype)
+    flash_fwd_kernel[_grid(n_q, blocks.block_m, bh)](
+        q3, k3, v3, o3, lse,
+        *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride(),
+        n_q, k3.shape[1], scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
+    )
+    return out, lse
+
+
+def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
+    """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    q3, k3, v3, o3, do3 = (_as_bhnd(t) for t in (q, k, v, out, grad_out))
+    dq3, dk3, dv3 = _as_bhnd(dq), _as_bhnd(dk), _as_bhnd(dv)
+    bh, n_q, head_dim = q3.shape
+    n_k = k3.shape[1]
+    if bh == 0:
+        return dq, dk, dv
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)  # (..., Nq) float32
+    block_d = _block_d(head_dim)
+    blocks = backward_blocks(head_dim, q.dtype)
+    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=blocks.num_warps)
+    flash_bwd_preprocess_kernel[_grid(n_q, 64, bh)](
+        o3, do3, delta, *o3.stride(), *do3.stride(), n_q, BLOCK_M=64, **meta)
+    common = dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, IS_CAUSAL=is_causal,
+                  PRECISION=_precision(q.dtype), num_stages=blocks.num_stages, **meta)
+    strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())
+    flash_bwd_dkdv_kernel[_grid(n_k, blocks.block_n, bh)](
+        q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *dk3.stride(), *dv3.stride(),
+        n_q, n_k, scale * LOG2E, scale, **common)
+    flash_bwd_dq_kernel[_grid(n_q, blocks.block_m, bh)](
+        q3, k3, v3, do3, lse, delta, dq3, *strides, *dq3.stride(),
+        n_q, n_k, scale * LOG2E, scale, **common)
+    return dq, dk, dv
