@@ -15,8 +15,10 @@ two are padded to BLOCK_D inside the kernel by masked loads.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E = 1.4426950408889634  # Python float, for launchers
+# Kernels may only read globals that are constexpr.
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -113,7 +115,7 @@ def flash_fwd_kernel(
                                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
     acc = acc / l_i[:, None]
     _store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
-    lse = (m_i + tl.log2(l_i)) * LN2  # back to natural log
+    lse = (m_i + tl.log2(l_i)) * LN2_C  # back to natural log
     tl.store(LSE + bh * n_queries + rows, lse, mask=rows < n_queries)
 
 

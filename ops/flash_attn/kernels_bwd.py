@@ -7,7 +7,7 @@ deterministic. P is recomputed from L (saved by the forward): P = exp2(S2 - L * 
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import LOG2E, _key_ranges, _load_rows, _store_rows
+from ops.flash_attn.kernels import LOG2E_C, _key_ranges, _load_rows, _store_rows
 
 
 @triton.jit
@@ -22,10 +22,10 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E
+            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
             delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
         else:
-            lse2 = tl.load(lse_base + rows) * LOG2E
+            lse2 = tl.load(lse_base + rows) * LOG2E_C
             delta = tl.load(delta_base + rows)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
         p_t = tl.exp2(s_t - lse2[None, :])
@@ -135,7 +135,7 @@ def flash_bwd_dq_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
-    lse2 = tl.load(LSE + bh * n_queries + rows, mask=rows < n_queries, other=0.0) * LOG2E
+    lse2 = tl.load(LSE + bh * n_queries + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh * n_queries + rows, mask=rows < n_queries, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base, v_base = K + bh * stride_kb, V + bh * stride_vb

@@ -53,7 +53,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 
 
 def _resolve_scale(q: Tensor, scale: float | None) -> float:
-    scale = default_scale(q.shape[-1]) if scale is None else float(scale)
+    if scale is None:
+        return default_scale(q.shape[-1])  # symbolic under dynamic shapes: no checks on it here
     if not math.isfinite(scale):
         raise ValueError(f"flash_attn: scale must be finite, got {scale}")
     return scale
