@@ -1,0 +1,297 @@
+"""The CS336 Assignment-1 Transformer LM: pre-norm blocks, RMSNorm, RoPE, SwiGLU, no biases.
+
+Classes in reading order: the LM, its block, attention, feed-forward, then the leaf layers.
+Parameter names match the CS336 staff `cs336_basics` so checkpoints load in either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from cs336_basics.attention import get_attention, scaled_dot_product_attention
+from cs336_basics.nn_utils import check_positive_int, softmax
+
+__all__ = [
+    "BasicsTransformerLM", "TransformerBlock", "CausalMultiHeadSelfAttention", "SwiGLU", "silu",
+    "RotaryEmbedding", "RMSNorm", "Embedding", "Linear", "scaled_dot_product_attention",
+]
+
+
+class BasicsTransformerLM(nn.Module):
+    """Token ids (B, T) -> next-token logits (B, T, vocab_size).
+
+    `attention` names an implementation in `cs336_basics.attention` ("naive", "sdpa", "flash", or one
+    added with `register_attention`); `set_attention` switches every layer later.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
+                 d_ff: int, rope_theta: float = 10000.0, attention: str = "naive"):
+        super().__init__()
+        check_positive_int(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+                           num_layers=num_layers, num_heads=num_heads, d_ff=d_ff)
+        _check_heads(d_model, num_heads)
+        if (d_model // num_heads) % 2:
+            raise ValueError(f"d_model // num_heads = {d_model // num_heads} must be even: RoPE rotates pairs of dims")
+        # Constructor arguments, so a checkpoint can rebuild the model: `BasicsTransformerLM(**config)`.
+        self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
+                           num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta,
+                           attention=attention)
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.token_embeddings = Embedding(vocab_size, d_model)
+        # One RoPE table shared by every layer (its buffers are non-persistent, so not in the state dict).
+        self.positional_encoder = RotaryEmbedding(context_length, d_model // num_heads, theta=rope_theta)
+        self.layers = nn.ModuleList(
+            TransformerBlock(d_model, num_heads, d_ff, self.positional_encoder, attention) for _ in range(num_layers)
+        )
+        self.ln_final = RMSNorm(d_model)
+        self.lm_head = Linear(d_model, vocab_size)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        if token_ids.dim() != 2:
+            raise ValueError(f"token_ids must have shape (batch, seq), got {tuple(token_ids.shape)}")
+        if token_ids.shape[1] > self.context_length:
+            raise ValueError(f"token_ids has {token_ids.shape[1]} tokens, more than "
+                             f"context_length={self.context_length}")
+        x = self.token_embeddings(token_ids)  # (B, T, d_model)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(self.ln_final(x))  # (B, T, vocab)
+
+    def set_attention(self, name: str) -> None:
+        """Switch every attention layer to implementation `name` (takes effect on the next forward)."""
+        get_attention(name)  # validate before touching any layer
+        for module in self.modules():
+            if isinstance(module, CausalMultiHeadSelfAttention):
+                module.set_attention(name)
+        self.config["attention"] = name
+
+    def get_num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; `non_embedding` leaves out the token-embedding table.
+
+        The lookup table costs no FLOPs while lm_head is a real matmul, so this is the N of the
+        6·N·D training-FLOPs estimate. (It equals the staff count, which drops lm_head: same size.)
+        """
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.token_embeddings.weight.numel()
+        return n_params
+
+    @torch.no_grad()
+    def generate(self, x: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 eos_token_id: int | None = None) -> Tensor:
+        """Sample up to `max_new_tokens` after prompt `x` (T,) or (B, T); returns the new ids (B, n).
+
+        `temperature=0` is greedy decoding. With `eos_token_id`, generation stops at the step where
+        every row has produced it; that step is not returned (as in the CS336 staff model), and rows
+        that finished earlier are padded with `eos_token_id`.
+        """
+        _check_sampling(max_new_tokens, temperature, top_k)
+        x = x.unsqueeze(0) if x.dim() == 1 else x  # (B, T)
+        new_tokens = []
+        finished = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)  # (B,)
+        for _ in range(max_new_tokens):
+            logits = self(x[:, -self.context_length:])[:, -1]  # (B, vocab)
+            next_token = _sample(logits, temperature, top_k)  # (B,)
+            if eos_token_id is not None:
+                next_token = next_token.masked_fill(finished, eos_token_id)
+                finished |= next_token == eos_token_id
+                # A CPU-GPU sync per token; fine for sampling, which is not a training hot path.
+                if finished.all():
+                    break
+            new_tokens.append(next_token)
+            x = torch.cat([x, next_token[:, None]], dim=1)  # (B, T + 1)
+        return torch.stack(new_tokens, dim=1) if new_tokens else x.new_empty(x.shape[0], 0)
+
+
+def _check_heads(d_model: int, num_heads: int) -> None:
+    if d_model % num_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None:
+        check_positive_int(top_k=top_k)
+
+
+def _sample(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+    """One token id per row of `logits` (B, vocab)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth_largest = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    return torch.multinomial(softmax(logits, dim=-1), num_samples=1).squeeze(-1)  # (B,)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.))."""
+
+    def __init__(self, d_model: int, num_heads: int, d_ff: int, positional_encoder: RotaryEmbedding | None,
+                 attention: str = "naive"):
+        super().__init__()
+        self.ln1 = RMSNorm(d_model)
+        self.attn = CausalMultiHeadSelfAttention(d_model, num_heads, positional_encoder, attention)
+        self.ln2 = RMSNorm(d_model)
+        self.ffn = SwiGLU(d_model, d_ff)
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), token_positions)
+        return x + self.ffn(self.ln2(x))
+
+
+class CausalMultiHeadSelfAttention(nn.Module):
+    """Causal multi-head self-attention with RoPE on queries and keys (None: no positional encoding)."""
+
+    def __init__(self, d_model: int, num_heads: int, positional_encoder: RotaryEmbedding | None,
+                 attention: str = "naive"):
+        super().__init__()
+        check_positive_int(d_model=d_model, num_heads=num_heads)
+        _check_heads(d_model, num_heads)
+        self.num_heads = num_heads
+        self.head_dim = d_model // num_heads
+        if positional_encoder is not None and positional_encoder.dim != self.head_dim:
+            raise ValueError(f"positional_encoder.dim={positional_encoder.dim} must equal "
+                             f"d_model // num_heads = {self.head_dim}")
+        self.q_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, d_model)
+        self.v_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
+        self.positional_encoder = positional_encoder
+        self.set_attention(attention)
+
+    def set_attention(self, name: str) -> None:
+        # Resolve once here, not per forward: compiled graphs then see one fixed function.
+        self.attention_fn = get_attention(name)
+        self.attention = name
+
+    def forward(self, x: Tensor, token_positions: Tensor | None = None) -> Tensor:
+        """x (..., T, d_model); token_positions (..., T) or (T,), default 0..T-1."""
+        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.positional_encoder is not None:
+            if token_positions is None:
+                token_positions = torch.arange(x.shape[-2], device=x.device)  # (T,)
+            else:
+                token_positions = token_positions.unsqueeze(-2)  # (..., 1, T): the same for every head
+            q = self.positional_encoder(q, token_positions)
+            k = self.positional_encoder(k, token_positions)
+        out = self.attention_fn(q, k, v, True)  # (..., H, T, head_dim)
+        out = out.transpose(-3, -2).flatten(-2)  # (..., T, d_model)
+        return self.output_proj(out)
+
+    def _split_heads(self, x: Tensor) -> Tensor:
+        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # (..., T, H, head_dim)
+        return x.transpose(-3, -2)  # (..., H, T, head_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, attention={self.attention!r}"
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x): a gated feed-forward layer; w2 is the down projection."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w1 = Linear(d_model, d_ff)
+        self.w2 = Linear(d_ff, d_model)
+        self.w3 = Linear(d_model, d_ff)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(silu(self.w1(x)) * self.w3(x))
+
+
+def silu(x: Tensor) -> Tensor:
+    return x * torch.sigmoid(x)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE: rotate each pair of adjacent dims (2i, 2i+1) of a vector at position m by m * theta^(-2i/dim)."""
+
+    def __init__(self, context_length: int, dim: int, theta: float = 10000.0):
+        super().__init__()
+        check_positive_int(context_length=context_length, dim=dim)
+        if dim % 2:
+            raise ValueError(f"dim must be even (RoPE rotates pairs of dims), got {dim}")
+        if theta <= 0:
+            raise ValueError(f"theta must be positive, got {theta}")
+        self.context_length = context_length
+        self.dim = dim
+        # Angles in float64: in fp32, m * freq at m ~ 1e4 keeps only ~3 decimal digits of the phase.
+        inv_freq = theta ** -(torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # (dim/2,)
+        angles = torch.outer(torch.arange(context_length, dtype=torch.float64), inv_freq)  # (context, dim/2)
+        # Non-persistent: derived from the config, so kept out of the state dict.
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: Tensor, pos_ids: Tensor) -> Tensor:
+        """x (..., T, dim); pos_ids broadcastable to (..., T), e.g. (T,)."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"x must have last dim {self.dim} (the RoPE dim), got {tuple(x.shape)}")
+        cos, sin = self.cos[pos_ids], self.sin[pos_ids]  # (..., T, dim/2)
+        x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, dim/2) each: even and odd dims
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)  # (..., T, dim/2, 2)
+        return rotated.flatten(-2).to(x.dtype)  # (..., T, dim)
+
+    def extra_repr(self) -> str:
+        return f"context_length={self.context_length}, dim={self.dim}"
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (squares of bf16 activations overflow/lose precision)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        check_positive_int(hidden_size=hidden_size)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        in_dtype = x.dtype
+        x = x.to(torch.promote_types(in_dtype, torch.float32))
+        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (x * self.weight).to(in_dtype)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.weight.shape[0]}, eps={self.eps}"
+
+
+class Embedding(nn.Module):
+    """A lookup table (num_embeddings, embedding_dim), initialised N(0, 1) truncated at +-3."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, device=None, dtype=None):
+        super().__init__()
+        check_positive_int(num_embeddings=num_embeddings, embedding_dim=embedding_dim)
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=1.0, a=-3.0, b=3.0)
+
+    def forward(self, token_ids: Tensor) -> Tensor:
+        return self.weight[token_ids]  # (..., embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.weight.shape[0]}, embedding_dim={self.weight.shape[1]}"
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; W (out, in) ~ N(0, 2 / (in + out)) truncated at +-3 std."""
+
+    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+        super().__init__()
+        check_positive_int(in_features=in_features, out_features=out_features)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        std = math.sqrt(2 / (in_features + out_features))
+        nn.init.trunc_normal_(self.weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ self.weight.T  # (..., out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"

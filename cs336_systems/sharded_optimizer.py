@@ -1,0 +1,204 @@
+"""Optimizer state sharding (ZeRO stage 1) around any `torch.optim.Optimizer`.
+
+Every rank keeps all parameters and all gradients, but each parameter is *owned* by one rank, and
+only the owner's inner optimizer holds its state (e.g. AdamW's two moments) and updates it. After
+the owners step, one all-gather of flat buffers per (device, dtype) hands every rank the updated
+values of the parameters it does not own.
+
+    model = DDPBucketed(model, bucket_size_mb=25)            # gradients averaged over ranks
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-3)
+    opt.compile_step()                                        # optional: compile the local update
+    loss.backward(); model.finish_gradient_synchronization(); opt.step()
+
+`state_dict()` is a collective that returns the consolidated, unsharded format on every rank, so a
+plain `optimizer_cls` or a `ShardedOptimizer` on any number of ranks can load it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+from cs336_systems.distributed import require_process_group
+
+# Keys of a param group that name its tensors rather than hyperparameters: never copied between the
+# public groups (all parameters) and the local optimizer's groups (this rank's parameters).
+_TENSOR_KEYS = ("params", "param_names")
+
+
+def partition_by_size(params: Iterable[torch.Tensor], loads: list[int]) -> list[int]:
+    """Owner rank of each of `params`: largest first onto the least-loaded rank (ties: lower index).
+
+    `loads` (numel per rank so far) is updated in place, so successive param groups keep the ranks
+    balanced overall. Pure function of sizes and order, hence identical on every rank.
+    """
+    params = list(params)
+    owners = [0] * len(params)
+    for i in sorted(range(len(params)), key=lambda i: (-params[i].numel(), i)):
+        rank = min(range(len(loads)), key=lambda r: (loads[r], r))
+        owners[i] = rank
+        loads[rank] += params[i].numel()
+    return owners
+
+
+def state_bytes(state: Mapping[Any, Mapping[str, Any]]) -> int:
+    """Bytes held by the tensors of an optimizer's `state` (param -> {name: value})."""
+    return sum(
+        value.numel() * value.element_size()
+        for per_param in state.values() for value in per_param.values() if isinstance(value, torch.Tensor)
+    )
+
+
+def _hyperparameters(group: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in group.items() if key not in _TENSOR_KEYS}
+
+
+class ShardedOptimizer(Optimizer):
+    """`optimizer_cls(**kwargs)` on this rank's share of `params`; the others' shares are all-gathered.
+
+    `param_groups` lists every parameter with the full hyperparameters; edits to them (LR schedulers,
+    `group["lr"] = ...`) are copied into the local optimizer at the start of each `step`.
+    `local_optimizer.state` holds this rank's shard of the state.
+    """
+
+    def __init__(self, params: Iterable[Any], optimizer_cls: type[Optimizer], **kwargs: Any) -> None:
+        if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, Optimizer)):
+            raise TypeError(f"optimizer_cls must be a torch.optim.Optimizer subclass, got {optimizer_cls!r}")
+        require_process_group("ShardedOptimizer")
+        self.optimizer_cls, self.optimizer_kwargs = optimizer_cls, kwargs
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.local_optimizer: Optimizer | None = None  # built by the first add_param_group
+        self.owner: dict[torch.Tensor, int] = {}
+        self._loads = [0] * self.world_size
+        super().__init__(params, defaults=kwargs)
+        self._local_step = self.local_optimizer.step  # compile_step swaps in a compiled version
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group: partition its parameters and give this rank's ones to the local optimizer."""
+        super().add_param_group(param_group)  # validates, fills defaults, appends to self.param_groups
+        group = self.param_groups[-1]
+        fresh = [p for p in dict.fromkeys(group["params"]) if p not in self.owner]  # tied: once
+        self.owner.update(zip(fresh, partition_by_size(fresh, self._loads)))
+        local_group = self._local_group(group)
+        if self.local_optimizer is None:
+            # An empty group is legal, so a rank that owns nothing still gets an optimizer.
+            self.local_optimizer = self.optimizer_cls([local_group], **self.optimizer_kwargs)
+        else:
+            self.local_optimizer.add_param_group(local_group)
+        # The public group takes the optimizer's own defaults too (e.g. AdamW's betas), so that the
+        # consolidated state_dict carries every hyperparameter a plain optimizer_cls needs.
+        for key, value in _hyperparameters(self.local_optimizer.param_groups[-1]).items():
+            group.setdefault(key, value)
+
+    def _local_group(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        mine = [i for i, p in enumerate(group["params"]) if self.owner[p] == self.rank]
+        local = {**_hyperparameters(group), "params": [group["params"][i] for i in mine]}
+        if "param_names" in group:
+            local["param_names"] = [group["param_names"][i] for i in mine]
+        return local
+
+    def step(self, closure: Callable[[], float] | None = None, **kwargs: Any) -> Any:
+        """Update this rank's parameters, then receive everyone else's."""
+        self._push_hyperparameters()
+        loss = self._local_step(closure, **kwargs)
+        self._gather_parameters()
+        return loss
+
+    def _push_hyperparameters(self) -> None:
+        for group, local in zip(self.param_groups, self.local_optimizer.param_groups, strict=True):
+            local.update(_hyperparameters(group))
+
+    def compile_step(self, **compile_kwargs: Any) -> None:
+        """Compile the local optimizer's update with `torch.compile(**compile_kwargs)`.
+
+        Only the per-rank math is traced; the all-gather stays eager in `step` (also when the
+        whole `step` is compiled, since `_gather_parameters` is excluded from tracing). The compiled
+        function is kept here rather than assigned to `local_optimizer.step`, which LR schedulers
+        expect to be a bound method.
+        """
+        self._local_step = torch.compile(self.local_optimizer.step, **compile_kwargs)
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _gather_parameters(self) -> None:
+        for shards in self._trainable_shards().values():
+            _all_gather_into(shards, self.rank)
+
+    def _trainable_shards(self) -> dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]]:
+        """Per (device, dtype): the trainable parameters owned by each rank, in param_groups order.
+
+        Frozen parameters never change, so they are not sent; `requires_grad` is part of the model's
+        structure, hence the same on every rank and so is this layout.
+        """
+        shards: dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]] = {}
+        for p, rank in self.owner.items():
+            if p.requires_grad:
+                shards.setdefault((p.device, p.dtype), [[] for _ in range(self.world_size)])[rank].append(p)
+        return shards
+
+    def state_dict(self) -> dict[str, Any]:
+        """The consolidated (unsharded) state dict, on every rank; a collective, so call it on all.
+
+        Tensors are moved to CPU: the shards travel through `all_gather_object`, and a CPU
+        checkpoint loads onto any device layout.
+        """
+        index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+        local = self.local_optimizer.state_dict()
+        local_params = [p for g in self.local_optimizer.param_groups for p in g["params"]]
+        mine = {index[local_params[i]]: _to_cpu(s) for i, s in local["state"].items()}
+        shards: list[dict[int, Any]] = [{} for _ in range(self.world_size)]
+        dist.all_gather_object(shards, mine)
+        groups = [{**_hyperparameters(g), "params": [index[p] for p in g["params"]]} for g in self.param_groups]
+        for group, public in zip(groups, self.param_groups, strict=True):
+            if "param_names" in public:
+                group["param_names"] = list(public["param_names"])
+        state = {i: s for shard in shards for i, s in shard.items()}
+        return {"state": dict(sorted(state.items())), "param_groups": groups}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Load a consolidated state dict (from `state_dict()` here or a plain optimizer_cls)."""
+        saved_groups = state_dict["param_groups"]
+        if [len(g["params"]) for g in saved_groups] != [len(g["params"]) for g in self.param_groups]:
+            raise ValueError("loaded state dict's param groups do not match this optimizer's in number or size")
+        local_groups = []
+        for saved, group in zip(saved_groups, self.param_groups, strict=True):
+            group.update(_hyperparameters(saved))
+            ids = [i for i, p in zip(saved["params"], group["params"], strict=True) if self.owner[p] == self.rank]
+            local_groups.append({**_hyperparameters(saved), "params": ids})
+        # The saved ids are global; the local optimizer maps them positionally onto its own params.
+        local_state = {i: state_dict["state"][i] for g in local_groups for i in g["params"] if i in state_dict["state"]}
+        self.local_optimizer.load_state_dict({"state": local_state, "param_groups": local_groups})
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value
+
+
+def _all_gather_into(shards: list[list[torch.Tensor]], rank: int) -> None:
+    """Copy each rank's `shards[r]` into every other rank's tensors with a single all-gather.
+
+    Each rank packs its shard into one flat buffer padded to the largest shard, so all ranks send
+    equal sizes (the partition is balanced, so padding is small).
+    """
+    sizes = [sum(p.numel() for p in shard) for shard in shards]
+    chunk = max(sizes)
+    if chunk == 0:
+        return
+    like = next(p for shard in shards for p in shard)
+    send = torch.zeros(chunk, dtype=like.dtype, device=like.device)
+    if shards[rank]:
+        torch.cat([p.reshape(-1) for p in shards[rank]], out=send[: sizes[rank]])
+    received = torch.empty(chunk * len(shards), dtype=like.dtype, device=like.device)
+    dist.all_gather_into_tensor(received, send)
+    for r, shard in enumerate(shards):
+        if r != rank and shard:
+            flat = received[r * chunk : r * chunk + sizes[r]]
+            for p, value in zip(shard, flat.split([p.numel() for p in shard]), strict=True):
+                p.copy_(value.view_as(p))
