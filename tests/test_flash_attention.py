@@ -185,6 +185,13 @@ def test_bad_input_raises_clear_error(name, override, error, message, entry):
         IMPLEMENTATIONS[entry](args["q"], args["k"], args["v"], False)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_scale_raises_clear_error(scale):
+    q = torch.randn(2, 8, 16)
+    with pytest.raises(ValueError, match="scale must be a positive finite number"):
+        flash_attn(q, q, q, scale=scale)
+
+
 @pytest.mark.cuda
 def test_cuda_and_cpu_inputs_mixed_is_an_error():
     q = torch.randn(2, 8, 16, device="cuda")

@@ -26,6 +26,19 @@ class Blocks:
     num_stages: int
 
 
+@dataclass(frozen=True)
+class KernelConfigs:
+    """Tile shapes of the three main kernels; the backward passes are tuned apart from the forward.
+
+    The dK/dV pass owns a key tile and streams query tiles (a tall key tile, short query steps);
+    the dQ pass is the mirror image.
+    """
+
+    forward: Blocks
+    dkdv: Blocks
+    dq: Blocks
+
+
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -34,24 +47,24 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
-    if interpreting():
-        return Blocks(16, 16, 1, 1)  # small tiles so small test shapes still cross tile edges
-    if dtype == torch.float32 or head_dim > 128:
-        return Blocks(64, 32, 4, 2)
-    if head_dim <= 64:
-        return Blocks(128, 64, 4, 3)
-    return Blocks(128, 64, 8, 3)
+# Small tiles under the interpreter, so small test shapes still cross tile edges.
+_INTERPRETER = KernelConfigs(Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1))
+_FP32 = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
+# 16-bit inputs, by padded head dim (BLOCK_D).
+_HALF = {
+    64: KernelConfigs(Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2)),
+    128: KernelConfigs(Blocks(128, 64, 8, 3), Blocks(32, 64, 4, 2), Blocks(32, 64, 4, 2)),
+    256: KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+}
 
 
-def backward_blocks(head_dim: int, dtype: torch.dtype) -> Blocks:
+def kernel_configs(head_dim: int, dtype: torch.dtype) -> KernelConfigs:
+    """The tile shapes used for inputs of this head dim and dtype."""
     if interpreting():
-        return Blocks(16, 16, 1, 1)
-    if dtype == torch.float32 or head_dim > 128:
-        return Blocks(32, 32, 4, 1)
-    if head_dim <= 64:
-        return Blocks(64, 64, 4, 2)
-    return Blocks(32, 64, 4, 2)
+        return _INTERPRETER
+    if dtype == torch.float32:
+        return _FP32
+    return _HALF[max(64, _block_d(head_dim))]
 
 
 def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
@@ -70,27 +83,28 @@ def _grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:
     return (triton.cdiv(n_rows, block), bh)
 
 
-def flash_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32."""
+def flash_forward(q, k, v, is_causal: bool, scale: float,
+                  blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+
+    `blocks` overrides the tuned tile shapes (the tuning script uses it).
+    """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
     q3, k3, v3, o3 = _as_bhnd(q), _as_bhnd(k), _as_bhnd(v), _as_bhnd(out)
     bh, n_q, head_dim = q3.shape
     if bh == 0:
         return out, lse
-    blocks = forward_blocks(head_dim, q.dtype)
+    blocks = blocks or kernel_configs(head_dim, q.dtype).forward
     flash_fwd_kernel[_grid(n_q, blocks.block_m, bh)](
         q3, k3, v3, o3, lse,
         *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride(),
-        n_q, k3.shape[1], scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype),
-        num_warps=blocks.num_warps, num_stages=blocks.num_stages,
-    )
+        n_q, k3.shape[1], scale * LOG2E, **_meta(blocks, head_dim, _block_d(head_dim), is_causal, q.dtype))
     return out, lse
 
 
-def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
+def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
+                   configs: KernelConfigs | None = None):
     """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
@@ -104,17 +118,23 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
     lse = lse.contiguous()
     delta = torch.empty_like(lse)  # (..., Nq) float32
     block_d = _block_d(head_dim)
-    blocks = backward_blocks(head_dim, q.dtype)
-    meta = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, num_warps=blocks.num_warps)
+    configs = configs or kernel_configs(head_dim, q.dtype)
     flash_bwd_preprocess_kernel[_grid(n_q, 64, bh)](
-        o3, do3, delta, *o3.stride(), *do3.stride(), n_q, BLOCK_M=64, **meta)
-    common = dict(BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n, IS_CAUSAL=is_causal,
-                  PRECISION=_precision(q.dtype), num_stages=blocks.num_stages, **meta)
+        o3, do3, delta, *o3.stride(), *do3.stride(), n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
     strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())
-    flash_bwd_dkdv_kernel[_grid(n_k, blocks.block_n, bh)](
+    dkdv = configs.dkdv
+    flash_bwd_dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
         q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *dk3.stride(), *dv3.stride(),
-        n_q, n_k, scale * LOG2E, scale, **common)
-    flash_bwd_dq_kernel[_grid(n_q, blocks.block_m, bh)](
+        n_q, n_k, scale * LOG2E, scale, **_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
+    dq_blocks = configs.dq
+    flash_bwd_dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
         q3, k3, v3, do3, lse, delta, dq3, *strides, *dq3.stride(),
-        n_q, n_k, scale * LOG2E, scale, **common)
+        n_q, n_k, scale * LOG2E, scale, **_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
     return dq, dk, dv
+
+
+def _meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:
+    """Compile-time arguments shared by the attention kernels."""
+    return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+                IS_CAUSAL=is_causal, PRECISION=_precision(dtype),
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages)

@@ -55,8 +55,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
 def _resolve_scale(q: Tensor, scale: float | None) -> float:
     if scale is None:
         return default_scale(q.shape[-1])  # symbolic under dynamic shapes: no checks on it here
-    if not math.isfinite(scale):
-        raise ValueError(f"flash_attn: scale must be finite, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):
+        # The kernels fold the scale into max and exp2, which needs a positive scale.
+        raise ValueError(f"flash_attn: scale must be a positive finite number, got {scale}")
     return scale
 
 

@@ -1,0 +1,335 @@
+"""Attention implementations side by side: latency, TFLOP/s and peak memory, plus the CS336 leaderboard.
+
+    python -m cs336_systems bench attention                  # the CS336 sweep on CUDA (a small one on CPU)
+    python -m cs336_systems bench attention --impls ours sdpa-cudnn --dtypes bf16 --seq-lens 4096 16384
+    python -m cs336_systems bench attention --leaderboard    # 16 x 16384 x 64 bf16 causal: ours vs SDPA
+
+Sweep (CS336 flash_benchmarking): batch 1, one head, causal, every (sequence length, head dim,
+dtype); forward, backward and forward+backward latency (median of triton.testing.do_bench on
+CUDA), inputs made before timing. The forward runs with inputs that require grad, as in training.
+TFLOP/s counts 4·N²·D per forward (halved when causal) and 2.5x that for the backward. Failures are
+rows too: "OOM", or "unsupported" with the reason (e.g. a SDPA backend that rejects the shape).
+Output: attention.md, attention.json and attention.png (latency vs N, a panel per head dim).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from cs336_systems.bench.common import OOM, UNSUPPORTED, Results, environment, free_device_memory, is_oom, time_ms
+from cs336_systems.errors import ConfigError
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PASSES = ("forward", "backward", "forward+backward")
+# FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
+PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
+LEADERBOARD_SHAPE = (16, 16384, 64)  # (heads, sequence length, head dim), bf16, causal
+
+
+class Unsupported(Exception):
+    """This implementation cannot run here (missing backend, device, or shape it rejects)."""
+
+
+# ------------------------------------------------------------------------------ implementations
+
+
+def _ours(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+    from ops.flash_attn import flash_attn
+
+    return lambda q, k, v: flash_attn(q, k, v, causal)
+
+
+def _naive(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+    from cs336_basics.attention import naive_attention
+
+    return lambda q, k, v: naive_attention(q, k, v, causal)
+
+
+def _sdpa(backend_name: str) -> Callable[[bool, tuple[int, ...]], AttentionFn]:
+    def build(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backend = getattr(SDPBackend, backend_name)
+
+        def attention(q, k, v):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+        return attention
+
+    return build
+
+
+def _flex(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as error:
+        raise Unsupported(f"FlexAttention is not in this torch: {error}") from None
+    *lead, n, _ = shape
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mask = None
+    if causal:
+        mask = create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=device)
+    compiled = _compiled_flex(flex_attention)
+    return lambda q, k, v: compiled(q, k, v, block_mask=mask)
+
+
+_FLEX_CACHE: dict[str, Any] = {}
+
+
+def _compiled_flex(flex_attention: Callable) -> Callable:
+    # One compiled wrapper for the whole sweep: FlexAttention is only fast compiled.
+    if "fn" not in _FLEX_CACHE:
+        _FLEX_CACHE["fn"] = torch.compile(flex_attention)
+    return _FLEX_CACHE["fn"]
+
+
+def _compiled(build: Callable[[bool, tuple[int, ...]], AttentionFn]) -> Callable[[bool, tuple[int, ...]], AttentionFn]:
+    """`build`'s function under torch.compile; one wrapper per (build, causal) so dynamo's automatic
+    dynamic shapes reuse one graph across sequence lengths instead of recompiling per shape."""
+    cache: dict[bool, AttentionFn] = {}
+
+    def build_compiled(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+        if causal not in cache:
+            cache[causal] = torch.compile(build(causal, shape))
+        return cache[causal]
+
+    return build_compiled
+
+
+IMPLEMENTATIONS: dict[str, Callable[[bool, tuple[int, ...]], AttentionFn]] = {
+    "ours": _ours,
+    "ours-compiled": _compiled(_ours),
+    "naive": _naive,
+    "naive-compiled": _compiled(_naive),
+    "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
+    "sdpa-flash": _sdpa("FLASH_ATTENTION"),
+    "sdpa-efficient": _sdpa("EFFICIENT_ATTENTION"),
+    "sdpa-math": _sdpa("MATH"),
+    "flex": _flex,
+}
+CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient", "flex")
+
+
+# ------------------------------------------------------------------------------------- measuring
+
+
+def attention_flops(shape: tuple[int, ...], causal: bool) -> float:
+    """FLOPs of one forward pass over q, k, v of `shape` (..., N, D): two N x N x D matmuls."""
+    *lead, n, d = shape
+    batch = 1
+    for size in lead:
+        batch *= size
+    return 4 * batch * n * n * d / (2 if causal else 1)
+
+
+def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: int = 0):
+    """q, k, v (leaves that require grad) and a gradient for the output, all of `shape`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, grad = (torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(4))
+    return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
+
+
+def pass_functions(fn: AttentionFn, q, k, v, grad) -> dict[str, Callable[[], Any]]:
+    """Zero-argument closures timing each pass; gradients are dropped before each backward."""
+
+    def clear() -> None:
+        q.grad = k.grad = v.grad = None
+
+    out = fn(q, k, v)
+
+    def backward() -> None:
+        clear()
+        out.backward(grad, retain_graph=True)
+
+    def forward_backward() -> None:
+        clear()
+        fn(q, k, v).backward(grad)
+
+    return {"forward": lambda: fn(q, k, v), "backward": backward, "forward+backward": forward_backward}
+
+
+def extra_peak_mib(run: Callable[[], Any], device: str) -> float | None:
+    """Peak device memory of `run()` above what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
+def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool, device: str,
+            passes: tuple[str, ...], warmup_ms: float, rep_ms: float) -> list[dict[str, Any]]:
+    """One row per pass for `impl` at `shape`; a failure becomes rows with its status."""
+    base = dict(impl=impl, dtype=str(dtype).removeprefix("torch."), shape="x".join(map(str, shape)),
+                seq_len=shape[-2], head_dim=shape[-1], causal=causal)
+    try:
+        if device != "cuda" and impl in CUDA_ONLY:
+            raise Unsupported("needs CUDA")
+        q, k, v, grad = make_inputs(shape, dtype, device)
+        fn = IMPLEMENTATIONS[impl](causal, shape)
+        runs = pass_functions(fn, q, k, v, grad)
+        flops = attention_flops(shape, causal)
+        rows = []
+        for name in passes:
+            ms = time_ms(runs[name], device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+            row = dict(base, **{"pass": name}, ms=ms, tflops=PASS_FLOP_FACTOR[name] * flops / ms / 1e9, status="ok")
+            if name == "forward+backward":
+                row["extra_peak_mib"] = extra_peak_mib(runs[name], device)
+            rows.append(row)
+        return rows
+    except Exception as error:  # noqa: BLE001 - every failure is a result, never a crashed sweep
+        status = OOM if is_oom(error) else UNSUPPORTED
+        reason = "" if status == OOM else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+        return [dict(base, **{"pass": name}, ms=None, tflops=None, status=status, reason=reason) for name in passes]
+    finally:
+        free_device_memory()
+
+
+# ------------------------------------------------------------------------------------ sweep, CLI
+
+
+def sweep(args: argparse.Namespace, device: str) -> Results:
+    results = Results("attention", meta={**environment(device), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms})
+    for dtype_name in args.dtypes:
+        for head_dim in args.head_dims:
+            for seq_len in args.seq_lens:
+                shape = (args.batch, args.heads, seq_len, head_dim)
+                for impl in args.impls:
+                    rows = measure(impl, shape, DTYPES[dtype_name], args.causal, device, tuple(args.passes),
+                                   args.warmup_ms, args.rep_ms)
+                    results.rows += rows
+                    _print_progress(rows)
+    return results
+
+
+def _print_progress(rows: list[dict[str, Any]]) -> None:
+    cells = [f"{r['pass']} {r['ms']:.3f} ms" if r["status"] == "ok" else f"{r['pass']} {r['status']}" for r in rows]
+    print(f"{rows[0]['impl']:>15} {rows[0]['dtype']:>8} {rows[0]['shape']:>18}: " + ", ".join(cells), flush=True)
+
+
+def leaderboard(args: argparse.Namespace, device: str) -> Results:
+    """The CS336 leaderboard timing: torch.compile(FlashAttention2Triton.apply), o.sum().backward()."""
+    from ops.flash_attn import FlashAttention2Triton
+
+    heads, n, d = args.leaderboard_shape
+    qkv = torch.randn(3, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    q, k, v = qkv  # (heads, N, D) each: views of one leaf, as in the CS336 script
+    compiled = torch.compile(FlashAttention2Triton.apply)
+    contenders: dict[str, AttentionFn] = {"ours": lambda q, k, v: compiled(q, k, v, True)}
+    for impl in ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex"):
+        if device == "cuda" or impl not in CUDA_ONLY:
+            contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
+    results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
+                                           "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms})
+    for name, fn in contenders.items():
+        results.rows.append(_leaderboard_row(name, fn, q, k, v, device, args))
+    ours = results.rows[0]
+    for row in results.rows:
+        for key in ("forward_ms", "fwd_bwd_ms"):
+            if row[key] is not None and ours[key] is not None:
+                row[key.replace("_ms", "_ours_over_this")] = ours[key] / row[key]
+    return results
+
+
+def _leaderboard_row(name: str, fn: AttentionFn, q, k, v, device: str, args: argparse.Namespace) -> dict[str, Any]:
+    four_d = name != "ours"  # SDPA backends and FlexAttention want (B, H, N, D)
+    call = (lambda: fn(q[None], k[None], v[None])) if four_d else (lambda: fn(q, k, v))
+
+    def forward_backward() -> None:
+        call().sum().backward()
+
+    row: dict[str, Any] = {"impl": name}
+    for key, run in (("forward_ms", call), ("fwd_bwd_ms", forward_backward)):
+        try:
+            row[key] = time_ms(run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        except Exception as error:  # noqa: BLE001 - a backend that cannot run is a row, not a crash
+            row[key], row["status"] = None, OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
+    print(f"{name:>15}: forward {_ms(row['forward_ms'])}, forward+backward {_ms(row['fwd_bwd_ms'])}", flush=True)
+    return row
+
+
+def _ms(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f} ms"
+
+
+def _draw(rows: list[dict[str, Any]], pass_name: str) -> Callable[[Any], None]:
+    def draw(plt: Any) -> None:
+        ok = [r for r in rows if r["status"] == "ok" and r["pass"] == pass_name]
+        dtypes, dims = sorted({r["dtype"] for r in ok}), sorted({r["head_dim"] for r in ok})
+        if not ok:
+            return
+        fig, axes = plt.subplots(len(dtypes), len(dims), figsize=(4 * len(dims), 3.2 * len(dtypes)), squeeze=False)
+        for i, dtype in enumerate(dtypes):
+            for j, dim in enumerate(dims):
+                ax = axes[i][j]
+                for impl in dict.fromkeys(r["impl"] for r in ok):
+                    series = [r for r in ok if (r["impl"], r["dtype"], r["head_dim"]) == (impl, dtype, dim)]
+                    if series:
+                        ax.plot([r["seq_len"] for r in series], [r["ms"] for r in series], marker=".", label=impl)
+                ax.set(xscale="log", yscale="log", title=f"{dtype}, D={dim}", xlabel="sequence length", ylabel="ms")
+        axes[0][0].legend(fontsize=7)
+        fig.suptitle(f"attention {pass_name} latency")
+    return draw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cuda = torch.cuda.is_available()
+    parser.add_argument("--leaderboard", action="store_true", help="the CS336 leaderboard timing instead of the sweep")
+    parser.add_argument("--leaderboard-shape", type=int, nargs=3, default=LEADERBOARD_SHAPE, metavar=("H", "N", "D"),
+                        help="heads, sequence length, head dim (default: 16 16384 64)")
+    parser.add_argument("--impls", nargs="+", metavar="NAME",
+                        default=list(IMPLEMENTATIONS) if cuda else ["ours", "naive", "sdpa-math", "sdpa-flash"],
+                        help=f"implementations: {', '.join(IMPLEMENTATIONS)}")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"] if cuda else ["fp32"])
+    parser.add_argument("--seq-lens", nargs="+", type=int, metavar="N",
+                        default=[2**i for i in range(7, 17)] if cuda else [64, 128, 256])
+    parser.add_argument("--head-dims", nargs="+", type=int, metavar="D",
+                        default=[16, 32, 64, 128] if cuda else [16, 32])
+    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
+    parser.add_argument("--heads", type=int, default=1, help="heads (default: 1)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
+    parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
+    parser.add_argument("--warmup-ms", type=float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
+    parser.add_argument("--rep-ms", type=float, help="do_bench repetition time (default: 100; leaderboard: 10000)")
+    parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--out-dir", default="outputs/bench/attention", help="where .md/.json/.png go")
+
+
+def _check(args: argparse.Namespace) -> None:
+    unknown = [name for name in args.impls if name not in IMPLEMENTATIONS]
+    if unknown:
+        raise ConfigError(f"--impls: unknown implementation(s) {unknown} (choose from {', '.join(IMPLEMENTATIONS)})")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    for flag, values in (("--seq-lens", args.seq_lens), ("--head-dims", args.head_dims),
+                         ("--leaderboard-shape", args.leaderboard_shape), ("--batch", [args.batch]),
+                         ("--heads", [args.heads])):
+        if any(value <= 0 for value in values):
+            raise ConfigError(f"{flag} must be positive, got {values}")
+    if any(d > 256 for d in args.head_dims):
+        raise ConfigError(f"--head-dims: at most 256 (our op's limit), got {args.head_dims}")
+
+
+def main(args: argparse.Namespace) -> int:
+    _check(args)
+    defaults = (1000.0, 10000.0) if args.leaderboard else (25.0, 100.0)
+    args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
+    args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms
+    if args.leaderboard:
+        leaderboard(args, args.device).write(args.out_dir)
+        return 0
+    results = sweep(args, args.device)
+    columns = ["impl", "dtype", "shape", "pass", "ms", "tflops", "extra_peak_mib", "status", "reason"]
+    results.write(args.out_dir, columns)
+    results.plot(args.out_dir, _draw(results.rows, "forward+backward"))
+    return 0

@@ -1,0 +1,139 @@
+"""Tile-shape search for the FlashAttention-2 kernels (a developer tool; needs CUDA).
+
+    python -m cs336_systems.bench.flash_tune --head-dims 64 128 --out-dir outputs/bench/flash_tune
+
+For each head dim, every candidate tile shape of each kernel (forward, dK/dV pass, dQ pass) is first
+checked against fp32 attention on a ragged causal shape, then timed on the target shapes of that
+head dim; the two backward passes are timed inside a full backward whose other pass keeps the
+current configuration, so the differences are theirs. The winners go into `ops/flash_attn/launch.py`
+by hand, with the numbers in docs/perf/flash_attention.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cs336_systems.bench.common import environment, time_ms
+
+# (heads, N) per head dim: the issue's target shapes (batch and heads merged; D given by the key).
+TARGETS = {
+    16: [(1, 16384), (1, 65536)],
+    32: [(1, 16384), (1, 65536)],
+    64: [(16, 16384), (64, 4096), (128, 1024)],
+    128: [(8, 16384), (16, 4096)],
+}
+# (block_m, block_n, num_warps, num_stages) candidates per kernel.
+FORWARD = [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
+           (128, 128, 8, 2), (128, 128, 4, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 128, 4, 3),
+           (256, 64, 8, 3), (128, 64, 8, 2)]
+DKDV = [(64, 64, 4, 2), (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+        (32, 64, 4, 4), (64, 64, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 128, 4, 4), (64, 64, 8, 3),
+        (32, 64, 4, 2), (32, 128, 8, 2)]
+DQ = [(64, 64, 4, 2), (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3),
+      (64, 64, 4, 3), (128, 64, 4, 3), (64, 64, 8, 3), (128, 32, 4, 4), (128, 128, 8, 2), (32, 64, 4, 2)]
+
+
+def _inputs(bh: int, n: int, d: int, seed: int):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(bh, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4)]
+
+
+def _reference(q, k, v, do):
+    """fp32 attention output and gradients (the math path, upcast inputs)."""
+    from ops.flash_attn import attention_reference
+
+    q32, k32, v32 = (x.float().requires_grad_() for x in (q, k, v))
+    out, lse = attention_reference(q32, k32, v32, True)
+    out.backward(do.float())
+    return out, lse, q32.grad, k32.grad, v32.grad
+
+
+def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _runner(kind: str, blocks, q, k, v, do, scale: float):
+    """A zero-argument call of the kernel(s) under test, with `blocks` swapped in for `kind`.
+
+    For the backward kinds the forward runs once here, outside what is timed.
+    """
+    from ops.flash_attn.launch import flash_backward, flash_forward, kernel_configs
+
+    if kind == "forward":
+        return lambda: flash_forward(q, k, v, True, scale, blocks=blocks)
+    out, lse = flash_forward(q, k, v, True, scale)
+    configs = dataclasses.replace(kernel_configs(q.shape[-1], q.dtype), **{kind: blocks})
+    return lambda: flash_backward(do, q, k, v, out, lse, True, scale, configs=configs)
+
+
+def check(kind: str, blocks, d: int) -> float:
+    """Largest relative error of the kernel's outputs against fp32 on a ragged causal shape."""
+    q, k, v, do = _inputs(3, 1000, d, seed=1)
+    ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, do)
+    ours = _runner(kind, blocks, q, k, v, do, d**-0.5)()
+    expected = (ref_out, ref_lse) if kind == "forward" else (ref_dq, ref_dk, ref_dv)
+    return max(_rel_error(a, b) for a, b in zip(ours, expected))
+
+
+def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms: float) -> list[dict[str, Any]]:
+    """One row per candidate (the configuration in use first): its error and its time per target shape."""
+    from ops.flash_attn.launch import Blocks, kernel_configs
+
+    current = dataclasses.astuple(getattr(kernel_configs(d, torch.bfloat16), kind))
+    rows = []
+    for candidate in dict.fromkeys([current, *candidates]):
+        blocks = Blocks(*candidate)
+        row: dict[str, Any] = dict(head_dim=d, kernel=kind, blocks=list(candidate), current=candidate == current)
+        try:
+            row["rel_error"] = check(kind, blocks, d)
+            for bh, n in TARGETS[d]:
+                q, k, v, do = _inputs(bh, n, d, seed=2)
+                row[f"{bh}x{n}"] = time_ms(_runner(kind, blocks, q, k, v, do, d**-0.5), "cuda", rep_ms=rep_ms)
+                del q, k, v, do
+        except Exception as error:  # noqa: BLE001 - e.g. a shape that needs too much shared memory
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[str]:
+    """Best candidate per (head dim, kernel, shape) and the current configuration's time."""
+    lines = []
+    for (d, kind) in dict.fromkeys((r["head_dim"], r["kernel"]) for r in rows):
+        group = [r for r in rows if (r["head_dim"], r["kernel"]) == (d, kind) and "error" not in r
+                 and r["rel_error"] < 2e-2]
+        for bh, n in TARGETS[d]:
+            key = f"{bh}x{n}"
+            if not group:
+                continue
+            best = min(group, key=lambda r: r[key])
+            current = next((r for r in group if r["current"]), None)
+            lines.append(f"D={d:>3} {kind:>8} {key:>10}: best {best['blocks']} {best[key]:.3f} ms"
+                         + (f" (current {current['blocks']} {current[key]:.3f} ms)" if current else ""))
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=list(TARGETS))
+    parser.add_argument("--kernels", nargs="+", default=["forward", "dkdv", "dq"], choices=["forward", "dkdv", "dq"])
+    parser.add_argument("--rep-ms", type=float, default=50.0)
+    parser.add_argument("--out-dir", default="outputs/bench/flash_tune")
+    args = parser.parse_args()
+    candidates = {"forward": FORWARD, "dkdv": DKDV, "dq": DQ}
+    rows = [r for d in args.head_dims for kind in args.kernels for r in tune(d, kind, candidates[kind], args.rep_ms)]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "flash_tune.json").write_text(json.dumps({"meta": environment("cuda"), "rows": rows}, indent=1))
+    print("\n".join(summarize(rows)))
+
+
+if __name__ == "__main__":
+    main()
