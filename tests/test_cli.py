@@ -1,0 +1,25 @@
+"""The CLI front end: bad `train` input ends in one `error: ...` line and exit code 2, no traceback."""
+
+import pytest
+
+from cs336_systems import cli
+
+BAD_TRAIN_INPUT = [
+    (["--preset", "huge"], "--preset"),
+    (["--preset", "tiny", "--num-heads", "3"], "--num-heads"),
+    (["--data", "{tmp}/missing.npy"], "--data"),
+    (["--context-length", "64", "--model-context-length", "32"], "--context-length"),
+    (["--val-data", "{tmp}/valid.npy"], "--val-data"),
+    (["--steps", "0"], "--steps"),
+]
+
+
+@pytest.mark.parametrize("command", [["train"], []], ids=["train", "no-subcommand"])
+@pytest.mark.parametrize("argv, flag", BAD_TRAIN_INPUT, ids=[flag for _, flag in BAD_TRAIN_INPUT])
+def test_bad_train_input_is_a_one_line_error(tmp_path, capsys, command, argv, flag):
+    argv = [arg.format(tmp=tmp_path) for arg in argv]
+    out_dir = tmp_path / "out"
+    assert cli.main([*command, *argv, "--out-dir", str(out_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and flag in err
+    assert not out_dir.exists()  # nothing written for a run that never started
