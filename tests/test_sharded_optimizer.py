@@ -1,8 +1,10 @@
 """ShardedOptimizer (ZeRO stage 1): 2 gloo ranks must train exactly like one unsharded AdamW.
 
-Starting ranks costs seconds, so each variant (eager, compiled local step) is launched once by a
-module-scoped fixture that runs every scenario on every rank, sharded and unsharded from the same
-initial weights, and returns the numbers; the tests below only assert on them.
+Variants: eager; "compiled", the local update compiled through `compile_step`; "compiled-step",
+the whole `ShardedOptimizer.step` (all-gather included) under torch.compile. Starting ranks costs
+seconds, so one module-scoped fixture launches 2 ranks once and runs every scenario in every
+variant on both, sharded and unsharded from the same initial weights, and returns the numbers;
+the tests below only assert on them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from cs336_systems.distributed import find_free_port, launch
 from cs336_systems.sharded_optimizer import ShardedOptimizer, partition_by_size, state_bytes
 
 VOCAB, WIDTH, STEPS = 16, 8, 10
-VARIANTS = ("eager", "compiled")
+VARIANTS = ("eager", "compiled", "compiled-step")
 HAS_DDP = importlib.util.find_spec("cs336_systems.ddp") is not None
 
 
@@ -63,8 +65,12 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: int, tokens: tor
 
 
 def _tied(model, make):
-    _train(model, make(model.parameters(), lr=1e-2, weight_decay=0.1), STEPS, _tokens(0))
-    return {}
+    opt = make(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _train(model, opt, STEPS, _tokens(0))
+    # Training alone cannot tell whether zero_grad reached the parameters other ranks own (their
+    # gradients are never read here), so look at them directly.
+    opt.zero_grad(set_to_none=False)
+    return {"grads_after_zero_grad": [None if p.grad is None else p.grad.abs().sum().item() for p in model.parameters()]}
 
 
 def _groups(model, make):
@@ -161,6 +167,17 @@ class CountingAotEager:
         return self.inner(gm, example_inputs)
 
 
+class CompiledStepShardedOptimizer(ShardedOptimizer):
+    """ShardedOptimizer whose whole `step`, all-gather included, is called through torch.compile."""
+
+    def __init__(self, params, optimizer_cls, backend=None, **hyperparameters) -> None:
+        super().__init__(params, optimizer_cls, **hyperparameters)
+        self.compiled_step = torch.compile(super().step, backend=backend)
+
+    def step(self, closure=None):
+        return self.compiled_step(closure)
+
+
 class CompiledAdamW(torch.optim.AdamW):
     """Unsharded reference for the compiled variant: AdamW whose step runs through torch.compile."""
 
@@ -176,24 +193,26 @@ def _run_all() -> dict:
     """On one rank: every scenario in both variants, sharded and with an unsharded AdamW."""
     backend = CountingAotEager()
 
-    def factories(compiled: bool):
+    def factories(variant: str):
         def sharded(params, **hyperparameters):
+            if variant == "compiled-step":
+                return CompiledStepShardedOptimizer(params, torch.optim.AdamW, backend=backend, **hyperparameters)
             opt = ShardedOptimizer(params, torch.optim.AdamW, **hyperparameters)
-            if compiled:
+            if variant == "compiled":
                 opt.compile_step(backend=backend)
             return opt
 
+        compiled = variant != "eager"
         reference = functools.partial(CompiledAdamW, backend="aot_eager") if compiled else torch.optim.AdamW
         return {"sharded": sharded, "reference": reference}
 
     results = {"graphs": {}}
     for variant in VARIANTS:
-        results[variant] = {}
+        results[variant], graphs_before = {}, backend.graphs
         for name, scenario in SCENARIOS.items():
             torch.compiler.reset()  # fresh compile cache: no scenario inherits another's recompile limit
-            results[variant][name] = {kind: _run_scenario(scenario, make)
-                                      for kind, make in factories(variant == "compiled").items()}
-        results["graphs"][variant] = backend.graphs
+            results[variant][name] = {kind: _run_scenario(scenario, make) for kind, make in factories(variant).items()}
+        results["graphs"][variant] = backend.graphs - graphs_before
     return results
 
 
@@ -229,12 +248,13 @@ def test_matches_unsharded_adamw(ranks, variant, scenario):
                {k: v for k, v in reference.items() if k != "params"}
 
 
-def test_compiled_variant_compiles_and_matches_eager(ranks):
+@pytest.mark.parametrize("variant", ["compiled", "compiled-step"])
+def test_compiled_variant_compiles_and_matches_eager(ranks, variant):
     for result in ranks:
-        assert result["graphs"]["eager"] == 0 < result["graphs"]["compiled"]  # no silent eager fallback
+        assert result["graphs"]["eager"] == 0 < result["graphs"][variant]  # no silent eager fallback
         # Compiled AdamW takes its bias corrections in float32 tensors, eager in Python floats: the
         # two differ by float32 rounding, hence a looser tolerance than sharded-vs-unsharded.
-        _assert_same_params(result["compiled"]["tied"]["sharded"], result["eager"]["tied"]["reference"],
+        _assert_same_params(result[variant]["tied"]["sharded"], result["eager"]["tied"]["reference"],
                             rtol=1e-5, atol=1e-6)
 
 
