@@ -108,6 +108,9 @@ class ModelConfig:
             raise ConfigError(
                 f"--d-model {self.d_model} is not divisible by --num-heads {self.num_heads}"
             )
+        if (self.d_model // self.num_heads) % 2:
+            raise ConfigError(f"--d-model {self.d_model} / --num-heads {self.num_heads} = "
+                              f"{self.d_model // self.num_heads} must be even: RoPE rotates pairs of dimensions")
 
     @property
     def shape(self) -> ModelShape:

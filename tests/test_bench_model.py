@@ -58,7 +58,7 @@ def test_flash_attention_runs_on_cpu(tmp_path):
 
 def test_sweep_writes_a_row_per_case(tmp_path):
     result = bench(tmp_path, "--sweep", "--sweep-presets", "tiny", "mini", "--sweep-context-lengths", "8", "16",
-                   "-n", "1", "--mode", "forward")
+                   "-w", "0", "-n", "1", "--mode", "forward")
     assert [(r["preset"], r["context_length"]) for r in result["rows"]] == [
         ("tiny", 8), ("tiny", 16), ("mini", 8), ("mini", 16)]
     for row in result["rows"]:
@@ -79,7 +79,7 @@ def test_out_of_memory_case_is_a_row_and_the_sweep_goes_on(tmp_path, monkeypatch
 
     monkeypatch.setattr(model_bench, "time_case", run_out_of_memory_at_16)
     rows = bench(tmp_path, "--sweep-context-lengths", "8", "16", "--sweep-presets", "tiny", "--mode", "forward",
-                 "-n", "1")["rows"]
+                 "-w", "0", "-n", "1")["rows"]
     assert rows[1]["forward_ms"] == rows[1]["step_ms"] == "OOM"
     assert_timed(rows[0], ("forward",))
     assert "| OOM |" in (tmp_path / "model.md").read_text() and (tmp_path / "model.png").exists()
@@ -95,6 +95,7 @@ def test_profile_writes_a_chrome_trace_with_phase_ranges(tmp_path):
 BAD_INPUT = [
     (["--preset", "huge"], "--preset"),
     (["--num-heads", "3"], "--num-heads"),
+    (["--num-heads", "64"], "RoPE"),  # head dimension 1: odd
     (["--context-length", "64", "--model-context-length", "32"], "--context-length"),
     (["--attention", "nope"], "--attention"),
     (["--steps", "0"], "--steps"),
@@ -104,7 +105,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("argv, flag", BAD_INPUT, ids=[flag for _, flag in BAD_INPUT])
+@pytest.mark.parametrize("argv, flag", BAD_INPUT, ids=[" ".join(argv) for argv, _ in BAD_INPUT])
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, flag):
     assert cli.main(["bench", "model", *FAST, *argv, "--out-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err

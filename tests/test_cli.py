@@ -7,6 +7,7 @@ from cs336_systems import cli
 BAD_TRAIN_INPUT = [
     (["--preset", "huge"], "--preset"),
     (["--preset", "tiny", "--num-heads", "3"], "--num-heads"),
+    (["--preset", "tiny", "--num-heads", "64"], "RoPE"),  # head dimension 1: odd
     (["--data", "{tmp}/missing.npy"], "--data"),
     (["--context-length", "64", "--model-context-length", "32"], "--context-length"),
     (["--val-data", "{tmp}/valid.npy"], "--val-data"),
@@ -15,7 +16,7 @@ BAD_TRAIN_INPUT = [
 
 
 @pytest.mark.parametrize("command", [["train"], []], ids=["train", "no-subcommand"])
-@pytest.mark.parametrize("argv, flag", BAD_TRAIN_INPUT, ids=[flag for _, flag in BAD_TRAIN_INPUT])
+@pytest.mark.parametrize("argv, flag", BAD_TRAIN_INPUT, ids=[" ".join(argv) for argv, _ in BAD_TRAIN_INPUT])
 def test_bad_train_input_is_a_one_line_error(tmp_path, capsys, command, argv, flag):
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     out_dir = tmp_path / "out"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -82,6 +83,8 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "device": name, "device_type": device.type, "torch": torch.__version__, "triton": triton_version,
         "git": git_revision(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "cpu_threads": torch.get_num_threads(),
+        # CPU timings on a shared machine are only as good as its idleness: keep the evidence.
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 

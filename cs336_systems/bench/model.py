@@ -93,7 +93,7 @@ class ModelBenchConfig:
             return None
         out = Path(path)
         if len(self.cases) > 1:
-            out = out.with_name(f"{out.stem}-{model.preset}-{context_length}{out.suffix}")
+            out = out.with_name(f"{out.stem}-{model.preset or 'custom'}-{context_length}{out.suffix}")
         out.parent.mkdir(parents=True, exist_ok=True)
         return out
 
@@ -259,10 +259,10 @@ def run(config: ModelBenchConfig) -> list[dict[str, Any]]:
         finally:
             gc.collect()  # the case's model and activations, before the next case allocates its own
             free_device_memory()
-        rows.append(_row(config, model, context_length, samples))
-        step = rows[-1]["step_ms"]
-        print(f"{rows[-1]['preset']} T={context_length}: " +
-              (OOM if samples is None else f"{step:.2f} ± {rows[-1]['step_std_ms']:.2f} ms per step"))
+        row = _row(config, model, context_length, samples)
+        rows.append(row)
+        timing = OOM if samples is None else f"{row['step_ms']:.2f} ± {row['step_std_ms']:.2f} ms per step"
+        print(f"{row['preset']} T={context_length}: {timing}")
     return rows
 
 
