@@ -45,9 +45,11 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Tensor:
 
 
 def flash_attention(q: Tensor, k: Tensor, v: Tensor, is_causal: bool) -> Tensor:
-    # A plain function rather than a lambda so dynamo traces it like the others; the op itself is
-    # registered by importing ops.flash_attn (see get_attention).
-    return torch.ops.cs336.flash_attn(q, k, v, is_causal)
+    # ops.flash_attn is imported (and its ops registered) by get_attention; after that this import
+    # is a dictionary lookup. Its flash_attn records `cs336.flash_attn` in compiled graphs.
+    from ops.flash_attn import flash_attn
+
+    return flash_attn(q, k, v, is_causal)
 
 
 _REGISTRY: dict[str, AttentionFn] = {"naive": naive_attention, "sdpa": sdpa_attention, "flash": flash_attention}

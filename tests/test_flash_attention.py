@@ -216,3 +216,19 @@ def test_cuda_long_sequences_on_sampled_rows(n, dtype, gen):
     assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
     # Sum over keys of dV = sum over queries of dO (each row of P sums to 1).
     assert max_error(dv.double().sum(-2), grad_out.double().sum(-2)) < 1e-2 * n**0.5
+
+
+@pytest.mark.cuda
+def test_cuda_peak_memory_is_linear_in_sequence_length():
+    """B=1, H=16, N=16384, D=64 bf16 causal forward+backward: at most 227 MiB beyond the inputs
+    (what torch's cuDNN attention needs; the N x N scores alone would take 8 GiB)."""
+    q, k, v = (torch.randn(1, 16, 16384, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    flash_attn(q, k, v, True).sum().backward()
+    torch.cuda.synchronize()
+    extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    assert extra_mib <= 227, f"{extra_mib:.0f} MiB"
+

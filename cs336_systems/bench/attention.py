@@ -184,6 +184,7 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
             ms = time_ms(runs[name], device, warmup_ms=warmup_ms, rep_ms=rep_ms)
             row = dict(base, **{"pass": name}, ms=ms, tflops=PASS_FLOP_FACTOR[name] * flops / ms / 1e9, status="ok")
             if name == "forward+backward":
+                q.grad = k.grad = v.grad = None  # the gradients count as extra memory too
                 row["extra_peak_mib"] = extra_peak_mib(runs[name], device)
             rows.append(row)
         return rows

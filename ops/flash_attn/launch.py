@@ -50,21 +50,26 @@ def _block_d(head_dim: int) -> int:
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = KernelConfigs(Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1))
 _FP32 = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
-# 16-bit inputs, by padded head dim (BLOCK_D).
+# 16-bit inputs, by (padded head dim BLOCK_D, long sequence). Measured on an H100 with
+# cs336_systems.bench.flash_tune; the numbers are in docs/perf/flash_attention.md.
+LONG_SEQUENCE = 8192  # query rows from which the long-sequence forward tiles win
 _HALF = {
-    64: KernelConfigs(Blocks(128, 64, 4, 3), Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2)),
-    128: KernelConfigs(Blocks(128, 64, 8, 3), Blocks(32, 64, 4, 2), Blocks(32, 64, 4, 2)),
-    256: KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    (64, False): KernelConfigs(Blocks(128, 64, 8, 4), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3)),
+    (64, True): KernelConfigs(Blocks(64, 128, 4, 3), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3)),
+    (128, False): KernelConfigs(Blocks(64, 64, 4, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3)),
+    (128, True): KernelConfigs(Blocks(128, 128, 8, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3)),
+    (256, False): KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
 }
+_HALF[256, True] = _HALF[256, False]
 
 
-def kernel_configs(head_dim: int, dtype: torch.dtype) -> KernelConfigs:
-    """The tile shapes used for inputs of this head dim and dtype."""
+def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> KernelConfigs:
+    """The tile shapes used for inputs of this head dim, dtype and query length."""
     if interpreting():
         return _INTERPRETER
     if dtype == torch.float32:
         return _FP32
-    return _HALF[max(64, _block_d(head_dim))]
+    return _HALF[max(64, _block_d(head_dim)), n_queries >= LONG_SEQUENCE]
 
 
 def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,7 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
     bh, n_q, head_dim = q3.shape
     if bh == 0:
         return out, lse
-    blocks = blocks or kernel_configs(head_dim, q.dtype).forward
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
     flash_fwd_kernel[_grid(n_q, blocks.block_m, bh)](
         q3, k3, v3, o3, lse,
         *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride(),
@@ -118,7 +123,7 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
     lse = lse.contiguous()
     delta = torch.empty_like(lse)  # (..., Nq) float32
     block_d = _block_d(head_dim)
-    configs = configs or kernel_configs(head_dim, q.dtype)
+    configs = configs or kernel_configs(head_dim, q.dtype, n_q)
     flash_bwd_preprocess_kernel[_grid(n_q, 64, bh)](
         o3, do3, delta, *o3.stride(), *do3.stride(), n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
     strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())

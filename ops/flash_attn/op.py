@@ -67,8 +67,8 @@ def _use_triton(x: Tensor) -> bool:
     return x.is_cuda or (x.device.type == "cpu" and interpreting())
 
 
-@torch.library.custom_op("cs336::flash_attn_fwd", mutates_args=())
-def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
     check_inputs(q, k, v)
     if _use_triton(q):
         from ops.flash_attn.launch import flash_forward
@@ -77,15 +77,9 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: floa
     return tiled_forward(q, k, v, is_causal, scale)
 
 
-@flash_attn_fwd.register_fake
-def _(q, k, v, is_causal, scale):
-    check_inputs(q, k, v)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
-
-
-@torch.library.custom_op("cs336::flash_attn_bwd", mutates_args=())
-def flash_attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(dQ, dK, dV) by recomputation from L, on the same path as forward_impl."""
     if _use_triton(q):
         from ops.flash_attn.launch import flash_backward
 
@@ -93,9 +87,32 @@ def flash_attn_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     return tiled_backward(grad_out, q, k, v, out, lse, is_causal, scale)
 
 
+flash_attn_fwd = torch.library.custom_op("cs336::flash_attn_fwd", forward_impl, mutates_args=())
+
+
+@flash_attn_fwd.register_fake
+def _(q, k, v, is_causal, scale):
+    check_inputs(q, k, v)
+    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+flash_attn_bwd = torch.library.custom_op("cs336::flash_attn_bwd", backward_impl, mutates_args=())
+
+
 @flash_attn_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, is_causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _eager(*tensors: Tensor) -> bool:
+    """True when plain tensors are used outside torch.compile tracing.
+
+    Then the Functions call the implementations directly: the custom-op dispatch costs tens of
+    microseconds a call, as much as a whole small attention on the GPU. Traced code (dynamo,
+    AOTAutograd's fake and functional tensors) and tensor subclasses go through the ops, so that
+    graphs record them and their fakes answer for them.
+    """
+    return not torch.compiler.is_compiling() and all(type(t) is Tensor for t in tensors)
 
 
 class FlashAttention2Triton(torch.autograd.Function):
@@ -105,7 +122,8 @@ class FlashAttention2Triton(torch.autograd.Function):
     def forward(ctx, q, k, v, is_causal=False, scale=None):
         check_inputs(q, k, v)
         scale = _resolve_scale(q, scale)
-        out, lse = torch.ops.cs336.flash_attn_fwd(q, k, v, is_causal, scale)
+        forward = forward_impl if _eager(q, k, v) else torch.ops.cs336.flash_attn_fwd
+        out, lse = forward(q, k, v, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)  # lse (..., Nq) is the only (..., Nq)-shaped tensor
         ctx.is_causal, ctx.scale = is_causal, scale
         return out
@@ -113,7 +131,8 @@ class FlashAttention2Triton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.cs336.flash_attn_bwd(grad_out, q, k, v, out, lse, ctx.is_causal, ctx.scale)
+        backward = backward_impl if _eager(grad_out, q) else torch.ops.cs336.flash_attn_bwd
+        dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None
 
 
@@ -148,5 +167,10 @@ _lib.impl("flash_attn", _flash_attn_composite, "CompositeImplicitAutograd")
 
 
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, scale: float | None = None) -> Tensor:
-    """softmax(q k^T * scale [+ causal mask]) v for q (..., Nq, D), k/v (..., Nk, D); differentiable."""
+    """softmax(q k^T * scale [+ causal mask]) v for q (..., Nq, D), k/v (..., Nk, D); differentiable.
+
+    The same as `torch.ops.cs336.flash_attn`; in eager mode it skips the op dispatch (see _eager).
+    """
+    if _eager(q, k, v):
+        return FlashAttention2Triton.apply(q, k, v, is_causal, scale)
     return torch.ops.cs336.flash_attn(q, k, v, is_causal, scale)
