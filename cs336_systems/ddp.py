@@ -283,19 +283,23 @@ class _OverlappedDDP(Replicated):
             self._next += 1
 
     def _launch(self, bucket: Bucket) -> None:
-        """Pack gradients (zeros for missing ones), divide by the world size, start the all-reduce."""
+        """Pack gradients / world size (zeros for missing ones) and start the bucket's all-reduce.
+
+        SUM of (g / world) is the average (gloo has no ReduceOp.AVG). The division is fused into
+        the copy into the bucket, one pass over the gradient instead of two, as torch DDP does.
+        """
         had_grad = [p.grad is not None for p in bucket.params]
         for p, view, present in zip(bucket.params, bucket.views, had_grad):
             if not present:
                 view.zero_()
-            elif p.grad.data_ptr() != view.data_ptr():  # grad already in the bucket: no copy needed
-                view.copy_(p.grad)
+            elif p.grad.data_ptr() == view.data_ptr():  # gradient_as_bucket_view: already in place
+                view.div_(self.world_size)
+            else:
+                torch.div(p.grad, self.world_size, out=view)
         if all(had_grad):
-            bucket.flags.fill_(1)
+            bucket.flags.fill_(1 / self.world_size)
         else:
-            bucket.flags.copy_(torch.tensor(had_grad, dtype=bucket.flags.dtype))
-        # Divide first: SUM of (g / world) is the average, and gloo has no ReduceOp.AVG.
-        bucket.buffer.div_(self.world_size)
+            bucket.flags.copy_(torch.tensor(had_grad, dtype=bucket.flags.dtype) / self.world_size)
         bucket.handle = dist.all_reduce(bucket.buffer, op=dist.ReduceOp.SUM, async_op=True)
 
     def _store_average(self, bucket: Bucket, slot: int) -> None:

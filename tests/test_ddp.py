@@ -1,8 +1,9 @@
 """DDP wrappers on 2 gloo ranks match single-process training on the whole batch.
 
-Every case trains a toy LM (tied embedding/head, a frozen parameter, a layer only some steps use)
-for 5 steps on disjoint halves of a fixed batch and compares with one process training on the
-whole batch. Launching ranks costs seconds, so one launch runs every case and returns plain data;
+Every case trains a toy LM (tied embedding/head, a frozen parameter, a buffer, a layer only some
+steps use) for 5 steps on disjoint halves of a fixed batch and compares with one process training
+on the whole batch. Ranks initialise from different seeds, so only the wrapper's broadcast of
+rank 0's parameters and buffers can make them agree. Launching ranks costs seconds, so one launch runs every case and returns plain data;
 the parametrized tests below only assert on it. Compiled variants use the aot_eager backend:
 the same graphs without inductor's C++ compile, which is far too slow for a 2-core CI box.
 """
@@ -22,6 +23,8 @@ from cs336_systems.ddp import MIB, DDPBucketed, DDPIndividualParameters
 from cs336_systems.ddp_baselines import FlatDDP, NaiveDDP
 from cs336_systems.distributed import launch
 
+WRAPPERS = {"individual": DDPIndividualParameters, "bucketed": DDPBucketed, "naive": NaiveDDP, "flat": FlatDDP}
+
 VOCAB, DIM, BATCH, SEQ, STEPS, SEED = 16, 8, 8, 4, 5, 1000
 MODES = ("eager", "compiled-model", "compiled-wrapper", "compiled-blocks")
 # Bucket caps for the toy model's 11 trainable tensors (fp32 bytes, launch order: extra.bias 32,
@@ -40,19 +43,20 @@ class Block(nn.Module):
 
 
 class ToyLM(nn.Module):
-    """Embedding tied to the output head, a frozen scale, two blocks, and `extra` used on request."""
+    """Embedding tied to the output head, a frozen scale, a buffer, two blocks, and `extra` used on request."""
 
     def __init__(self, dim: int = DIM) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, dim)
         self.scale = nn.Parameter(torch.rand(dim) + 0.5, requires_grad=False)
+        self.register_buffer("shift", 0.1 * torch.randn(dim))
         self.blocks = nn.ModuleList([Block(dim), Block(dim)])
         self.extra = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, VOCAB, bias=False)
         self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, use_extra: bool = False) -> torch.Tensor:
-        h = self.embed(tokens) * self.scale  # (B, T, D)
+        h = self.embed(tokens) * self.scale + self.shift  # (B, T, D)
         for block in self.blocks:
             h = block(h)
         if use_extra:
@@ -119,7 +123,11 @@ def _reference(case: Case) -> dict[str, torch.Tensor]:
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return dict(model.named_parameters())
+    return _state(model)
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict([*model.named_parameters(), *model.named_buffers()])
 
 
 def _wrap(model: ToyLM, case: Case) -> nn.Module:
@@ -133,7 +141,7 @@ def _wrap(model: ToyLM, case: Case) -> nn.Module:
     elif case.wrapper == "bucketed":
         ddp = DDPBucketed(inner, bucket_size_mb=BUCKETS[case.buckets][0], gradient_as_bucket_view=case.view)
     else:
-        ddp = {"naive": NaiveDDP, "flat": FlatDDP}[case.wrapper](inner)
+        ddp = WRAPPERS[case.wrapper](inner)
     return torch.compile(ddp, **compile_) if case.mode == "compiled-wrapper" else ddp
 
 
@@ -153,6 +161,8 @@ def _train(case: Case) -> dict:
     rank = dist.get_rank()
     torch.manual_seed(SEED + rank)  # ranks start apart: only the broadcast makes them agree
     model = ToyLM()
+    torch.manual_seed(SEED)
+    started_apart = any(not torch.equal(t, t0) for t, t0 in zip(_state(model).values(), _state(ToyLM()).values()))
     ddp = _wrap(model, case)
     n_buckets = len(getattr(ddp, "buckets", []))  # as planned at construction, before the one rebuild
     opt, in_flight = _optimizer(ddp), []
@@ -171,7 +181,8 @@ def _train(case: Case) -> dict:
         opt.zero_grad(set_to_none=not case.view)
     reference = _reference(case)
     return {
-        "errors": {n: (p - reference[n]).abs().max().item() for n, p in model.named_parameters()},
+        "errors": {n: (t - reference[n]).abs().max().item() for n, t in _state(model).items()},
+        "started_apart": started_apart,
         "buckets": n_buckets,
         "in_flight": in_flight,
         "grads_in_buckets": grads_in_buckets,
@@ -188,7 +199,7 @@ def _grads_are_bucket_views(ddp: nn.Module) -> bool:
 def _construction_errors() -> dict[str, str]:
     """Each wrapper on ranks whose models differ in shape, and the double-backward misuse."""
     errors = {}
-    for name, cls in {"individual": DDPIndividualParameters, "bucketed": DDPBucketed, "naive": NaiveDDP}.items():
+    for name, cls in WRAPPERS.items():
         try:
             cls(ToyLM(dim=DIM + dist.get_rank()))
             errors[name] = ""
@@ -230,6 +241,11 @@ def test_matches_single_process(ranks: list[dict], case: Case) -> None:
         assert max(errors.values()) < 1e-5, f"rank {rank}: parameters differ from single-process training: {errors}"
 
 
+def test_ranks_start_from_different_parameters(ranks: list[dict]) -> None:
+    """Else the equality above would not show that the wrappers broadcast rank 0's state."""
+    assert all(results["started_apart"] for results in ranks[1].values() if "started_apart" in results)
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if c.wrapper in ("individual", "bucketed")], ids=lambda c: c.id)
 def test_bucket_count(ranks: list[dict], case: Case) -> None:
     expected = 11 if case.wrapper == "individual" else BUCKETS[case.buckets][1]
@@ -259,7 +275,7 @@ def test_communication_overlaps_backward(ranks: list[dict], wrapper: str, mode: 
     assert min(in_flight[1:]) > 0, f"no all-reduce had started when backward reached the embedding: {in_flight}"
 
 
-@pytest.mark.parametrize("wrapper", ["individual", "bucketed", "naive"])
+@pytest.mark.parametrize("wrapper", WRAPPERS)
 def test_shape_mismatch_fails_on_every_rank(ranks: list[dict], wrapper: str) -> None:
     for results in ranks:
         message = results["construction"][wrapper]
@@ -270,10 +286,11 @@ def test_gradient_twice_in_one_step_is_an_error(ranks: list[dict]) -> None:
     assert all("got a gradient twice" in r["construction"]["twice"] for r in ranks)
 
 
-def test_needs_a_process_group() -> None:
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_needs_a_process_group(wrapper: str) -> None:
     assert not dist.is_initialized()
     with pytest.raises(RuntimeError, match="process group"):
-        DDPIndividualParameters(nn.Linear(2, 2))
+        WRAPPERS[wrapper](nn.Linear(2, 2))
 
 
 @pytest.mark.parametrize("size", [0, -1.0])

@@ -1,6 +1,6 @@
 """All-reduce latency and bus bandwidth: gloo on CPU, NCCL on GPUs, over tensor sizes and rank counts.
 
-    python -m cs336_systems bench allreduce                        # spawns 2, 4, 6 ranks per backend
+    python -m cs336_systems bench allreduce                        # 2, 4, 6 ranks, as the machine allows
     python -m cs336_systems bench allreduce --backend gloo --nproc 2 --sizes-mb 1 10
     torchrun --nproc-per-node 4 -m cs336_systems bench allreduce   # one world size: torchrun's
 
@@ -9,6 +9,10 @@ medians are gathered with all_gather_object and the slowest rank's is the latenc
 done when its last rank is). Bandwidths follow nccl-tests: algbw = bytes / latency and
 busbw = algbw * 2 (n - 1) / n, the traffic a ring all-reduce puts on each link, so busbw can be
 compared across rank counts and against the hardware's link bandwidth.
+
+By default each backend runs the rank counts of 2, 4, 6 that the machine has room for: NCCL one
+GPU per rank, gloo one CPU core per rank. More gloo ranks than cores would time the scheduler
+(ranks waiting for a core), not the all-reduce; pass --nproc to oversubscribe anyway.
 """
 
 from __future__ import annotations
@@ -28,13 +32,15 @@ from cs336_systems.distributed import default_backend, init_from_env, launch
 from cs336_systems.errors import ConfigError
 
 MB = 10**6  # the handout's sizes are decimal megabytes: 1 MB = 250,000 float32
+DEFAULT_NPROC = (2, 4, 6)  # CS336's rank counts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", nargs="+", choices=("gloo", "nccl"),
                         help="default: gloo, plus nccl when CUDA GPUs are present; torchrun: one backend")
-    parser.add_argument("--nproc", type=int, nargs="+", default=[2, 4, 6],
-                        help="rank counts to spawn (NCCL: those with enough GPUs); ignored under torchrun")
+    parser.add_argument("--nproc", type=int, nargs="+",
+                        help=f"rank counts to spawn (default: those of {DEFAULT_NPROC} the machine has cores or "
+                             "GPUs for); ignored under torchrun")
     parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 10, 100, 1000],
                         help="float32 tensor sizes in MB (default: 1 10 100 1000)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed all-reduces per size")
@@ -106,12 +112,15 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
         if len(backends) > 1:
             raise ConfigError("--backend: under torchrun the process group has one backend; pass one")
         return [(backends[0], int(os.environ["WORLD_SIZE"]))]
-    if any(n < 2 for n in args.nproc):
+    if args.nproc is not None and any(n < 2 for n in args.nproc):
         raise ConfigError("--nproc: an all-reduce needs at least 2 ranks")
-    backends = args.backend or ["gloo"] + ["nccl"] * (torch.cuda.device_count() >= 2)
-    plan = [(b, n) for b in backends for n in args.nproc if b == "gloo" or n <= torch.cuda.device_count()]
+    gpus = torch.cuda.device_count()
+    # NCCL needs a GPU per rank; gloo ranks get a core each unless --nproc asks for more.
+    room = {"nccl": gpus, "gloo": float("inf") if args.nproc else max(2, os.cpu_count() or 1)}
+    backends = args.backend or ["gloo"] + ["nccl"] * (gpus >= 2)
+    plan = [(b, n) for b in backends for n in args.nproc or DEFAULT_NPROC if n <= room[b]]
     if not plan:
-        raise ConfigError(f"--nproc {args.nproc}: NCCL needs one GPU per rank, found {torch.cuda.device_count()}")
+        raise ConfigError(f"--nproc {args.nproc}: NCCL needs one GPU per rank, found {gpus}")
     return plan
 
 

@@ -1,7 +1,7 @@
 """Data-parallel training step time and communication share, ours against torch DDP.
 
-    python -m cs336_systems bench ddp                                   # CPU: gloo, 2 spawned ranks, `mini`
-    python -m cs336_systems bench ddp --preset xl --batch-size 2        # 2 GPUs: NCCL (CS336's setting)
+    python -m cs336_systems bench ddp                     # CPU: gloo, 2 ranks, `small`, batch 1
+    python -m cs336_systems bench ddp                     # 2 GPUs: NCCL, `xl`, batch 2 (CS336's setting)
     torchrun --nproc-per-node 2 -m cs336_systems bench ddp --preset xl --batch-size 2
 
 Variants, each timed on the same per-rank batch of the cs336_basics LM with AdamW:
@@ -10,9 +10,10 @@ Variants, each timed on the same per-rank batch of the cs336_basics LM with Adam
   individual       DDPIndividualParameters: per-gradient all-reduce overlapped with backward
   bucketed-N       DDPBucketed with N MB buckets
   torch-ddp        torch.nn.parallel.DistributedDataParallel (25 MB buckets)
-Variants run one after another in `rounds` rounds (so slow drift on a shared machine hits all of
-them alike); each round rebuilds the model, runs `warmup` untimed steps, then `steps` timed ones.
-A step's time is the slowest rank's, reported as the median over steps. `comm_ms` is the time
+Variants run one after another in `rounds` rounds, every other round in reverse order (so slow
+drift on a shared machine hits all of them alike); each round rebuilds the model, runs `warmup`
+untimed steps, then `steps` timed ones. Ranks start each step together (a barrier outside the
+timed region); a step's time is the slowest rank's, reported as the median over steps. `comm_ms` is the time
 the step is blocked in finish_gradient_synchronization(): all the communication for naive and
 flat, only the part backward did not hide for the overlapping wrappers, and unknown for torch
 DDP, which syncs inside backward; `exposed_ms` = step − no-comm step measures all variants alike.
@@ -46,10 +47,10 @@ FIXED_VARIANTS = ("no-comm", "naive", "flat", "individual", "torch-ddp")
 class DDPBenchConfig:
     """One `bench ddp` run."""
 
-    preset: str = "mini"
-    """Model size, a key of cs336_systems.presets.PRESETS."""
-    batch_size: int = 8
-    """Sequences per rank and step."""
+    preset: str | None = None
+    """Model size, a key of cs336_systems.presets.PRESETS (None: `small` on gloo, `xl` on NCCL)."""
+    batch_size: int | None = None
+    """Sequences per rank and step (None: 1 on gloo, 2 on NCCL)."""
     context_length: int = 128
     """Tokens per sequence."""
     nproc: int = 2
@@ -70,6 +71,9 @@ class DDPBenchConfig:
     """Times each variant is rebuilt and timed; the step times of all rounds are pooled."""
 
     def __post_init__(self) -> None:
+        on_gpus = self.backend == "nccl"
+        self.preset = self.preset or ("xl" if on_gpus else "small")
+        self.batch_size = self.batch_size or (2 if on_gpus else 1)
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         for name in ("batch_size", "context_length", "steps", "rounds"):
@@ -97,8 +101,8 @@ class DDPBenchConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = DDPBenchConfig(backend="gloo")
-    parser.add_argument("--preset", default=defaults.preset, help=f"model size: {', '.join(PRESETS)}")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per rank")
+    parser.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default: small on CPU, xl on GPUs)")
+    parser.add_argument("--batch-size", type=int, help="sequences per rank (default: 1 on CPU, 2 on GPUs)")
     parser.add_argument("--context-length", type=int, default=defaults.context_length)
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks to spawn (not under torchrun)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl with CUDA GPUs, else gloo")
@@ -160,12 +164,16 @@ def _time_steps(variant: str, config: DDPBenchConfig) -> tuple[list[float], list
     g = torch.Generator().manual_seed(dist.get_rank())  # every rank its own batch
     tokens = torch.randint(0, VOCAB_SIZE, (config.batch_size, config.context_length + 1), generator=g)
     x, y = tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)
+    begin = getattr(model, "on_train_batch_start", lambda: None)
     finish = getattr(model, "finish_gradient_synchronization", lambda: None)
     steps, comm = [], []
     for i in range(config.warmup + config.steps):
         synchronize(config.device)
+        dist.barrier()  # all ranks start the step together: no rank's head start counts as communication
         start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
+        begin()
+        # Bucket views survive only if gradients are zeroed in place (ours and torch DDP's alike).
+        opt.zero_grad(set_to_none=not config.gradient_as_bucket_view)
         cross_entropy(model(x), y).backward()
         finish_ms = _elapsed_ms(finish, config.device)
         opt.step()
@@ -181,8 +189,9 @@ def _run(config: DDPBenchConfig) -> list[dict[str, Any]]:
     variants = config.variants or config.all_variants
     times: dict[str, list[tuple[list[float], list[float]]]] = {v: [] for v in variants}
     failed: dict[str, str] = {}
-    for _ in range(config.rounds):
-        for variant in variants:
+    gc.freeze()  # what exists now (torch's modules) is never garbage: keep each gc.collect() below short
+    for round_ in range(config.rounds):
+        for variant in variants if round_ % 2 == 0 else variants[::-1]:
             if variant in failed:
                 continue
             try:
@@ -212,7 +221,7 @@ def _aggregate(variant: str, per_rank: list[list[tuple[list[float], list[float]]
     return dict(variant=variant, step_ms=statistics.median(steps),
                 step_std_ms=statistics.stdev(steps) if len(steps) > 1 else 0.0,
                 comm_ms=float("nan") if variant == "torch-ddp" else statistics.median(comm),
-                comm_is="none" if variant == "no-comm" else ("exposed" if overlaps else "all"),
+                comm_is={"no-comm": "none", "torch-ddp": "unknown"}.get(variant, "exposed" if overlaps else "all"),
                 round_ms=[statistics.median(r[0]) for r in rounds])
 
 
