@@ -101,6 +101,19 @@ def _scheduler(model, make):
     return {"lr": opt.param_groups[0]["lr"]}
 
 
+def _relayout(model, make):
+    """Freezing, re-assigning `.data` (as `model.to(...)` does) and unfreezing rebuild the buffers."""
+    opt = make(model.parameters(), lr=1e-2)
+    _train(model, opt, 3, _tokens(6))
+    model.hidden.requires_grad_(False)
+    for p in model.parameters():
+        p.data = p.data.clone()
+    _train(model, opt, 4, _tokens(6))
+    model.hidden.requires_grad_(True)
+    _train(model, opt, STEPS - 7, _tokens(6))
+    return {}
+
+
 def _rank_without_params(model, make):
     _train(model, make([model.hidden.weight], lr=1e-2), STEPS, _tokens(4))  # one tensor: rank 1 owns nothing
     return {}
@@ -150,7 +163,7 @@ def _ddp(model, make):
 
 
 SCENARIOS = {"tied": _tied, "groups": _groups, "late_group": _late_group, "scheduler": _scheduler,
-             "rank_without_params": _rank_without_params, "state_dict": _state_dict, "memory": _memory}
+             "relayout": _relayout, "rank_without_params": _rank_without_params, "state_dict": _state_dict, "memory": _memory}
 if HAS_DDP:
     SCENARIOS["ddp"] = _ddp
 
@@ -240,7 +253,7 @@ def _outcomes(ranks, variant: str, scenario: str):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("scenario", ["tied", "groups", "late_group", "scheduler", "rank_without_params"])
+@pytest.mark.parametrize("scenario", ["tied", "groups", "late_group", "scheduler", "relayout", "rank_without_params"])
 def test_matches_unsharded_adamw(ranks, variant, scenario):
     for sharded, reference in _outcomes(ranks, variant, scenario):
         _assert_same_params(sharded, reference)
@@ -319,6 +332,21 @@ def test_checkpoint_loads_on_another_world_size(ranks, one_rank_group):
     opt.load_state_dict(checkpoint)
     _assert_same_state(opt.state_dict(), checkpoint)
     assert opt.local_optimizer.param_groups[0]["betas"] == (0.8, 0.9)
+
+
+def test_parameters_share_one_buffer_until_frozen(one_rank_group):
+    """Trainable parameters are views of one flat buffer; a frozen one gets its own storage back."""
+    model = ToyLM()
+    opt = ShardedOptimizer(model.parameters(), torch.optim.AdamW, lr=1e-2)
+    assert len(_storages(model.parameters())) == 1
+    model.hidden.requires_grad_(False)
+    opt.step()  # a new layout, without `hidden`
+    (trainable,) = _storages(p for p in model.parameters() if p.requires_grad)
+    assert trainable not in _storages(model.hidden.parameters())
+
+
+def _storages(params) -> set[int]:
+    return {p.untyped_storage().data_ptr() for p in params}
 
 
 def test_mismatched_checkpoint_is_refused(one_rank_group):
