@@ -201,6 +201,14 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
 
 def sweep(args: argparse.Namespace, device: str) -> Results:
     results = Results("attention", meta={**environment(device), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms})
+    # The backward pass is timed by replaying one graph (retain_graph=True); compiled backward graphs
+    # refuse that when AOTAutograd donates their saved buffers, so donation is off for the sweep.
+    with torch._functorch.config.patch(donated_buffer=False):
+        _sweep_into(results, args, device)
+    return results
+
+
+def _sweep_into(results: Results, args: argparse.Namespace, device: str) -> None:
     for dtype_name in args.dtypes:
         for head_dim in args.head_dims:
             for seq_len in args.seq_lens:
@@ -210,7 +218,6 @@ def sweep(args: argparse.Namespace, device: str) -> Results:
                                    args.warmup_ms, args.rep_ms)
                     results.rows += rows
                     _print_progress(rows)
-    return results
 
 
 def _print_progress(rows: list[dict[str, Any]]) -> None:
@@ -270,15 +277,18 @@ def _draw(rows: list[dict[str, Any]], pass_name: str) -> Callable[[Any], None]:
         if not ok:
             return
         fig, axes = plt.subplots(len(dtypes), len(dims), figsize=(4 * len(dims), 3.2 * len(dtypes)), squeeze=False)
+        # One colour per implementation in every panel, whichever implementations a panel lacks.
+        colors = {impl: f"C{i}" for i, impl in enumerate(IMPLEMENTATIONS)}
         for i, dtype in enumerate(dtypes):
             for j, dim in enumerate(dims):
                 ax = axes[i][j]
                 for impl in dict.fromkeys(r["impl"] for r in ok):
                     series = [r for r in ok if (r["impl"], r["dtype"], r["head_dim"]) == (impl, dtype, dim)]
                     if series:
-                        ax.plot([r["seq_len"] for r in series], [r["ms"] for r in series], marker=".", label=impl)
+                        ax.plot([r["seq_len"] for r in series], [r["ms"] for r in series], marker=".", label=impl,
+                                color=colors.get(impl))
                 ax.set(xscale="log", yscale="log", title=f"{dtype}, D={dim}", xlabel="sequence length", ylabel="ms")
-        axes[0][0].legend(fontsize=7)
+                ax.legend(fontsize=7)
         fig.suptitle(f"attention {pass_name} latency")
     return draw
 
