@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -185,8 +186,12 @@ class _OverlappedDDP(Replicated):
         self._next = 0  # index of the first bucket not launched yet this step
         self._sync = True  # False inside no_sync()
         self._accumulating = False  # the last backward ran under no_sync()
+        # The hooks hold the wrapper weakly. A strong reference would make a cycle through autograd's
+        # C++ side (parameter -> hook -> wrapper -> module -> parameter) that gc cannot see, leaking
+        # every wrapper ever built, with its buckets, for the life of the process.
+        me = weakref.ref(self)
         for index, p in enumerate(self._params):
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_gradient_ready, index))
+            p.register_post_accumulate_grad_hook(functools.partial(_gradient_ready, me, index))
 
     def _assign_buckets(self, order: list[int]) -> None:
         """Bucket the parameters in launch order `order` (indices into `self._params`)."""
@@ -315,6 +320,12 @@ class _OverlappedDDP(Replicated):
         self._next = 0
         for bucket in self.buckets:
             bucket.reset()
+
+
+def _gradient_ready(wrapper: weakref.ref[_OverlappedDDP], index: int, param: nn.Parameter) -> None:
+    """The hook registered on parameter `index`: forwards to its wrapper while that one lives."""
+    if (ddp := wrapper()) is not None:
+        ddp._on_gradient_ready(index, param)
 
 
 class DDPIndividualParameters(_OverlappedDDP):

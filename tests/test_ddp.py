@@ -11,6 +11,8 @@ the same graphs without inductor's C++ compile, which is far too slow for a 2-co
 from __future__ import annotations
 
 import contextlib
+import gc
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -223,7 +225,17 @@ def _run_everything() -> dict:
         torch._dynamo.reset()  # fresh compile caches: no case may fall back to eager at the recompile limit
         results[case.id] = _train(case)
     results["construction"] = _construction_errors()
+    results["collected"] = _wrappers_are_collected()
     return results
+
+
+def _wrappers_are_collected() -> bool:
+    """A dropped wrapper is freed even though its hooks stay on the (still used) parameters."""
+    model = ToyLM()
+    refs = [weakref.ref(DDPIndividualParameters(model)), weakref.ref(DDPBucketed(model, bucket_size_mb=None))]
+    gc.collect()
+    _loss(model, *_batch(), False).backward()  # the orphaned hooks fire and do nothing
+    return all(ref() is None for ref in refs)
 
 
 # ----------------------------------------------------------------------------------- pytest
@@ -243,7 +255,7 @@ def test_matches_single_process(ranks: list[dict], case: Case) -> None:
 
 def test_ranks_start_from_different_parameters(ranks: list[dict]) -> None:
     """Else the equality above would not show that the wrappers broadcast rank 0's state."""
-    assert all(results["started_apart"] for results in ranks[1].values() if "started_apart" in results)
+    assert all(ranks[1][case.id]["started_apart"] for case in CASES)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.wrapper in ("individual", "bucketed")], ids=lambda c: c.id)
@@ -280,6 +292,10 @@ def test_shape_mismatch_fails_on_every_rank(ranks: list[dict], wrapper: str) -> 
     for results in ranks:
         message = results["construction"][wrapper]
         assert "differs from rank 0" in message and "shape" in message, message
+
+
+def test_dropped_wrappers_are_freed(ranks: list[dict]) -> None:
+    assert all(r["collected"] for r in ranks)
 
 
 def test_gradient_twice_in_one_step_is_an_error(ranks: list[dict]) -> None:
