@@ -154,14 +154,15 @@ def summarize(config: TrainConfig, records: list[dict[str, Any]], timings: dict[
 def format_summary(config: TrainConfig, summary: dict[str, Any]) -> str:
     """The table printed at the end of a run (`summary`: summarize()'s, plus the run's world and wall time)."""
     model, runtime, world_size = config.model, config.runtime, summary["world_size"]
-    setup = f"{world_size} process{'es' if world_size > 1 else ''} on {summary['device']}"
+    setup = f"{world_size} process{_es(world_size)} on {summary['device']}"
     if world_size > 1:
         sharded = " + sharded AdamW" if config.parallel.shard_optimizer else ""
         setup += f" ({summary['backend']}), DDP{sharded}"
     header = (f"{model.preset or 'custom'} model ({summary['num_params'] / 1e6:.2f}M params, {model.attention} "
               f"attention{', compiled' if runtime.compile else ''}{', bf16' if runtime.bf16 else ''}), {setup}\n"
               f"{config.steps} steps x {config.batch_size} sequences x {config.context_length} tokens "
-              f"({config.micro_batch_size} per micro-batch, {config.grad_accum_steps} accumulation step(s))")
+              f"(per step: {world_size} x {config.grad_accum_steps} micro-batch{_es(config.grad_accum_steps)} "
+              f"of {config.micro_batch_size})")
     seconds = summary["train_seconds"] or float("nan")
     rows = [("metric", "value")]
     if summary["first_loss"] is not None:
@@ -182,3 +183,7 @@ def format_summary(config: TrainConfig, summary: dict[str, Any]) -> str:
     width = max(len(name) for name, _ in rows)
     rows.insert(1, ("-" * width, "-" * max(len(value) for _, value in rows)))
     return header + "\n\n" + "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def _es(count: int) -> str:
+    return "es" if count > 1 else ""

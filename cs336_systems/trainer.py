@@ -65,7 +65,7 @@ class Trainer:
     ddp: DDPBucketed | None
     optimizer: torch.optim.Optimizer
     batches: TokenBatches
-    val_batches: list[Batch]
+    val_batches: list[Batch] | None  # this rank's share (maybe empty); None: no evaluation at all
     comm: Stopwatch  # host seconds of exposed communication (gradient sync wait + sharded all-gather)
     step: int = 0  # optimizer steps taken
 
@@ -124,7 +124,7 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
     batches = TokenBatches(tokens=train_tokens, batch_size=config.batch_size, context_length=config.context_length,
                            accumulation=config.grad_accum_steps, seed=config.seed, rank=world.rank,
                            world_size=world.world_size, device=world.device)
-    val_batches = []
+    val_batches = None
     if val_tokens is not None and config.eval_every:
         val_batches = validation_batches(val_tokens, config.eval_batches * config.batch_size,
                                          config.micro_batch_size, config.context_length, world.rank,
@@ -298,7 +298,8 @@ def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
     last_seconds = 0.0
     while True:
         step = trainer.step
-        if trainer.val_batches and (step % config.eval_every == 0 or step == config.steps):
+        # Decided from the config alone: every rank must join evaluate()'s all-reduce.
+        if trainer.val_batches is not None and (step % config.eval_every == 0 or step == config.steps):
             with clock.paused():
                 emit({"kind": "eval", "step": step, "val_loss": evaluate(trainer)})
         if step == config.steps:
