@@ -9,10 +9,10 @@ The trainable parameters owned by one rank live in one flat buffer per (device, 
 parameter's `.data` is made a view of it (as torch's ZeroRedundancyOptimizer does with
 `parameters_as_bucket_view=True`). The owner's update then lands in the buffer and the broadcast
 writes straight into the receivers' parameters: no packing or unpacking copies, no extra memory.
-(Packing into temporary buffers instead measured 1.6x slower per step on 2 CPU ranks; see
+(Packing into temporary buffers instead made the step about 1.5x slower on 2 CPU ranks; see
 docs/sharding.md.) Consequences: a parameter's storage is shared with the other parameters of its
-buffer, so `torch.save` of a single parameter saves the whole buffer; a parameter whose `.data`
-is replaced later (e.g. `load_state_dict(assign=True)`) is noticed and the buffers are rebuilt.
+buffer, so `torch.save` of a single parameter saves the whole buffer; when a parameter's `.data`
+is replaced later (`module.to(...)` does that) or `requires_grad` changes, the buffers are rebuilt.
 
 Broadcasts rather than one all-gather: the bytes on the wire are the same, no buffer needs
 padding to equal shard sizes, and on gloo two broadcasts took half the time of one all-gather of
