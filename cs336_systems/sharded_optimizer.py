@@ -92,6 +92,7 @@ class ShardedOptimizer(Optimizer):
         self._layout: tuple[tuple[int, int], ...] = ()  # what the buffers were built for (_layout_key)
         super().__init__(params, defaults=kwargs)
         self._local_step = self.local_optimizer.step  # compile_step swaps in a compiled version
+        self._flatten()  # now rather than in the first step: the model may be compiled in between
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group: partition its parameters and give this rank's ones to the local optimizer."""
@@ -109,7 +110,7 @@ class ShardedOptimizer(Optimizer):
         # consolidated state_dict carries every hyperparameter a plain optimizer_cls needs.
         for key, value in _hyperparameters(self.local_optimizer.param_groups[-1]).items():
             group.setdefault(key, value)
-        self._flatten()
+        # The buffers are rebuilt by the next step, which notices the new parameters.
 
     def _local_group(self, group: Mapping[str, Any]) -> dict[str, Any]:
         mine = [i for i, p in enumerate(group["params"]) if self.owner[p] == self.rank]
