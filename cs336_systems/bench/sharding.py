@@ -42,7 +42,7 @@ from cs336_systems.bench.common import Results, environment, free_device_memory,
 from cs336_systems.ddp import DDPBucketed
 from cs336_systems.distributed import default_backend
 from cs336_systems.errors import ConfigError
-from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig
+from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig, get_preset
 from cs336_systems.sharded_optimizer import ShardedOptimizer, state_bytes
 
 VARIANTS = ("unsharded", "sharded", "torch-zero", "torch-zero-bucket")
@@ -78,15 +78,12 @@ class ShardingBenchConfig:
     """Times each variant is rebuilt and timed; the times of all rounds are pooled."""
 
     def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"--preset: unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
-        for name in ("batch_size", "context_length", "steps", "rounds"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.warmup < 0:
-            raise ConfigError("--warmup must be >= 0")
-        if self.nproc < 2:
-            raise ConfigError("--nproc: sharding needs at least 2 ranks")
+        get_preset(self.preset)  # a ConfigError naming --preset and the choices
+        # nproc: with one rank there is nothing to shard.
+        minimums = {"batch_size": 1, "context_length": 1, "steps": 1, "rounds": 1, "warmup": 0, "nproc": 2}
+        for name, least in minimums.items():
+            if getattr(self, name) < least:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
         if not (self.bucket_size_mb > 0 and self.lr > 0):
             raise ConfigError("--bucket-size-mb and --lr must be positive")
         unknown = set(self.variants) - set(VARIANTS)
