@@ -115,6 +115,6 @@ class Stopwatch:
         synchronize(self.device)
         self._start = time.perf_counter()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         synchronize(self.device)
         self.seconds += time.perf_counter() - self._start

@@ -25,17 +25,21 @@ from typing import TYPE_CHECKING, Any
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel import World, run_job
 from cs336_systems.presets import ModelConfig
-
-# RuntimeConfig and its helpers moved to runtime.py; `bench model` imports them from here.
-from cs336_systems.runtime import (  # noqa: F401
+from cs336_systems.runtime import (
     RuntimeConfig, add_runtime_arguments, apply_compile, autocast, pick_device, runtime_config_from_args,
 )
-from cs336_systems.train_config import TrainConfig, add_arguments, config_from_args  # noqa: F401
+from cs336_systems.train_config import TrainConfig, add_arguments, config_from_args
 from cs336_systems.train_data import load_splits
 from cs336_systems.train_report import Report, format_summary, summarize
 
 if TYPE_CHECKING:
     from cs336_systems.trainer import MetricsHook
+
+__all__ = [
+    "TrainConfig", "add_arguments", "config_from_args", "main", "prepare", "train",
+    # runtime.py's, imported from here by `bench model`
+    "RuntimeConfig", "add_runtime_arguments", "apply_compile", "autocast", "pick_device", "runtime_config_from_args",
+]
 
 
 def with_vocab(model: ModelConfig, data_vocab: int) -> ModelConfig:

@@ -82,9 +82,9 @@ class TokenBatches:
     context_length: int
     accumulation: int
     seed: int
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
+    rank: int
+    world_size: int
+    device: torch.device
 
     def global_starts(self, step: int) -> np.ndarray:
         """Start offsets of the global batch of optimizer step `step`: (batch_size,)."""

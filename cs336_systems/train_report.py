@@ -2,7 +2,7 @@
 
 OUT_DIR/config.json     the resolved TrainConfig, parameter count and world size
 OUT_DIR/metrics.jsonl   one JSON object per record: {"kind": "train", "step", "loss", "lr", "tokens_per_s",
-                        "train_seconds", "comm_seconds"[, "mfu"]} or {"kind": "eval", "step", "val_loss"}
+                        "train_seconds", "comm_seconds" (rank 0's)[, "mfu"]} or {"kind": "eval", "step", "val_loss"}
 OUT_DIR/loss.png        train and validation loss against step, drawn from metrics.jsonl at the end
 
 MFU (CUDA only) counts 6 N + 12 L T d FLOPs per token (N: parameters without the embedding table;

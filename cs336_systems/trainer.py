@@ -27,7 +27,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +86,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig, world: World, comm: S
     from cs336_basics.optimizer import AdamW
 
     opt = config.optimizer
-    kwargs = dict(lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay)
+    kwargs = {"lr": opt.lr, "betas": opt.betas, "eps": opt.eps, "weight_decay": opt.weight_decay}
     if config.parallel.shard_optimizer and world.world_size > 1:
         return TimedShardedOptimizer(model.parameters(), AdamW, comm=comm, **kwargs)
     return AdamW(model.parameters(), **kwargs)
@@ -278,7 +278,7 @@ class Clock:
         return self.seconds
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self) -> Iterator[None]:
         self.read()
         yield
         self._start = time.perf_counter()
@@ -308,10 +308,9 @@ def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
         if trainer.step % config.log_every == 0 or trainer.step in (1, config.steps):
             loss_value = reduce_mean(loss, world).item()  # the host sync of a logged step
             seconds = clock.read()
-            emit({"kind": "train", "step": trainer.step, "loss": loss_value,
-                       "lr": learning_rate(config, trainer.step),
-                       "tokens_per_s": (trainer.step - last_step) * tokens_per_step / (seconds - last_seconds),
-                       "train_seconds": seconds, "comm_seconds": trainer.comm.seconds})
+            emit({"kind": "train", "step": trainer.step, "loss": loss_value, "lr": learning_rate(config, trainer.step),
+                  "tokens_per_s": (trainer.step - last_step) * tokens_per_step / (seconds - last_seconds),
+                  "train_seconds": seconds, "comm_seconds": trainer.comm.seconds})
             last_step, last_seconds = trainer.step, seconds
         every = config.checkpoint.every
         if every and (trainer.step % every == 0 or trainer.step == config.steps):
@@ -321,5 +320,6 @@ def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
             checkpoint_seconds += time.perf_counter() - start
         _maybe_die(trainer)
     comm = reduce_mean(torch.tensor(trainer.comm.seconds, device=world.device), world).item()
-    return {"steps": trainer.step - first_step, "train_seconds": clock.read(), "comm_seconds": comm, "checkpoint_seconds": checkpoint_seconds}
+    return {"steps": trainer.step - first_step, "train_seconds": clock.read(), "comm_seconds": comm,
+            "checkpoint_seconds": checkpoint_seconds}
 

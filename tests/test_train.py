@@ -7,6 +7,7 @@ are made once per module (`runs`); single-process runs happen in the pytest proc
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import os
 import re
@@ -83,12 +84,12 @@ def assert_same_weights(ours: dict, theirs: dict, initial: dict | None = None) -
     differences in near-zero gradients into larger ones in the update, so elementwise tolerances
     would have to be loose; a wrong gradient or batch gives errors of order 1.)"""
     assert ours.keys() == theirs.keys()
-    for name in ours:
+    for name, ours_tensor in ours.items():
         if initial is None:
-            assert torch.equal(ours[name], theirs[name]), name
+            assert torch.equal(ours_tensor, theirs[name]), name
         else:
             moved = (theirs[name] - initial[name]).norm()
-            assert (ours[name] - theirs[name]).norm() <= 1e-3 * moved, name
+            assert (ours_tensor - theirs[name]).norm() <= 1e-3 * moved, name
 
 
 # ---------------------------------------------------------------- data parallelism
@@ -197,8 +198,7 @@ def test_bad_config_is_one_line_before_any_process_group(tmp_path, capsys, monke
 
 
 def test_wandb_missing_is_a_config_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail, as when not installed
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: None)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec None, import fails
     with pytest.raises(ConfigError, match="--wandb needs the wandb package"):
         parse("--wandb", "proj")
 
@@ -218,9 +218,9 @@ def test_compile_bf16_and_wandb(tmp_path, monkeypatch):
             logged.append("finished")
 
     fake = type(sys)("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # found by importlib.util.find_spec
     fake.init = lambda **kwargs: FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    monkeypatch.setattr("importlib.util.find_spec", lambda name, *a: object())
     summary = train.train(parse("--nproc", "1", "--steps", "2", "--compile", "--compile-backend", "aot_eager",
                                 "--bf16", "--wandb", "proj", "--out-dir", str(tmp_path)))
     assert torch.isfinite(torch.tensor(summary["last_loss"]))
