@@ -149,7 +149,8 @@ def _flag(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "mini") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "mini",
+                        default_attention: str = "naive") -> None:
     """The model-shape flags shared by `train` and `bench model` (see ModelConfig)."""
     group = parser.add_argument_group("model")
     group.add_argument("--preset", default=default_preset, metavar="NAME",
@@ -160,8 +161,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
     group.add_argument("--vocab-size", type=int, metavar="N",
                        help="embedding rows (default: train: from the data; bench: 10000)")
     group.add_argument("--rope-theta", type=float, default=10_000.0, help="RoPE base (default: 10000)")
-    group.add_argument("--attention", default="naive", metavar="NAME",
-                       help="attention implementation: naive, sdpa, flash (default: naive)")
+    group.add_argument("--attention", default=default_attention, metavar="NAME",
+                       help=f"attention implementation: naive, sdpa, flash (default: {default_attention})")
     group.add_argument("--model-context-length", type=int, metavar="N",
                        help="the model's maximum context (RoPE table); default: --context-length")
 

@@ -193,8 +193,7 @@ class TrainConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `train` flag (see the config fields above for what each means)."""
-    add_model_arguments(parser, default_preset="mini")
-    parser.set_defaults(attention="flash")
+    add_model_arguments(parser, default_preset="mini", default_attention="flash")
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
     group.add_argument("--batch-size", type=int, default=16,
