@@ -58,6 +58,26 @@ def _key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I
 
 
 @triton.jit
+def _query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(head index, first row, rows) of this program's query tile, for grids (query tiles, BH)."""
+    pid_m = tl.program_id(0)
+    if IS_CAUSAL:
+        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest causal rows launch first
+    bh = tl.program_id(1).to(tl.int64)
+    start_m = pid_m * BLOCK_M
+    return bh, start_m, start_m + tl.arange(0, BLOCK_M)
+
+
+@triton.jit
+def _visible(rows, keys, n_keys, IS_CAUSAL: tl.constexpr):
+    """(len(rows), len(keys)) bool: key exists and, when causal, is not after the query."""
+    keep = keys[None, :] < n_keys
+    if IS_CAUSAL:
+        keep = keep & (keys[None, :] <= rows[:, None])
+    return keep
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                rows, cols_d, lo, hi, n_keys, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -70,10 +90,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         v = _load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            keep = keys[None, :] < n_keys
-            if IS_CAUSAL:
-                keep = keep & (keys[None, :] <= rows[:, None])
-            s = tl.where(keep, s, float("-inf"))
+            s = tl.where(_visible(rows, keys, n_keys, IS_CAUSAL), s, float("-inf"))
         # The running max m_i is kept in log2 units. Scaling (qk_scale > 0) commutes with max, so the
         # raw tile max is scaled once per row and the softmax argument is a single FMA per score.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
@@ -95,12 +112,7 @@ def flash_fwd_kernel(
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for one BLOCK_M query tile of one head."""
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest causal rows launch first
-    bh = tl.program_id(1).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+    bh, start_m, rows = _query_tile(BLOCK_M, IS_CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
     k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
 

@@ -7,7 +7,7 @@ deterministic. P is recomputed from L (saved by the forward): P = exp2(S2 - L * 
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import LOG2E_C, _key_ranges, _load_rows, _store_rows
+from ops.flash_attn.kernels import LOG2E_C, _key_ranges, _load_rows, _query_tile, _store_rows, _visible
 
 
 @triton.jit
@@ -105,10 +105,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stri
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
             # Padded keys must be zeroed here: their P could overflow and dQ sums over keys.
-            keep = keys[None, :] < n_keys
-            if IS_CAUSAL:
-                keep = keep & (keys[None, :] <= rows[:, None])
-            p = tl.where(keep, p, 0.0)
+            p = tl.where(_visible(rows, keys, n_keys, IS_CAUSAL), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -126,12 +123,7 @@ def flash_bwd_dq_kernel(
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dQ = scale * dS K for one BLOCK_M query tile of one head."""
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # the longest causal rows launch first
-    bh = tl.program_id(1).to(tl.int64)
-    start_m = pid_m * BLOCK_M
-    rows = start_m + tl.arange(0, BLOCK_M)
+    bh, start_m, rows = _query_tile(BLOCK_M, IS_CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
