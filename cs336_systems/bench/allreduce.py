@@ -18,6 +18,7 @@ GPU per rank, gloo one CPU core per rank. More gloo ranks than cores would time 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -90,7 +91,7 @@ def _measure(sizes_mb: list[float], warmup: int, iters: int) -> list[dict[str, A
     rows = []
     for size_mb in sizes_mb:
         data = torch.randn(int(size_mb * MB) // 4, device=device)
-        times = timed_collective(lambda: dist.all_reduce(data), device, warmup, iters)
+        times = timed_collective(functools.partial(dist.all_reduce, data), device, warmup, iters)
         medians = gather_from_ranks(statistics.median(times))
         latency_s = max(medians) / 1e3
         algbw = data.numel() * 4 / latency_s / 1e9
@@ -126,7 +127,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
 
 def _draw(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
     def draw(plt: Any) -> None:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        _, ax = plt.subplots(figsize=(6, 4))
         for key in dict.fromkeys((r["backend"], r["nproc"]) for r in rows):
             series = [r for r in rows if (r["backend"], r["nproc"]) == key]
             ax.plot([r["size_mb"] for r in series], [r["busbw_GBps"] for r in series], marker="o",

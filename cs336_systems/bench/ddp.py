@@ -216,7 +216,7 @@ def _aggregate(variant: str, per_rank: list[list[tuple[list[float], list[float]]
         ([max(s) for s in zip(*(r[i][0] for r in per_rank))], [max(s) for s in zip(*(r[i][1] for r in per_rank))])
         for i in range(len(per_rank[0]))
     ]
-    steps, comm = sum((r[0] for r in rounds), []), sum((r[1] for r in rounds), [])
+    steps, comm = [t for r in rounds for t in r[0]], [t for r in rounds for t in r[1]]
     overlaps = variant not in ("naive", "flat", "no-comm")
     return dict(variant=variant, step_ms=statistics.median(steps),
                 step_std_ms=statistics.stdev(steps) if len(steps) > 1 else 0.0,
@@ -247,7 +247,7 @@ def _draw(rows: list[dict[str, Any]]):
         timed = [r for r in rows if isinstance(r.get("step_ms"), float)]
         names = [r["variant"] for r in timed]
         comm = [0.0 if r["comm_ms"] != r["comm_ms"] else r["comm_ms"] for r in timed]  # nan: torch DDP
-        fig, ax = plt.subplots(figsize=(8, 4))
+        _, ax = plt.subplots(figsize=(8, 4))
         ax.bar(names, [r["step_ms"] - c for r, c in zip(timed, comm)], label="compute (+ hidden comm)")
         ax.bar(names, comm, bottom=[r["step_ms"] - c for r, c in zip(timed, comm)],
                label="blocked in finish_gradient_synchronization")
