@@ -13,7 +13,6 @@ This module stays light (no DDP or dynamo import), so the launching process star
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -21,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from cs336_systems.bench.common import synchronize
 from cs336_systems.distributed import DEFAULT_TIMEOUT, default_backend, launch
 
 if TYPE_CHECKING:
@@ -100,21 +98,3 @@ def reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
 def barrier(world: World) -> None:
     if world.world_size > 1:
         dist.barrier()
-
-
-# ---------------------------------------------------------------- timing
-
-
-class Stopwatch:
-    """Total host seconds spent inside `with stopwatch:` blocks, draining the device at both ends."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.seconds, self._start = device, 0.0, 0.0
-
-    def __enter__(self) -> None:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - self._start

@@ -21,14 +21,13 @@ import argparse
 import functools
 import os
 import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from cs336_systems.bench.common import Results, environment, synchronize
+from cs336_systems.bench.common import Results, Stopwatch, environment
 from cs336_systems.distributed import default_backend, init_from_env, launch
 from cs336_systems.errors import ConfigError
 
@@ -69,11 +68,9 @@ def timed_collective(fn: Callable[[], Any], device: torch.device, warmup: int, i
         fn()
     times = []
     for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.ms)
     return times
 
 

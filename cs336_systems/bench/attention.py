@@ -15,6 +15,7 @@ Output: attention.md, attention.json and attention.png (latency vs N, a panel pe
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -80,14 +81,10 @@ def _flex(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
     return lambda q, k, v: compiled(q, k, v, block_mask=mask)
 
 
-_FLEX_CACHE: dict[str, Any] = {}
-
-
+@functools.cache
 def _compiled_flex(flex_attention: Callable) -> Callable:
     # One compiled wrapper for the whole sweep: FlexAttention is only fast compiled.
-    if "fn" not in _FLEX_CACHE:
-        _FLEX_CACHE["fn"] = torch.compile(flex_attention)
-    return _FLEX_CACHE["fn"]
+    return torch.compile(flex_attention)
 
 
 def _compiled(build: Callable[[bool, tuple[int, ...]], AttentionFn]) -> Callable[[bool, tuple[int, ...]], AttentionFn]:

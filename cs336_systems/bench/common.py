@@ -47,6 +47,26 @@ def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float 
     return statistics.median(times)
 
 
+class Stopwatch:
+    """Total host seconds spent inside `with stopwatch:` blocks, draining the device at both ends."""
+
+    def __init__(self, device: torch.device | str | None) -> None:
+        self.device, self.seconds, self._start = device, 0.0, 0.0
+
+    def __enter__(self) -> Stopwatch:
+        synchronize(self.device)
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        synchronize(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+    @property
+    def ms(self) -> float:
+        return self.seconds * 1e3
+
+
 def mean_std(samples: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(samples), (statistics.stdev(samples) if len(samples) > 1 else 0.0)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from typing import Any
 
 import torch
 
-from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, mean_std, synchronize
+from cs336_systems.bench.common import OOM, Results, Stopwatch, environment, free_device_memory, is_oom, mean_std
 from cs336_systems.errors import ConfigError
 from cs336_systems.presets import (
     CS336_PRESETS, VOCAB_SIZE, ModelConfig, add_model_arguments, get_preset, model_config_from_args,
@@ -115,12 +114,10 @@ def labelled(name: str, device: torch.device, profiling: bool) -> Iterator[None]
 @contextlib.contextmanager
 def timed_phase(name: str, times: dict[str, float], device: torch.device, profiling: bool) -> Iterator[None]:
     """Store the milliseconds of the block in `times[name]`, from an idle device to an idle device."""
-    synchronize(device)
-    with labelled(name, device, profiling):
-        start = time.perf_counter()
+    # The stopwatch drains the device at both ends: the phase ends when its kernels do.
+    with labelled(name, device, profiling), Stopwatch(device) as watch:
         yield
-        synchronize(device)  # the phase ends when its kernels do, not when they are queued
-    times[name] = (time.perf_counter() - start) * 1e3
+    times[name] = watch.ms
 
 
 @dataclass
