@@ -1,0 +1,173 @@
+"""FlashAttention-2 backward in one pass over key tiles, with dQ accumulated by atomics (experimental).
+
+The two-pass backward (kernels_bwd.py) recomputes P in both passes: 7 matmuls and two exps per
+score. Here each program owns a key tile, as the dK/dV pass does, and for every query tile it visits
+also forms that tile's share of dQ, dS K, and adds it into a float32 accumulator with relaxed
+atomics: 5 matmuls and one exp per score. The order of those additions depends on scheduling, so
+dQ is not bitwise reproducible from run to run (dK and dV are).
+
+Three launches:
+  1. preprocess: DELTA = rowsum(O * dO), and zeros into DQ_ACC (so no separate memset launch);
+  2. fused: dK and dV stored per key tile; DQ_ACC += dS K (unscaled) per (key tile, query tile);
+  3. convert: dQ = scale * DQ_ACC, cast to the input dtype and written with dQ's strides.
+
+DQ_ACC is a contiguous (BH, Nq, HEAD_DIM) float32 buffer. It has the real head dim, not BLOCK_D,
+so a padded head dim (e.g. 80 -> 128) spends no atomics on padding columns, and its row stride is
+the constexpr HEAD_DIM. The softmax scale is applied at conversion, once per element, instead of
+to every dQ part inside the loop.
+"""
+
+import triton
+import triton.language as tl
+
+from ops.flash_attn.kernels import LOG2E_C, _load_rows, _store_rows, flash_bwd_preprocess_kernel
+
+
+@triton.jit
+def _visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL: tl.constexpr):
+    """(len(keys), len(rows)) bool, the transpose of kernels._visible with query rows checked too."""
+    keep = (keys[:, None] < n_keys) & (rows[None, :] < n_queries)
+    if IS_CAUSAL:
+        keep = keep & (keys[:, None] <= rows[None, :])
+    return keep
+
+
+@triton.jit
+def _atomic_add_rows(base, tile, rows, cols, n_rows,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """base[rows, cols] += tile in a contiguous (N, HEAD_DIM) float32 buffer; skips rows >= n_rows
+    and cols >= HEAD_DIM. Relaxed: only the final sums matter, read after the kernel ends."""
+    ptrs = base + rows[:, None] * HEAD_DIM + cols[None, :]
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        tl.atomic_add(ptrs, tile, mask=mask, sem="relaxed")
+    elif HEAD_DIM != BLOCK_D:
+        tl.atomic_add(ptrs, tile, mask=cols[None, :] < HEAD_DIM, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, tile, sem="relaxed")
+
+
+@triton.jit
+def _query_ranges(start_n, n_queries, n_keys,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(lo, diag_end, full_end, q_end) for the key tile at start_n: query tiles [lo, diag_end) and
+    [full_end, q_end) need masks, [diag_end, full_end) need none."""
+    q_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # Query tiles before `lo` see none of these keys; [lo, diag_end) straddle the diagonal.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = tl.maximum(lo, tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_end))
+    else:
+        lo = 0
+        diag_end = 0
+    full_end = tl.maximum(diag_end, (n_queries // BLOCK_M) * BLOCK_M)  # tiles wholly inside Nq
+    # Unlike in the dK/dV pass, padded keys matter here (dQ sums over keys), so the ragged last key
+    # tile masks every query tile it visits. It is one program of cdiv(Nk, BLOCK_N).
+    ragged = start_n + BLOCK_N > n_keys
+    diag_end = tl.where(ragged, tl.maximum(lo, q_end), diag_end)
+    full_end = tl.where(ragged, diag_end, full_end)
+    return lo, diag_end, full_end, q_end
+
+
+@triton.jit
+def _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base,
+                 stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), and add each query tile's dQ
+    part (dS K, unscaled) into the accumulator at acc_base."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
+            delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
+        else:
+            lse2 = tl.load(lse_base + rows) * LOG2E_C
+            delta = tl.load(delta_base + rows)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+        p_t = tl.exp2(s_t - lse2[None, :])
+        if MASKED:
+            # Padded keys have k = 0 but P = exp2(-L), which may overflow; inf * 0 would poison dQ.
+            p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M), one cast for two dots
+        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+        _atomic_add_rows(acc_base, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+    return dk, dv
+
+
+@triton.jit
+def flash_bwd_fused_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,  # (BH,Nq,D) (BH,Nk,D) x2 (BH,Nq,D) (BH,Nq) x2 (BH,Nk,D) x2
+    stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,  # DQ_ACC: (BH,Nq,HEAD_DIM) f32
+    stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+    stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
+    n_queries, n_keys, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head, and DQ_ACC += dS K
+    for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    start_n = pid_n * BLOCK_N
+    keys = start_n + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + bh * stride_kb, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    q_base, do_base = Q + bh * stride_qb, DO + bh * stride_dob
+    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
+    acc_base = DQ_ACC + bh * n_queries * HEAD_DIM
+
+    lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
+    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+    _store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
+    _store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
+
+
+@triton.jit
+def flash_bwd_fused_preprocess_kernel(
+    O, DO, DELTA, DQ_ACC,  # (BH, Nq, D), (BH, Nq, D), (BH, Nq) float32, (BH, Nq, HEAD_DIM) float32
+    stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod, n_queries,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA = rowsum(O * dO), and zeros into this tile's rows of the dQ accumulator."""
+    flash_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod,
+                                n_queries, HEAD_DIM, BLOCK_D, BLOCK_M)
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    _store_rows(DQ_ACC + bh * n_queries * HEAD_DIM, zeros, rows, tl.arange(0, BLOCK_D), HEAD_DIM, 1,
+                n_queries, HEAD_DIM)
+
+
+@triton.jit
+def flash_bwd_fused_dq_kernel(
+    DQ_ACC, DQ,  # (BH, Nq, HEAD_DIM) float32 contiguous, (BH, Nq, D) any strides
+    stride_dqb, stride_dqn, stride_dqd, n_queries, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = scale * DQ_ACC in dQ's dtype: the scale the fused kernel left out of its atomics."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    acc = _load_rows(DQ_ACC + bh * n_queries * HEAD_DIM, rows, cols_d, HEAD_DIM, 1, n_queries,
+                     HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    _store_rows(DQ + bh * stride_dqb, acc * sm_scale, rows, cols_d, stride_dqn, stride_dqd, n_queries, HEAD_DIM)
