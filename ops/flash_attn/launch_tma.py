@@ -1,0 +1,86 @@
+"""Launcher of the experimental tensor-descriptor (TMA) forward, kernels_tma.flash_fwd_tma_kernel.
+
+Same contract as launch.flash_forward: a fresh contiguous O in q.dtype and L float32 (..., Nq).
+Callers check `tma_supported(q, k, v)` first and fall back to launch.flash_forward when it is False.
+
+The descriptors are host-side (`triton.tools.tensor_descriptor.TensorDescriptor`, kernel arguments),
+which triton 3.6 and 3.9 both accept, compiled and under the interpreter. On sm_90+ triton encodes
+each into a CUtensorMap at launch; host-side descriptors need no `triton.set_allocator` (only
+device-side `tl.make_tensor_descriptor` does, for its global scratch).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.flash_attn.kernels import LOG2E
+from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
+from ops.flash_attn.launch import Blocks, _as_bhnd, _grid, _precision, flash_forward, interpreting, kernel_configs
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4
+    TensorDescriptor = None
+
+HAS_TENSOR_DESCRIPTOR = TensorDescriptor is not None and hasattr(tl, "tensor_descriptor")
+TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TMA_ALIGN = 16  # bytes: TMA needs the base address and every non-unit stride to be multiples of this
+
+
+def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when flash_forward_tma can run these inputs (else use launch.flash_forward)."""
+    if not HAS_TENSOR_DESCRIPTOR or not _tma_device(q.device):
+        return False
+    head_dim = q.shape[-1]
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in TMA_DTYPES and head_dim == k.shape[-1] == v.shape[-1]):
+        return False
+    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
+        return False  # the tile is exactly D wide: no column masks
+    if q.numel() == 0 or k.numel() == 0:
+        return False  # a descriptor needs positive extents
+    return all(_tma_aligned(_as_bhnd(x)) for x in (q, k, v))
+
+
+def _tma_device(device: torch.device) -> bool:
+    if device.type == "cpu":
+        return interpreting()
+    # Before sm_90 triton lowers descriptors to plain loads: correct, but there is no TMA to test.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _tma_aligned(x: torch.Tensor) -> bool:
+    *outer, last = x.stride()
+    size = x.element_size()
+    return last == 1 and x.data_ptr() % TMA_ALIGN == 0 and all(s * size % TMA_ALIGN == 0 for s in outer)
+
+
+def _descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """Descriptor over the (BH, N, D) view x, one (1, block_rows, D) tile per access."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_rows, x.shape[-1]])
+
+
+def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
+                      blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+
+    Requires tma_supported(q, k, v), except that empty inputs go to launch.flash_forward; `blocks`
+    overrides the tuned tile shapes (by default those of the pointer forward, launch.kernel_configs).
+    """
+    if q.numel() == 0 or k.numel() == 0:
+        return flash_forward(q, k, v, is_causal, scale, blocks)  # descriptors need positive extents
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    q3, k3, v3, o3 = _as_bhnd(q), _as_bhnd(k), _as_bhnd(v), _as_bhnd(out)
+    bh, n_q, head_dim = q3.shape
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
+    flash_fwd_tma_kernel[_grid(n_q, blocks.block_m, bh)](
+        _descriptor(q3, blocks.block_m), _descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
+        _descriptor(v3, blocks.block_n), _descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        lse,  # (..., Nq) float32, contiguous: (BH, Nq)
+        n_q, k3.shape[1], scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
+        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype),
+        num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+    return out, lse
