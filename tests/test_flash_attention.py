@@ -232,3 +232,40 @@ def test_cuda_peak_memory_is_linear_in_sequence_length():
     extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
     assert extra_mib <= 227, f"{extra_mib:.0f} MiB"
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_fused_backward_and_deterministic_mode(causal, gen):
+    """Head dim 64 with 4096+ keys takes the single-pass backward (bulk-reduced dQ) on Hopper; under
+    torch.use_deterministic_algorithms the two-pass one, whose results repeat bit for bit."""
+    from ops.flash_attn.dispatch import use_fused_backward
+
+    q, k, v = make_inputs((2,), 4096 + 37, 4096 + 37, 64, torch.bfloat16, "cuda", gen)
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
+    fused = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
+    assert use_fused_backward(q, k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert_close_to_reference(fused, q, k, v, causal, grad_out)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert not use_fused_backward(q, k, v)
+        first = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
+        second = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert_close_to_reference(first, q, k, v, causal, grad_out)
+
+
+@pytest.mark.cuda
+def test_cuda_tma_forward_for_head_dim_128(gen):
+    """Head dim 128 and 8192+ queries take the tensor-descriptor forward on Hopper."""
+    from ops.flash_attn.dispatch import use_tma_forward
+
+    q, k, v = make_inputs((1,), 8192 + 5, 8192 + 5, 128, torch.bfloat16, "cuda", gen)
+    assert use_tma_forward(q, k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+    out, lse = torch.ops.cs336.flash_attn_fwd(q, k, v, True, 128**-0.5)
+    ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), True)
+    low_out, _ = attention_reference(q, k, v, True)
+    assert max_error(out, ref_out) <= 2 * max_error(low_out, ref_out) + 1e-3
+    assert max_error(lse, ref_lse) < 1e-3

@@ -75,9 +75,11 @@ def _query_ranges(start_n, n_queries, n_keys,
 def _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base,
                  stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                 ACC_DESC: tl.constexpr = False, bh=0):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), and add each query tile's dQ
-    part (dS K, unscaled) into the accumulator at acc_base."""
+    part (dS K, unscaled) into the accumulator at acc_base (a (BH, Nq, D) descriptor if ACC_DESC:
+    then the addition is one bulk reduction by the copy engine)."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -99,7 +101,10 @@ def _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base,
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M), one cast for two dots
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
-        _atomic_add_rows(acc_base, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        if ACC_DESC:
+            acc_base.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
+        else:
+            _atomic_add_rows(acc_base, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
     return dk, dv
 
 
@@ -111,7 +116,7 @@ def flash_bwd_fused_kernel(
     stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
     n_queries, n_keys, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC_DESC: tl.constexpr = False,
 ):
     """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head, and DQ_ACC += dS K
     for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them)."""
@@ -126,18 +131,21 @@ def flash_bwd_fused_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_base, do_base = Q + bh * stride_qb, DO + bh * stride_dob
     lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
-    acc_base = DQ_ACC + bh * n_queries * HEAD_DIM
+    if ACC_DESC:
+        acc_base = DQ_ACC
+    else:
+        acc_base = DQ_ACC + bh * n_queries * HEAD_DIM
 
     lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, ACC_DESC, tl.program_id(1))
     dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, ACC_DESC, tl.program_id(1))
     dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, ACC_DESC, tl.program_id(1))
     _store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
     _store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
 

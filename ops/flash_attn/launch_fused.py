@@ -20,21 +20,21 @@ ROW_BLOCK = 64  # query rows per program of the preprocess and conversion kernel
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = Blocks(16, 16, 1, 1)
 _FP32 = Blocks(32, 32, 4, 1)
-# 16-bit inputs, keyed like launch._HALF: (padded head dim BLOCK_D, long sequence). Untuned
-# starting points (long = short until measured); tune over FUSED_CANDIDATES on the GPU.
+# 16-bit inputs, keyed like launch._HALF: (padded head dim BLOCK_D, long sequence). Measured on
+# an H100 with bulk-reduced dQ (docs/perf/flash_attention.md); D = 64 is the case dispatch.py uses.
 FUSED_BLOCKS = {
-    (64, False): Blocks(64, 128, 8, 2),
-    (64, True): Blocks(64, 128, 8, 2),
-    (128, False): Blocks(32, 128, 8, 2),
-    (128, True): Blocks(32, 128, 8, 2),
+    (64, False): Blocks(64, 64, 4, 3),
+    (64, True): Blocks(64, 64, 4, 3),
+    (128, False): Blocks(64, 128, 8, 3),
+    (128, True): Blocks(64, 128, 8, 3),
     # k, v, dK and dV of a key tile all live in registers: keep the tile short at D = 256.
     (256, False): Blocks(32, 32, 4, 1),
     (256, True): Blocks(32, 32, 4, 1),
 }
-# (block_m, block_n, num_warps, num_stages) worth timing for H100 bf16.
+# (block_m, block_n, num_warps, num_stages) worth timing for H100 bf16 (around round 1's winner).
 FUSED_CANDIDATES = [
-    (64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3),
-    (32, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3), (32, 128, 4, 3),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (64, 64, 8, 3),
+    (64, 32, 4, 3), (32, 64, 4, 4), (128, 64, 4, 3), (64, 128, 8, 3),
 ]
 
 
@@ -48,7 +48,7 @@ def fused_blocks(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> Block
 
 
 def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
-                         blocks: Blocks | None = None):
+                         blocks: Blocks | None = None, acc_descriptor: bool = False):
     """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum()).
 
     `blocks` overrides the tile shape of the fused kernel (the tuning script uses it).
@@ -71,9 +71,15 @@ def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     flash_bwd_fused_preprocess_kernel[_grid(n_q, ROW_BLOCK, bh)](
         o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
     blocks = blocks or fused_blocks(head_dim, q.dtype, n_q)
+    acc = dq_acc
+    if acc_descriptor:  # experimental: bulk (TMA) reductions; needs a power-of-two head dim
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        acc = TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), [1, blocks.block_m, head_dim])
     flash_bwd_fused_kernel[_grid(n_k, blocks.block_n, bh)](
-        q3, k3, v3, do3, lse, delta, dk3, dv3, dq_acc,
+        q3, k3, v3, do3, lse, delta, dk3, dv3, acc,
         *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride(), *dv3.stride(),
-        n_q, n_k, scale * LOG2E, scale, **_meta(blocks, head_dim, block_d, is_causal, q.dtype))
+        n_q, n_k, scale * LOG2E, scale, ACC_DESC=acc_descriptor,
+        **_meta(blocks, head_dim, block_d, is_causal, q.dtype))
     flash_bwd_fused_dq_kernel[_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
     return dq, dk, dv

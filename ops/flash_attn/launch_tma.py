@@ -11,6 +11,8 @@ device-side `tl.make_tensor_descriptor` does, for its global scratch).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,7 +33,7 @@ TMA_ALIGN = 16  # bytes: TMA needs the base address and every non-unit stride to
 
 def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when flash_forward_tma can run these inputs (else use launch.flash_forward)."""
-    if not HAS_TENSOR_DESCRIPTOR or not _tma_device(q.device):
+    if not HAS_TENSOR_DESCRIPTOR or not tma_device(q.device):
         return False
     head_dim = q.shape[-1]
     if not (q.dtype == k.dtype == v.dtype and q.dtype in TMA_DTYPES and head_dim == k.shape[-1] == v.shape[-1]):
@@ -43,11 +45,17 @@ def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return all(_tma_aligned(_as_bhnd(x)) for x in (q, k, v))
 
 
-def _tma_device(device: torch.device) -> bool:
+def tma_device(device: torch.device) -> bool:
+    """True where descriptors become TMA copies (sm_90+), or on CPU under the interpreter."""
     if device.type == "cpu":
         return interpreting()
     # Before sm_90 triton lowers descriptors to plain loads: correct, but there is no TMA to test.
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return device.type == "cuda" and _capability(device.index)[0] >= 9
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
 
 
 def _tma_aligned(x: torch.Tensor) -> bool:

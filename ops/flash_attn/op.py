@@ -71,9 +71,9 @@ def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float)
     """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
     check_inputs(q, k, v)
     if _use_triton(q):
-        from ops.flash_attn.launch import flash_forward
+        from ops.flash_attn.dispatch import attention_forward
 
-        return flash_forward(q, k, v, is_causal, scale)
+        return attention_forward(q, k, v, is_causal, scale)
     return tiled_forward(q, k, v, is_causal, scale)
 
 
@@ -81,9 +81,9 @@ def backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
                   is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) by recomputation from L, on the same path as forward_impl."""
     if _use_triton(q):
-        from ops.flash_attn.launch import flash_backward
+        from ops.flash_attn.dispatch import attention_backward
 
-        return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+        return attention_backward(grad_out, q, k, v, out, lse, is_causal, scale)
     return tiled_backward(grad_out, q, k, v, out, lse, is_causal, scale)
 
 

@@ -1,0 +1,52 @@
+"""Which Triton kernels run: the measured choice among the forward and backward variants.
+
+Forward: the pointer-arithmetic kernel (launch.flash_forward), or for head dim 128 and long
+sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured 7 % faster there on an
+H100 and no faster elsewhere.
+
+Backward: the two-pass kernels (launch.flash_backward: 7 matmuls and two exps per score, no
+atomics, bitwise deterministic), or the single pass with dQ summed by bulk (TMA) reductions
+(launch_fused: 5 matmuls and one exp per score; dQ's last bits depend on the order of the additions).
+The single pass wins for head dim 64 once there are enough keys; the numbers are in
+docs/perf/flash_attention.md. Like torch's own attention backends, the faster nondeterministic
+backward is the default and `torch.use_deterministic_algorithms(True)` selects the deterministic one.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ops.flash_attn.launch import LONG_SEQUENCE, flash_backward, flash_forward
+from ops.flash_attn.launch_fused import flash_backward_fused
+from ops.flash_attn.launch_tma import HAS_TENSOR_DESCRIPTOR, flash_forward_tma, tma_device, tma_supported
+
+TMA_FORWARD_HEAD_DIMS = (128,)
+FUSED_BACKWARD_HEAD_DIMS = (64,)
+FUSED_BACKWARD_MIN_KEYS = 4096  # below this the two-pass backward was faster (B8 H16 N1024: 0.30 vs 0.32 ms)
+
+
+def use_tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (q.is_cuda and q.shape[-1] in TMA_FORWARD_HEAD_DIMS and q.shape[-2] >= LONG_SEQUENCE
+            and q.dtype != torch.float32 and tma_supported(q, k, v))
+
+
+def use_fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The single-pass backward: on Hopper (bulk reductions), 16-bit inputs, head dim 64, long keys,
+    unless torch is asked for deterministic algorithms."""
+    return (q.is_cuda and q.dtype != torch.float32 and q.shape[-1] in FUSED_BACKWARD_HEAD_DIMS
+            and k.shape[-2] >= FUSED_BACKWARD_MIN_KEYS and not torch.are_deterministic_algorithms_enabled()
+            and HAS_TENSOR_DESCRIPTOR and tma_device(q.device))
+
+
+def attention_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, L) from the fastest forward kernel for these inputs."""
+    if use_tma_forward(q, k, v):
+        return flash_forward_tma(q, k, v, is_causal, scale)
+    return flash_forward(q, k, v, is_causal, scale)
+
+
+def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
+    """(dQ, dK, dV) from the fastest backward kernels allowed for these inputs."""
+    if use_fused_backward(q, k, v):
+        return flash_backward_fused(grad_out, q, k, v, out, lse, is_causal, scale, acc_descriptor=True)
+    return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale)
