@@ -236,12 +236,14 @@ def test_cuda_peak_memory_is_linear_in_sequence_length():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("causal", [False, True])
-def test_cuda_fused_backward_and_deterministic_mode(causal, gen):
-    """Head dim 64 with 4096+ keys takes the single-pass backward (bulk-reduced dQ) on Hopper; under
+def test_cuda_fused_backward_and_deterministic_mode(causal, gen, monkeypatch):
+    """Head dim 64 with long keys takes the single-pass backward (bulk-reduced dQ) on Hopper; under
     torch.use_deterministic_algorithms the two-pass one, whose results repeat bit for bit."""
+    from ops.flash_attn import dispatch
     from ops.flash_attn.dispatch import use_fused_backward
 
-    q, k, v = make_inputs((2,), 4096 + 37, 4096 + 37, 64, torch.bfloat16, "cuda", gen)
+    monkeypatch.setattr(dispatch, "FUSED_BACKWARD_MIN_KEYS", 2048)  # a smaller float64 reference
+    q, k, v = make_inputs((2,), 2048 + 37, 2048 + 37, 64, torch.bfloat16, "cuda", gen)
     grad_out = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
     fused = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
     assert use_fused_backward(q, k, v) == (torch.cuda.get_device_capability()[0] >= 9)
