@@ -271,3 +271,17 @@ def test_cuda_tma_forward_for_head_dim_128(gen):
     low_out, _ = attention_reference(q, k, v, True)
     assert max_error(out, ref_out) <= 2 * max_error(low_out, ref_out) + 1e-3
     assert max_error(lse, ref_lse) < 1e-3
+
+
+@pytest.mark.cuda
+def test_cuda_fused_backward_from_sum(gen, monkeypatch):
+    """.sum().backward() hands the backward an all-zero-stride dO, which descriptors cannot read."""
+    from ops.flash_attn import dispatch
+
+    monkeypatch.setattr(dispatch, "FUSED_BACKWARD_MIN_KEYS", 2048)
+    q, k, v = make_inputs((1, 2), 2048 + 37, 2048 + 37, 64, torch.bfloat16, "cuda", gen)
+    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+    out = flash_attn(*leaves, True)
+    out.sum().backward()
+    ours = (out.detach(), *(x.grad for x in leaves))
+    assert_close_to_reference(ours, q, k, v, True, torch.ones_like(q))

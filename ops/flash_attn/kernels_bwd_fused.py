@@ -72,19 +72,23 @@ def _query_ranges(start_n, n_queries, n_keys,
 
 
 @triton.jit
-def _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base,
+def _fused_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
                  stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                  IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                 ACC_DESC: tl.constexpr = False, bh=0):
+                 DESCRIPTORS: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), and add each query tile's dQ
-    part (dS K, unscaled) into the accumulator at acc_base (a (BH, Nq, D) descriptor if ACC_DESC:
-    then the addition is one bulk reduction by the copy engine)."""
+    part (dS K, unscaled) into DQ_ACC. Q, DO, DQ_ACC: descriptors over (BH, N, D) if DESCRIPTORS
+    (bh is then the int32 head index), else pointers to this head's rows."""
     offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        if DESCRIPTORS:  # rows >= n_queries come back as zeros
+            q = Q.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = _load_rows(Q, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+            do = _load_rows(DO, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
             lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
             delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
@@ -101,10 +105,10 @@ def _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base,
         ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M), one cast for two dots
         dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
-        if ACC_DESC:
-            acc_base.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
+        if DESCRIPTORS:  # one bulk reduction by the copy engine; rows >= n_queries are dropped
+            DQ_ACC.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
         else:
-            _atomic_add_rows(acc_base, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+            _atomic_add_rows(DQ_ACC, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
     return dk, dv
 
 
@@ -116,10 +120,14 @@ def flash_bwd_fused_kernel(
     stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
     n_queries, n_keys, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, ACC_DESC: tl.constexpr = False,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr = False,
 ):
     """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head, and DQ_ACC += dS K
-    for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them)."""
+    for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them).
+
+    With DESCRIPTORS, Q, DO and DQ_ACC are tensor descriptors with blocks [1, BLOCK_M, D] (TMA on
+    Hopper: the streamed tiles need no address arithmetic in registers, and dQ parts go out as bulk
+    reductions) and the Q/dO strides are unused; otherwise all three are pointers."""
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -129,23 +137,22 @@ def flash_bwd_fused_kernel(
     v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    q_base, do_base = Q + bh * stride_qb, DO + bh * stride_dob
-    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
-    if ACC_DESC:
-        acc_base = DQ_ACC
+    if DESCRIPTORS:
+        q_in, do_in, acc, head = Q, DO, DQ_ACC, tl.program_id(1)  # descriptor offsets are int32
     else:
-        acc_base = DQ_ACC + bh * n_queries * HEAD_DIM
+        q_in, do_in, acc, head = Q + bh * stride_qb, DO + bh * stride_dob, DQ_ACC + bh * n_queries * HEAD_DIM, bh
+    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
 
     lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+    dk, dv = _fused_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, ACC_DESC, tl.program_id(1))
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
+    dk, dv = _fused_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, ACC_DESC, tl.program_id(1))
-    dk, dv = _fused_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, acc_base, stride_qn, stride_qd,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, DESCRIPTORS)
+    dk, dv = _fused_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, ACC_DESC, tl.program_id(1))
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
     _store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
     _store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
 

@@ -42,7 +42,7 @@ def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False  # the tile is exactly D wide: no column masks
     if q.numel() == 0 or k.numel() == 0:
         return False  # a descriptor needs positive extents
-    return all(_tma_aligned(_as_bhnd(x)) for x in (q, k, v))
+    return all(tma_aligned(_as_bhnd(x)) for x in (q, k, v))
 
 
 def tma_device(device: torch.device) -> bool:
@@ -58,13 +58,13 @@ def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-def _tma_aligned(x: torch.Tensor) -> bool:
+def tma_aligned(x: torch.Tensor) -> bool:
     *outer, last = x.stride()
     size = x.element_size()
     return last == 1 and x.data_ptr() % TMA_ALIGN == 0 and all(s * size % TMA_ALIGN == 0 for s in outer)
 
 
-def _descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
+def descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
     """Descriptor over the (BH, N, D) view x, one (1, block_rows, D) tile per access."""
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_rows, x.shape[-1]])
 
@@ -84,8 +84,8 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
     bh, n_q, head_dim = q3.shape
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
     flash_fwd_tma_kernel[_grid(n_q, blocks.block_m, bh)](
-        _descriptor(q3, blocks.block_m), _descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
-        _descriptor(v3, blocks.block_n), _descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
+        descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
         n_q, k3.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
