@@ -2,11 +2,12 @@
 
     python -m cs336_systems.bench.flash_tune --head-dims 64 128 --out-dir outputs/bench/flash_tune
 
-For each head dim, every candidate tile shape of each kernel (forward, dK/dV pass, dQ pass) is first
-checked against fp32 attention on a ragged causal shape, then timed on the target shapes of that
-head dim; the two backward passes are timed inside a full backward whose other pass keeps the
-current configuration, so the differences are theirs. The winners go into `ops/flash_attn/launch.py`
-by hand, with the numbers in docs/perf/flash_attention.md.
+For each head dim, every candidate tile shape of each kernel (forward, dK/dV pass, dQ pass, and the
+single-pass backward "fused") is first checked against fp32 attention on a ragged causal shape, then
+timed on the target shapes of that head dim; the two backward passes are timed inside a full
+backward whose other pass keeps the current configuration, so the differences are theirs. The
+winners go into `ops/flash_attn/launch.py` (launch_fused.py for "fused") by hand, with the numbers in
+docs/perf/flash_attention.md.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DKDV = [(32, 64, 4, 3), (32, 64, 4, 5), (16, 64, 4, 3), (16, 64, 2, 4), (32, 64,
         (64, 128, 8, 3), (32, 128, 8, 4), (64, 64, 4, 4)]
 DQ = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4), (128, 64, 8, 5), (64, 32, 4, 4),
       (128, 128, 8, 3), (64, 64, 4, 3)]
+# The single-pass backward with descriptors (launch_fused; Hopper only): round 2, around round 1's (64, 64, 4, 3).
+FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (64, 64, 8, 3), (64, 32, 4, 3),
+         (32, 64, 4, 4), (128, 64, 4, 3), (64, 128, 8, 3)]
 
 
 def _inputs(bh: int, n: int, d: int, seed: int):
@@ -63,10 +67,13 @@ def _runner(kind: str, blocks, q, k, v, do, scale: float):
     For the backward kinds the forward runs once here, outside what is timed.
     """
     from ops.flash_attn.launch import flash_backward, flash_forward, kernel_configs
+    from ops.flash_attn.launch_fused import flash_backward_fused
 
     if kind == "forward":
         return lambda: flash_forward(q, k, v, True, scale, blocks=blocks)
     out, lse = flash_forward(q, k, v, True, scale)
+    if kind == "fused":
+        return lambda: flash_backward_fused(do, q, k, v, out, lse, True, scale, blocks, descriptors=True)
     configs = dataclasses.replace(kernel_configs(q.shape[-1], q.dtype, q.shape[-2]), **{kind: blocks})
     return lambda: flash_backward(do, q, k, v, out, lse, True, scale, configs=configs)
 
@@ -83,8 +90,12 @@ def check(kind: str, blocks, d: int) -> float:
 def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms: float) -> list[dict[str, Any]]:
     """One row per candidate (the configuration in use first): its error and its time per target shape."""
     from ops.flash_attn.launch import Blocks, kernel_configs
+    from ops.flash_attn.launch_fused import fused_blocks
 
-    current = dataclasses.astuple(getattr(kernel_configs(d, torch.bfloat16, max(n for _, n in TARGETS[d])), kind))
+    n_max = max(n for _, n in TARGETS[d])
+    in_use = fused_blocks(d, torch.bfloat16, n_max) if kind == "fused" else getattr(
+        kernel_configs(d, torch.bfloat16, n_max), kind)
+    current = dataclasses.astuple(in_use)
     rows = []
     for candidate in dict.fromkeys([current, *candidates]):
         blocks = Blocks(*candidate)
@@ -122,11 +133,12 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=list(TARGETS))
-    parser.add_argument("--kernels", nargs="+", default=["forward", "dkdv", "dq"], choices=["forward", "dkdv", "dq"])
+    parser.add_argument("--kernels", nargs="+", default=["forward", "dkdv", "dq", "fused"],
+                        choices=["forward", "dkdv", "dq", "fused"])
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--out-dir", default="outputs/bench/flash_tune")
     args = parser.parse_args()
-    candidates = {"forward": FORWARD, "dkdv": DKDV, "dq": DQ}
+    candidates = {"forward": FORWARD, "dkdv": DKDV, "dq": DQ, "fused": FUSED}
     rows = [r for d in args.head_dims for kind in args.kernels for r in tune(d, kind, candidates[kind], args.rep_ms)]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

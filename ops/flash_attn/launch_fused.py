@@ -21,8 +21,10 @@ ROW_BLOCK = 64  # query rows per program of the preprocess and conversion kernel
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = Blocks(16, 16, 1, 1)
 _FP32 = Blocks(32, 32, 4, 1)
+
 # 16-bit inputs, keyed like launch._HALF: (padded head dim BLOCK_D, long sequence). Measured on
-# an H100 with bulk-reduced dQ (docs/perf/flash_attention.md); D = 64 is the case dispatch.py uses.
+# an H100 with descriptors (cs336_systems.bench.flash_tune --kernels fused; docs/perf/flash_attention.md).
+# D = 64 is the case dispatch.py uses; D = 128 lost to the two-pass backward at every tile tried.
 FUSED_BLOCKS = {
     (64, False): Blocks(64, 64, 4, 4),
     (64, True): Blocks(64, 64, 4, 4),
@@ -32,11 +34,6 @@ FUSED_BLOCKS = {
     (256, False): Blocks(32, 32, 4, 1),
     (256, True): Blocks(32, 32, 4, 1),
 }
-# (block_m, block_n, num_warps, num_stages) worth timing for H100 bf16 (around round 1's winner).
-FUSED_CANDIDATES = [
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (64, 64, 8, 3),
-    (64, 32, 4, 3), (32, 64, 4, 4), (128, 64, 4, 3), (64, 128, 8, 3),
-]
 
 
 def fused_blocks(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> Blocks:
