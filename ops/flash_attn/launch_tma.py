@@ -1,4 +1,5 @@
-"""Launcher of the experimental tensor-descriptor (TMA) forward, kernels_tma.flash_fwd_tma_kernel.
+"""Launcher of the tensor-descriptor (TMA) forward, kernels_tma.flash_fwd_tma_kernel, and the
+descriptor helpers that the single-pass backward (launch_fused) shares.
 
 Same contract as launch.flash_forward: a fresh contiguous O in q.dtype and L float32 (..., Nq).
 Callers check `tma_supported(q, k, v)` first and fall back to launch.flash_forward when it is False.
