@@ -6,7 +6,7 @@ For each head dim, every candidate tile shape of each kernel (forward, dK/dV pas
 single-pass backward "fused") is first checked against fp32 attention on a ragged causal shape, then
 timed on the target shapes of that head dim; the two backward passes are timed inside a full
 backward whose other pass keeps the current configuration, so the differences are theirs. The
-winners go into `ops/flash_attn/launch.py` (launch_fused.py for "fused") by hand, with the numbers in
+winners go into `ops/flash_attn/launch.py` by hand, with the numbers in
 docs/perf/flash_attention.md.
 """
 
@@ -90,12 +90,8 @@ def check(kind: str, blocks, d: int) -> float:
 def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms: float) -> list[dict[str, Any]]:
     """One row per candidate (the configuration in use first): its error and its time per target shape."""
     from ops.flash_attn.launch import Blocks, kernel_configs
-    from ops.flash_attn.launch_fused import fused_blocks
 
-    n_max = max(n for _, n in TARGETS[d])
-    in_use = fused_blocks(d, torch.bfloat16, n_max) if kind == "fused" else getattr(
-        kernel_configs(d, torch.bfloat16, n_max), kind)
-    current = dataclasses.astuple(in_use)
+    current = dataclasses.astuple(getattr(kernel_configs(d, torch.bfloat16, max(n for _, n in TARGETS[d])), kind))
     rows = []
     for candidate in dict.fromkeys([current, *candidates]):
         blocks = Blocks(*candidate)

@@ -91,15 +91,23 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             s = tl.where(_visible(rows, keys, n_keys, IS_CAUSAL), s, float("-inf"))
-        # The running max m_i is kept in log2 units. Scaling (qk_scale > 0) commutes with max, so the
-        # raw tile max is scaled once per row and the softmax argument is a single FMA per score.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the previous max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION: tl.constexpr):
+    """Fold one key tile's raw scores s (BLOCK_M, BLOCK_N) and values v into (acc, l_i, m_i).
+
+    The running max m_i is kept in log2 units. Scaling (qk_scale > 0) commutes with max, so the raw
+    tile max is scaled once per row and the softmax argument is a single FMA per score.
+    """
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.exp2(s * qk_scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the previous max
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+    return acc, l_i, m_new
 
 
 @triton.jit

@@ -11,6 +11,49 @@ from ops.flash_attn.kernels import LOG2E_C, _key_ranges, _load_rows, _query_tile
 
 
 @triton.jit
+def _key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn, stride_vd, n_keys,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(head, first key, keys, columns, k, v) of this program's key tile, for grids (key tiles, BH)."""
+    bh = tl.program_id(1).to(tl.int64)
+    start_n = tl.program_id(0) * BLOCK_N
+    keys = start_n + tl.arange(0, BLOCK_N)
+    cols_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + bh * stride_kb, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
+    return bh, start_n, keys, cols_d, k, v
+
+
+@triton.jit
+def _query_ranges(start_n, n_queries, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(lo, diag_end, full_end, q_end) for the key tile at start_n: query tiles [lo, diag_end) and
+    [full_end, q_end) need masks, [diag_end, full_end) need none."""
+    q_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
+    if IS_CAUSAL:
+        # Query tiles before `lo` see none of these keys; [lo, diag_end) straddle the diagonal.
+        lo = (start_n // BLOCK_M) * BLOCK_M
+        diag_end = tl.maximum(lo, tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_end))
+    else:
+        lo = 0
+        diag_end = 0
+    full_end = tl.maximum(diag_end, (n_queries // BLOCK_M) * BLOCK_M)  # tiles wholly inside Nq
+    return lo, diag_end, full_end, q_end
+
+
+@triton.jit
+def _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale,
+                     MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """(P^T (BLOCK_N, BLOCK_M) recomputed from L, unmasked; D of the query rows (BLOCK_M,))."""
+    if MASKED:
+        lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
+        delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
+    else:
+        lse2 = tl.load(lse_base + rows) * LOG2E_C
+        delta = tl.load(delta_base + rows)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    return tl.exp2(s_t - lse2[None, :]), delta
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
                 stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -21,14 +64,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         rows = start_m + offs_m
         q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        if MASKED:
-            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
-            delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
-        else:
-            lse2 = tl.load(lse_base + rows) * LOG2E_C
-            delta = tl.load(delta_base + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
         if MASKED:
             keep = rows[None, :] < n_queries
             if IS_CAUSAL:
@@ -56,27 +92,14 @@ def flash_bwd_dkdv_kernel(
     Padded key rows (>= Nk) may hold garbage in registers but are never stored, and rows of dK/dV
     do not mix, so only query-side masks matter here.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    keys = start_n + tl.arange(0, BLOCK_N)
-    cols_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + bh * stride_kb, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
+    bh, start_n, keys, cols_d, k, v = _key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
+                                                stride_vd, n_keys, HEAD_DIM, BLOCK_D, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     q_base, do_base = Q + bh * stride_qb, DO + bh * stride_dob
     lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
 
-    q_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        # Query tiles before `lo` see none of these keys; [lo, diag_end) straddle the diagonal.
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        diag_end = tl.maximum(lo, tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_end))
-    else:
-        lo = 0
-        diag_end = 0
-    full_end = tl.maximum(diag_end, (n_queries // BLOCK_M) * BLOCK_M)  # tiles wholly inside Nq
+    lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
                          stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, qk_scale,
                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)

@@ -28,7 +28,8 @@ to every dQ part inside the loop.
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import LOG2E_C, _load_rows, _store_rows, flash_bwd_preprocess_kernel
+from ops.flash_attn.kernels import _load_rows, _store_rows, flash_bwd_preprocess_kernel
+from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges
 
 
 @triton.jit
@@ -58,19 +59,10 @@ def _atomic_add_rows(base, tile, rows, cols, n_rows,
 
 
 @triton.jit
-def _query_ranges(start_n, n_queries, n_keys,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """(lo, diag_end, full_end, q_end) for the key tile at start_n: query tiles [lo, diag_end) and
-    [full_end, q_end) need masks, [diag_end, full_end) need none."""
-    q_end = tl.cdiv(n_queries, BLOCK_M) * BLOCK_M
-    if IS_CAUSAL:
-        # Query tiles before `lo` see none of these keys; [lo, diag_end) straddle the diagonal.
-        lo = (start_n // BLOCK_M) * BLOCK_M
-        diag_end = tl.maximum(lo, tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, q_end))
-    else:
-        lo = 0
-        diag_end = 0
-    full_end = tl.maximum(diag_end, (n_queries // BLOCK_M) * BLOCK_M)  # tiles wholly inside Nq
+def _fused_query_ranges(start_n, n_queries, n_keys,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """kernels_bwd._query_ranges, except that a ragged last key tile masks every query tile."""
+    lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, BLOCK_M, BLOCK_N, IS_CAUSAL)
     # Unlike in the dK/dV pass, padded keys matter here (dQ sums over keys), so the ragged last key
     # tile masks every query tile it visits. It is one program of cdiv(Nk, BLOCK_N).
     ragged = start_n + BLOCK_N > n_keys
@@ -97,14 +89,7 @@ def _fused_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
         else:
             q = _load_rows(Q, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
             do = _load_rows(DO, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        if MASKED:
-            lse2 = tl.load(lse_base + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
-            delta = tl.load(delta_base + rows, mask=rows < n_queries, other=0.0)
-        else:
-            lse2 = tl.load(lse_base + rows) * LOG2E_C
-            delta = tl.load(delta_base + rows)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-        p_t = tl.exp2(s_t - lse2[None, :])
+        p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
         if MASKED:
             # Padded keys have k = 0 but P = exp2(-L), which may overflow; inf * 0 would poison dQ.
             p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
@@ -136,13 +121,8 @@ def flash_bwd_fused_kernel(
     With DESCRIPTORS, Q, DO and DQ_ACC are tensor descriptors with blocks [1, BLOCK_M, D] (TMA on
     Hopper: the streamed tiles need no address arithmetic in registers, and dQ parts go out as bulk
     reductions) and the Q/dO strides are unused; otherwise all three are pointers."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    start_n = pid_n * BLOCK_N
-    keys = start_n + tl.arange(0, BLOCK_N)
-    cols_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + bh * stride_kb, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + bh * stride_vb, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, True)
+    bh, start_n, keys, cols_d, k, v = _key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
+                                                stride_vd, n_keys, HEAD_DIM, BLOCK_D, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if DESCRIPTORS:
@@ -151,7 +131,7 @@ def flash_bwd_fused_kernel(
         q_in, do_in, acc, head = Q + bh * stride_qb, DO + bh * stride_dob, DQ_ACC + bh * n_queries * HEAD_DIM, bh
     lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
 
-    lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    lo, diag_end, full_end, q_end = _fused_query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dk, dv = _fused_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
                           stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
                           HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)

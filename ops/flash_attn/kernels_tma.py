@@ -30,7 +30,7 @@ num_warps=4 and skips it at any other num_warps.
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import LN2_C, _key_ranges, _query_tile, _visible
+from ops.flash_attn.kernels import LN2_C, _key_ranges, _query_tile, _softmax_step, _visible
 
 
 @triton.jit
@@ -50,13 +50,7 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, lo, hi, n_keys, q
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
             s = tl.where(_visible(rows, start_n + offs_n, n_keys, IS_CAUSAL), s, float("-inf"))
-        # m_i is in log2 units; qk_scale > 0 commutes with max, so one FMA per score (see kernels.py).
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the previous max
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
-        m_i = m_new
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
     return acc, l_i, m_i
 
 

@@ -28,15 +28,16 @@ class Blocks:
 
 @dataclass(frozen=True)
 class KernelConfigs:
-    """Tile shapes of the three main kernels; the backward passes are tuned apart from the forward.
+    """Tile shapes of the main kernels; the backward passes are tuned apart from the forward.
 
     The dK/dV pass owns a key tile and streams query tiles (a tall key tile, short query steps);
-    the dQ pass is the mirror image.
+    the dQ pass is the mirror image; the single-pass backward (launch_fused) owns key tiles too.
     """
 
     forward: Blocks
     dkdv: Blocks
     dq: Blocks
+    fused: Blocks
 
 
 def interpreting() -> bool:
@@ -48,17 +49,24 @@ def _block_d(head_dim: int) -> int:
 
 
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
-_INTERPRETER = KernelConfigs(Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1), Blocks(16, 16, 1, 1))
-_FP32 = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
+_INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
+_FP32 = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
 # 16-bit inputs, by (padded head dim BLOCK_D, long sequence). Measured on an H100 with
-# cs336_systems.bench.flash_tune; the numbers are in docs/perf/flash_attention.md.
+# cs336_systems.bench.flash_tune; the numbers are in docs/perf/flash_attention.md. The single
+# pass is timed with descriptors; dispatch.py uses it at D = 64 only (at D = 128 it lost at every tile).
 LONG_SEQUENCE = 8192  # query rows from which the long-sequence forward tiles win
 _HALF = {
-    (64, False): KernelConfigs(Blocks(128, 64, 8, 4), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3)),
-    (64, True): KernelConfigs(Blocks(64, 128, 4, 3), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3)),
-    (128, False): KernelConfigs(Blocks(64, 64, 4, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3)),
-    (128, True): KernelConfigs(Blocks(128, 128, 8, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3)),
-    (256, False): KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    (64, False): KernelConfigs(Blocks(128, 64, 8, 4), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3),
+                               Blocks(64, 64, 4, 4)),
+    (64, True): KernelConfigs(Blocks(64, 128, 4, 3), Blocks(32, 64, 4, 3), Blocks(128, 64, 8, 3),
+                              Blocks(64, 64, 4, 4)),
+    (128, False): KernelConfigs(Blocks(64, 64, 4, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3),
+                                Blocks(64, 128, 8, 3)),
+    (128, True): KernelConfigs(Blocks(128, 128, 8, 3), Blocks(64, 128, 8, 3), Blocks(128, 64, 8, 3),
+                               Blocks(64, 128, 8, 3)),
+    # The single pass holds k, v, dK and dV of its key tile: short tiles at D = 256.
+    (256, False): KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1),
+                                Blocks(32, 32, 4, 1)),
 }
 _HALF[256, True] = _HALF[256, False]
 
@@ -108,20 +116,47 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
     return out, lse
 
 
-def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
-                   configs: KernelConfigs | None = None):
-    """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
+@dataclass
+class BackwardBuffers:
+    """What every backward launcher allocates and views: fresh gradients in the input dtypes, the
+    (BH, N, D) views the kernels take, L made contiguous and room for D = rowsum(O * dO)."""
+
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    views: tuple[torch.Tensor, ...]  # q3, k3, v3, o3, do3, dq3, dk3, dv3
+    lse: torch.Tensor  # (BH, Nq) float32, contiguous
+    delta: torch.Tensor  # (BH, Nq) float32, to be written
+
+    @property
+    def grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.dq, self.dk, self.dv
+
+    @property
+    def sizes(self) -> tuple[int, int, int, int]:
+        """(BH, Nq, Nk, D)."""
+        (bh, n_q, head_dim), n_k = self.views[0].shape, self.views[1].shape[1]
+        return bh, n_q, n_k, head_dim
+
+
+def backward_buffers(grad_out, q, k, v, out, lse) -> BackwardBuffers:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    q3, k3, v3, o3, do3 = (_as_bhnd(t) for t in (q, k, v, out, grad_out))
-    dq3, dk3, dv3 = _as_bhnd(dq), _as_bhnd(dk), _as_bhnd(dv)
-    bh, n_q, head_dim = q3.shape
-    n_k = k3.shape[1]
-    if bh == 0:
-        return dq, dk, dv
+    views = tuple(_as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)  # (..., Nq) float32
+    return BackwardBuffers(dq, dk, dv, views, lse, torch.empty_like(lse))
+
+
+def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
+                   configs: KernelConfigs | None = None):
+    """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
+    buffers = backward_buffers(grad_out, q, k, v, out, lse)
+    bh, n_q, n_k, head_dim = buffers.sizes
+    if bh == 0:
+        return buffers.grads
+    q3, k3, v3, o3, do3, dq3, dk3, dv3 = buffers.views
+    lse, delta = buffers.lse, buffers.delta
     block_d = _block_d(head_dim)
     configs = configs or kernel_configs(head_dim, q.dtype, n_q)
     flash_bwd_preprocess_kernel[_grid(n_q, 64, bh)](
@@ -135,7 +170,7 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
     flash_bwd_dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
         q3, k3, v3, do3, lse, delta, dq3, *strides, *dq3.stride(),
         n_q, n_k, scale * LOG2E, scale, **_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
-    return dq, dk, dv
+    return buffers.grads
 
 
 def _meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:
