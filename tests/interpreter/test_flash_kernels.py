@@ -18,12 +18,11 @@ def test_interpreter_path_is_the_triton_one():
     assert op._use_triton(torch.empty(1))
 
 
-# bfloat16 is left to the CUDA suite: the interpreter computes on numpy, which has no bfloat16, and
-# its bf16 stores come out wrong (seen with triton 3.9) while the compiled kernels are right.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+# bfloat16 runs with the bf16_interpreter fixture (conftest.py), which mends the interpreter's bf16 math.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_kernels_match_float64(shape, causal, dtype):
+def test_kernels_match_float64(shape, causal, dtype, bf16_interpreter):
     gen = torch.Generator().manual_seed(7)
     q, k, v = make_inputs(*shape, dtype, "cpu", gen)
     grad_out = torch.randn(q.shape, generator=gen).to(dtype)

@@ -8,8 +8,6 @@ forward (launch.flash_forward), which runs the same math.
 
 import pytest
 import torch
-import triton.language as tl
-from triton.runtime import interpreter
 
 from flash_helpers import make_inputs, max_error
 from ops.flash_attn import attention_reference
@@ -19,26 +17,6 @@ from ops.flash_attn.launch_tma import flash_forward_tma, tma_supported
 # (leading dims, Nq, Nk, D): Nq != Nk both ways, lengths off the 16-row tiles, 0/1/2 leading dims.
 SHAPES = [((2,), 37, 37, 16), ((1,), 20, 45, 32), ((), 50, 19, 64), ((1, 2), 33, 17, 16)]
 SCALE = 0.3
-
-
-@pytest.fixture
-def bf16_dot(monkeypatch):
-    """Make the interpreter's tl.dot read bfloat16 operands as numbers.
-
-    The interpreter keeps bfloat16 as uint16 bit patterns and its create_dot multiplies those raw bits
-    (triton-lang/triton#11584, same in 3.6 and 3.9; maintainers: bf16 is not supported there yet), so
-    every bf16 attention kernel computes garbage under it. Upcasting the operands to float32 is what the
-    GPU does (bf16 products are exact in float32); nothing else in these kernels computes on bf16.
-    """
-    create_dot = interpreter.InterpreterBuilder.create_dot
-
-    def upcast(builder, x):
-        return builder.cast_impl(x, tl.float32) if x.dtype == tl.bfloat16 else x
-
-    def create_dot_upcasting(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, upcast(self, a), upcast(self, b), d, input_precision, max_num_imprecise_acc)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot_upcasting)
 
 
 def _assert_forward_correct(q, k, v, causal, blocks=None):
@@ -65,7 +43,7 @@ def _assert_forward_correct(q, k, v, causal, blocks=None):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_matches_float64_and_pointer_forward(shape, causal, dtype, bf16_dot):
+def test_matches_float64_and_pointer_forward(shape, causal, dtype, bf16_interpreter):
     q, k, v = (x.detach() for x in make_inputs(*shape, dtype, "cpu", torch.Generator().manual_seed(5)))
     assert tma_supported(q, k, v)
     _assert_forward_correct(q, k, v, causal)
