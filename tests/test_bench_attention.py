@@ -49,10 +49,14 @@ def test_attention_flops_halve_when_causal():
 
 
 def test_leaderboard_compares_ours_with_sdpa(tmp_path):
-    assert run(tmp_path, "--leaderboard", "--leaderboard-shape", "2", "48", "16") == 0
+    assert run(tmp_path, "--leaderboard", "--leaderboard-shape", "2", "48", "16", "--repeats", "3") == 0
     result = json.loads((tmp_path / "leaderboard.json").read_text())
     rows = {row["impl"]: row for row in result["rows"]}
     assert result["meta"]["shape"] == "2x48x16" and {"ours", "sdpa-flash"} <= set(rows)
+    for row in rows.values():  # the median of three interleaved rounds
+        if row.get("status") is None:
+            assert len(row["fwd_bwd_runs_ms"]) == 3
+            assert row["fwd_bwd_ms"] == sorted(row["fwd_bwd_runs_ms"])[1]
     assert rows["ours"]["fwd_bwd_ours_over_this"] == 1
     assert rows["sdpa-flash"]["fwd_bwd_ours_over_this"] == pytest.approx(
         rows["ours"]["fwd_bwd_ms"] / rows["sdpa-flash"]["fwd_bwd_ms"])
@@ -62,6 +66,7 @@ def test_leaderboard_compares_ours_with_sdpa(tmp_path):
     (["--impls", "fastest"], "--impls"),
     (["--seq-lens", "0"], "--seq-lens"),
     (["--head-dims", "512"], "--head-dims"),
+    (["--leaderboard", "--repeats", "0"], "--repeats"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, flag):
     assert run(tmp_path, *argv) == 2

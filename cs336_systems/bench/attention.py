@@ -3,6 +3,7 @@
     python -m cs336_systems bench attention                  # the CS336 sweep on CUDA (a small one on CPU)
     python -m cs336_systems bench attention --impls ours sdpa-cudnn --dtypes bf16 --seq-lens 4096 16384
     python -m cs336_systems bench attention --leaderboard    # 16 x 16384 x 64 bf16 causal: ours vs SDPA
+    python -m cs336_systems bench attention --leaderboard --repeats 3 --rep-ms 1000   # interleaved rounds
 
 Sweep (CS336 flash_benchmarking): batch 1, one head, causal, every (sequence length, head dim,
 dtype); forward, backward and forward+backward latency (median of triton.testing.do_bench on
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 from collections.abc import Callable
 from typing import Any
 
@@ -235,9 +237,15 @@ def leaderboard(args: argparse.Namespace, device: str) -> Results:
         if device == "cuda" or impl not in CUDA_ONLY:
             contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
     results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
-                                           "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms})
-    for name, fn in contenders.items():
-        results.rows.append(_leaderboard_row(name, fn, q, k, v, device, args))
+                                           "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                                           "repeats": args.repeats})
+    # Rounds interleave the contenders, so slow drifts of the card (clocks, temperature) hit them
+    # alike; each row keeps every round's time and reports the median.
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
+    for _ in range(args.repeats):
+        for name, fn in contenders.items():
+            runs[name].append(_leaderboard_times(name, fn, q, k, v, device, args))
+    results.rows = [_leaderboard_row(name, times) for name, times in runs.items()]
     ours = results.rows[0]
     for row in results.rows:
         for key in ("forward_ms", "fwd_bwd_ms"):
@@ -246,20 +254,33 @@ def leaderboard(args: argparse.Namespace, device: str) -> Results:
     return results
 
 
-def _leaderboard_row(name: str, fn: AttentionFn, q, k, v, device: str, args: argparse.Namespace) -> dict[str, Any]:
+def _leaderboard_times(name: str, fn: AttentionFn, q, k, v, device: str, args: argparse.Namespace) -> dict[str, Any]:
     four_d = name != "ours"  # SDPA backends and FlexAttention want (B, H, N, D)
     call = (lambda: fn(q[None], k[None], v[None])) if four_d else (lambda: fn(q, k, v))
 
     def forward_backward() -> None:
         call().sum().backward()
 
-    row: dict[str, Any] = {"impl": name}
+    times: dict[str, Any] = {}
     for key, run in (("forward_ms", call), ("fwd_bwd_ms", forward_backward)):
         try:
-            row[key] = time_ms(run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+            times[key] = time_ms(run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         except Exception as error:  # noqa: BLE001 - a backend that cannot run is a row, not a crash
-            row[key], row["status"] = None, OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
-    print(f"{name:>15}: forward {_ms(row['forward_ms'])}, forward+backward {_ms(row['fwd_bwd_ms'])}", flush=True)
+            times[key], times["status"] = None, OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
+    print(f"{name:>15}: forward {_ms(times['forward_ms'])}, forward+backward {_ms(times['fwd_bwd_ms'])}", flush=True)
+    return times
+
+
+def _leaderboard_row(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each time over the rounds (None if any round failed), and the rounds' times."""
+    row: dict[str, Any] = {"impl": name}
+    for key in ("forward_ms", "fwd_bwd_ms"):
+        values = [r[key] for r in rounds]
+        row[key] = None if None in values else statistics.median(values)
+        row[key.replace("_ms", "_runs_ms")] = values
+    status = next((r["status"] for r in rounds if "status" in r), None)
+    if status is not None:
+        row["status"] = status
     return row
 
 
@@ -295,6 +316,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leaderboard", action="store_true", help="the CS336 leaderboard timing instead of the sweep")
     parser.add_argument("--leaderboard-shape", type=int, nargs=3, default=LEADERBOARD_SHAPE, metavar=("H", "N", "D"),
                         help="heads, sequence length, head dim (default: 16 16384 64)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="leaderboard: rounds over all contenders, interleaved; each time is the median (default: 1)")
     parser.add_argument("--impls", nargs="+", metavar="NAME",
                         default=list(IMPLEMENTATIONS) if cuda else ["ours", "naive", "sdpa-math", "sdpa-flash"],
                         help=f"implementations: {', '.join(IMPLEMENTATIONS)}")
@@ -321,7 +344,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError("--device cuda: CUDA is not available on this machine")
     for flag, values in (("--seq-lens", args.seq_lens), ("--head-dims", args.head_dims),
                          ("--leaderboard-shape", args.leaderboard_shape), ("--batch", [args.batch]),
-                         ("--heads", [args.heads])):
+                         ("--heads", [args.heads]), ("--repeats", [args.repeats])):
         if any(value <= 0 for value in values):
             raise ConfigError(f"{flag} must be positive, got {values}")
     if any(d > 256 for d in args.head_dims):
@@ -334,7 +357,8 @@ def main(args: argparse.Namespace) -> int:
     args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
     args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms
     if args.leaderboard:
-        leaderboard(args, args.device).write(args.out_dir)
+        columns = ["impl", "forward_ms", "fwd_bwd_ms", "forward_ours_over_this", "fwd_bwd_ours_over_this", "status"]
+        leaderboard(args, args.device).write(args.out_dir, columns)
         return 0
     results = sweep(args, args.device)
     columns = ["impl", "dtype", "shape", "pass", "ms", "tflops", "extra_peak_mib", "status", "reason"]
