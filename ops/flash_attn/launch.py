@@ -96,15 +96,21 @@ def _grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:
     return (triton.cdiv(n_rows, block), bh)
 
 
+def forward_buffers(q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """What every forward launcher allocates and views: O (..., Nq, D) in q.dtype, L (..., Nq)
+    float32, and the (BH, N, D) views q3, k3, v3, o3 the kernels take."""
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    return out, lse, tuple(_as_bhnd(t) for t in (q, k, v, out))
+
+
 def flash_forward(q, k, v, is_causal: bool, scale: float,
                   blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
 
     `blocks` overrides the tuned tile shapes (the tuning script uses it).
     """
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    q3, k3, v3, o3 = _as_bhnd(q), _as_bhnd(k), _as_bhnd(v), _as_bhnd(out)
+    out, lse, (q3, k3, v3, o3) = forward_buffers(q, k, v)
     bh, n_q, head_dim = q3.shape
     if bh == 0:
         return out, lse
