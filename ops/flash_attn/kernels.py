@@ -1,4 +1,4 @@
-"""FlashAttention-2 Triton kernels: forward, and backward as D-preprocess + dK/dV pass + dQ pass.
+"""FlashAttention-2 Triton forward kernel and the tile helpers the backward kernels share.
 
 Layout: every tensor is viewed as (BH, N, D) with arbitrary strides (passed in), so
 non-contiguous inputs need no copy. L and D are contiguous (BH, Nq) float32.
@@ -139,19 +139,3 @@ def flash_fwd_kernel(
     _store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
     lse = (m_i + tl.log2(l_i)) * LN2_C  # back to natural log
     tl.store(LSE + bh * n_queries + rows, lse, mask=rows < n_queries)
-
-
-@triton.jit
-def flash_bwd_preprocess_kernel(
-    O, DO, DELTA,  # (BH, Nq, D), (BH, Nq, D), (BH, Nq) float32
-    stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod, n_queries,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    """DELTA = rowsum(O * dO): the softmax-Jacobian term shared by every key tile."""
-    bh = tl.program_id(1).to(tl.int64)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * n_queries + rows, delta, mask=rows < n_queries)

@@ -1,4 +1,5 @@
-"""FlashAttention-2 backward kernels: one pass owning key tiles (dK, dV), one owning query tiles (dQ).
+"""FlashAttention-2 backward kernels: one pass owning query tiles (dQ, and D = rowsum(O * dO)),
+then one owning key tiles (dK, dV).
 
 Each program writes only its own tile of the output, so there are no atomics and results are
 deterministic. P is recomputed from L (saved by the forward): P = exp2(S2 - L * log2(e)).
@@ -8,6 +9,12 @@ import triton
 import triton.language as tl
 
 from ops.flash_attn.kernels import LOG2E_C, _key_ranges, _load_rows, _query_tile, _store_rows, _visible
+
+
+@triton.jit
+def _rowsum_product(o, do):
+    """D = rowsum(O * dO) in float32 for (rows, BLOCK_D) tiles: the softmax-Jacobian term of each query row."""
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
 
 @triton.jit
@@ -137,21 +144,28 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_kd, stri
 
 @triton.jit
 def flash_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, O, DO, LSE, DELTA, DQ,  # DELTA (BH, Nq) float32 is written here, for the dK/dV pass
     stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
-    stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+    stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod,
     stride_dqb, stride_dqn, stride_dqd,
     n_queries, n_keys, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """dQ = scale * dS K for one BLOCK_M query tile of one head."""
+    """dQ = scale * dS K for one BLOCK_M query tile of one head, and D = rowsum(O * dO) of its rows.
+
+    This pass owns query rows, so it computes their D itself and stores it for the dK/dV pass,
+    which runs after it: no separate preprocess launch (a launch costs tens of microseconds of
+    host time, as much as the whole kernel at small sizes).
+    """
     bh, start_m, rows = _query_tile(BLOCK_M, IS_CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
+    delta = _rowsum_product(o, do)
+    tl.store(DELTA + bh * n_queries + rows, delta, mask=rows < n_queries)
     lse2 = tl.load(LSE + bh * n_queries + rows, mask=rows < n_queries, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + bh * n_queries + rows, mask=rows < n_queries, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
     full_end, end = _key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)

@@ -28,8 +28,8 @@ to every dQ part inside the loop.
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import _load_rows, _store_rows, flash_bwd_preprocess_kernel
-from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges
+from ops.flash_attn.kernels import _load_rows, _store_rows
+from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges, _rowsum_product
 
 
 @triton.jit
@@ -152,12 +152,14 @@ def flash_bwd_fused_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """DELTA = rowsum(O * dO), and zeros into this tile's rows of the dQ accumulator."""
-    flash_bwd_preprocess_kernel(O, DO, DELTA, stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod,
-                                n_queries, HEAD_DIM, BLOCK_D, BLOCK_M)
     bh = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + bh * n_queries + rows, _rowsum_product(o, do), mask=rows < n_queries)
     zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    _store_rows(DQ_ACC + bh * n_queries * HEAD_DIM, zeros, rows, tl.arange(0, BLOCK_D), HEAD_DIM, 1,
+    _store_rows(DQ_ACC + bh * n_queries * HEAD_DIM, zeros, rows, cols_d, HEAD_DIM, 1,
                 n_queries, HEAD_DIM)
 
 

@@ -10,9 +10,8 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from ops.flash_attn.kernels import LOG2E, flash_bwd_preprocess_kernel, flash_fwd_kernel
+from ops.flash_attn.kernels import LOG2E, flash_fwd_kernel
 from ops.flash_attn.kernels_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where batch*heads goes
@@ -45,7 +44,9 @@ def interpreting() -> bool:
 
 
 def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
+    """The head dim padded to a power of two, at least 16 (tl.dot's smallest K)."""
+    # Plain Python: triton.next_power_of_2 is a jit function in newer triton, microseconds a call.
+    return max(16, 1 << (head_dim - 1).bit_length())
 
 
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
@@ -93,7 +94,7 @@ def _precision(dtype: torch.dtype) -> str:
 def _grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:
     if bh > MAX_GRID_Y:
         raise ValueError(f"flash_attn supports at most {MAX_GRID_Y} batch*heads, got {bh}")
-    return (triton.cdiv(n_rows, block), bh)
+    return (-(-n_rows // block), bh)  # ceil division; triton.cdiv costs a jit call in newer triton
 
 
 def forward_buffers(q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
@@ -165,17 +166,16 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
     lse, delta = buffers.lse, buffers.delta
     block_d = _block_d(head_dim)
     configs = configs or kernel_configs(head_dim, q.dtype, n_q)
-    flash_bwd_preprocess_kernel[_grid(n_q, 64, bh)](
-        o3, do3, delta, *o3.stride(), *do3.stride(), n_q, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=64)
-    strides = (*q3.stride(), *k3.stride(), *v3.stride(), *do3.stride())
-    dkdv = configs.dkdv
-    flash_bwd_dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
-        q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *dk3.stride(), *dv3.stride(),
-        n_q, n_k, scale * LOG2E, scale, **_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
+    strides = (*q3.stride(), *k3.stride(), *v3.stride())
+    # The dQ pass goes first: it also writes D = rowsum(O * dO), which the dK/dV pass reads.
     dq_blocks = configs.dq
     flash_bwd_dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
-        q3, k3, v3, do3, lse, delta, dq3, *strides, *dq3.stride(),
+        q3, k3, v3, o3, do3, lse, delta, dq3, *strides, *o3.stride(), *do3.stride(), *dq3.stride(),
         n_q, n_k, scale * LOG2E, scale, **_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
+    dkdv = configs.dkdv
+    flash_bwd_dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
+        q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *do3.stride(), *dk3.stride(), *dv3.stride(),
+        n_q, n_k, scale * LOG2E, scale, **_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
     return buffers.grads
 
 

@@ -70,6 +70,11 @@ def _use_triton(x: Tensor) -> bool:
 def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
     check_inputs(q, k, v)
+    return _forward_checked(q, k, v, is_causal, scale)
+
+
+def _forward_checked(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    """forward_impl for inputs that already passed check_inputs."""
     if _use_triton(q):
         from ops.flash_attn.dispatch import attention_forward
 
@@ -122,7 +127,7 @@ class FlashAttention2Triton(torch.autograd.Function):
     def forward(ctx, q, k, v, is_causal=False, scale=None):
         check_inputs(q, k, v)
         scale = _resolve_scale(q, scale)
-        forward = forward_impl if _eager(q, k, v) else torch.ops.cs336.flash_attn_fwd
+        forward = _forward_checked if _eager(q, k, v) else torch.ops.cs336.flash_attn_fwd
         out, lse = forward(q, k, v, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)  # lse (..., Nq) is the only (..., Nq)-shaped tensor
         ctx.is_causal, ctx.scale = is_causal, scale
