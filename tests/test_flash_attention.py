@@ -285,3 +285,19 @@ def test_cuda_fused_backward_from_sum(gen, monkeypatch):
     out.sum().backward()
     ours = (out.detach(), *(x.grad for x in leaves))
     assert_close_to_reference(ours, q, k, v, True, torch.ones_like(q))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_cuda_fp32_precision_over_many_tiles(head_dim, gen):
+    """float32 multiplies by three TF32 products on sm_80+ up to head dim 128 (plain FMA products
+    beyond) and still meets the float32 tolerance across many key and query tiles."""
+    from ops.flash_attn.launch import _precision
+
+    tensor_cores = head_dim <= 128 and torch.cuda.get_device_capability() >= (8, 0)
+    assert _precision(torch.float32, head_dim) == ("tf32x3" if tensor_cores else "ieee")
+    q, k, v = make_inputs((2,), 1000, 1000, head_dim, torch.float32, "cuda", gen)
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda")
+    for causal in (False, True):
+        ours = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
+        assert_close_to_reference(ours, q, k, v, causal, grad_out)

@@ -6,6 +6,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRI
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -51,7 +52,16 @@ def _block_d(head_dim: int) -> int:
 
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
-_FP32 = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
+# float32 inputs. With three-TF32 products (see _precision) by padded head dim: tiles chosen from
+# an offline sm_90 compile survey as those with no or the fewest register spills (a spilling fp32
+# kernel ran 8x slower than torch's efficient backend at D = 128); numbers in docs/perf/flash_attention.md.
+_FP32_TF32X3 = {
+    64: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    128: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+}
+# With plain FMA products: head dim 256, GPUs without TF32 tensor cores.
+_FP32_FMA = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
+FP32_TENSOR_CORE_MAX_D = 128  # wider fp32 tiles do not fit three-TF32 products in registers
 # 16-bit inputs, by (padded head dim BLOCK_D, long sequence). Measured on an H100 with
 # cs336_systems.bench.flash_tune; the numbers are in docs/perf/flash_attention.md. The single
 # pass is timed with descriptors; dispatch.py uses it at D = 64 only (at D = 128 it lost at every tile).
@@ -76,9 +86,10 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> Ker
     """The tile shapes used for inputs of this head dim, dtype and query length."""
     if interpreting():
         return _INTERPRETER
+    block_d = _block_d(head_dim)
     if dtype == torch.float32:
-        return _FP32
-    return _HALF[max(64, _block_d(head_dim)), n_queries >= LONG_SEQUENCE]
+        return _FP32_TF32X3[max(64, block_d)] if _precision(dtype, block_d) == "tf32x3" else _FP32_FMA
+    return _HALF[max(64, block_d), n_queries >= LONG_SEQUENCE]
 
 
 def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
@@ -86,9 +97,28 @@ def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-2], x.shape[-1])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs get true float32 products (not tf32) so they meet float32 tolerances.
-    return "ieee" if dtype == torch.float32 else "tf32"
+def _precision(dtype: torch.dtype, block_d: int) -> str:
+    """tl.dot's input_precision. 16-bit inputs ignore it (their products are exact in float32).
+
+    float32 inputs must meet float32 tolerances, so never plain TF32 (10-bit mantissa). On GPUs with
+    TF32 tensor cores (sm_80+) each product is three TF32 products, "tf32x3" (hi*hi + hi*lo + lo*hi:
+    about float32's error, measured below 2e-5 absolute against float64 by the CUDA tests) at
+    several times the speed of plain FMA products, "ieee", which the interpreter and head dim 256 use.
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if interpreting() or block_d > FP32_TENSOR_CORE_MAX_D or not _tf32_tensor_cores():
+        return "ieee"
+    return "tf32x3"
+
+
+@functools.cache
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _tf32_tensor_cores() -> bool:
+    return torch.cuda.is_available() and _device_capability(torch.cuda.current_device()) >= (8, 0)
 
 
 def _grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:
@@ -186,5 +216,5 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
 def _meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:
     """Compile-time arguments shared by the attention kernels."""
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                IS_CAUSAL=is_causal, PRECISION=_precision(dtype),
+                IS_CAUSAL=is_causal, PRECISION=_precision(dtype, block_d),
                 num_warps=blocks.num_warps, num_stages=blocks.num_stages)

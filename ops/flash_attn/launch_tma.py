@@ -12,16 +12,14 @@ device-side `tl.make_tensor_descriptor` does, for its global scratch).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
-from ops.flash_attn.launch import (Blocks, _as_bhnd, _grid, _precision, flash_forward, forward_buffers, interpreting,
-                                   kernel_configs)
+from ops.flash_attn.launch import (Blocks, _as_bhnd, _device_capability, _grid, _precision, flash_forward,
+                                   forward_buffers, interpreting, kernel_configs)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -52,12 +50,7 @@ def tma_device(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
     # Before sm_90 triton lowers descriptors to plain loads: correct, but there is no TMA to test.
-    return device.type == "cuda" and _capability(device.index)[0] >= 9
-
-
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return device.type == "cuda" and _device_capability(device.index)[0] >= 9
 
 
 def tma_aligned(x: torch.Tensor) -> bool:
@@ -89,6 +82,6 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
         n_q, k3.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype),
+        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype, head_dim),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return out, lse
