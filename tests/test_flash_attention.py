@@ -288,14 +288,16 @@ def test_cuda_fused_backward_from_sum(gen, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
 def test_cuda_fp32_precision_over_many_tiles(head_dim, gen):
     """float32 multiplies by three TF32 products on sm_80+ up to head dim 128 (plain FMA products
-    beyond) and still meets the float32 tolerance across many key and query tiles."""
+    beyond: head dim 256 is not run here, its float32 kernels take minutes to compile, see
+    docs/flash_attention.md) and still meets the float32 tolerance across many key and query tiles."""
     from ops.flash_attn.launch import _precision
 
-    tensor_cores = head_dim <= 128 and torch.cuda.get_device_capability() >= (8, 0)
+    tensor_cores = torch.cuda.get_device_capability() >= (8, 0)
     assert _precision(torch.float32, head_dim) == ("tf32x3" if tensor_cores else "ieee")
+    assert _precision(torch.float32, 256) == "ieee"
     q, k, v = make_inputs((2,), 1000, 1000, head_dim, torch.float32, "cuda", gen)
     grad_out = torch.randn(q.shape, generator=gen).to("cuda")
     for causal in (False, True):
