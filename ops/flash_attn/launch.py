@@ -53,8 +53,8 @@ def _block_d(head_dim: int) -> int:
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
 # float32 inputs. With three-TF32 products (see _precision) by padded head dim: tiles chosen from
-# an offline sm_90 compile survey as those with no or the fewest register spills (a spilling fp32
-# kernel ran 8x slower than torch's efficient backend at D = 128); numbers in docs/perf/flash_attention.md.
+# an offline sm_90 compile survey as those with no or the fewest register spills (the spilling FMA
+# kernels ran 6-8x slower than torch's efficient backend at D = 128); docs/perf/flash_attention.md.
 _FP32_TF32X3 = {
     64: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
     128: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
@@ -113,7 +113,7 @@ def _precision(dtype: torch.dtype, block_d: int) -> str:
 
 
 @functools.cache
-def _device_capability(index: int) -> tuple[int, int]:
+def _device_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
