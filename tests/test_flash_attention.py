@@ -288,16 +288,14 @@ def test_cuda_fused_backward_from_sum(gen, monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
 def test_cuda_fp32_precision_over_many_tiles(head_dim, gen):
     """float32 multiplies by three TF32 products on sm_80+ up to head dim 128 (plain FMA products
-    beyond) and still meets the float32 tolerance across many key and query tiles. Head dim 256 is
-    not run at this size: on an H100 it did not finish within 140 s (see docs/flash_attention.md)."""
+    beyond) and still meets the float32 tolerance across many key and query tiles."""
     from ops.flash_attn.launch import _precision
 
-    tensor_cores = torch.cuda.get_device_capability() >= (8, 0)
+    tensor_cores = head_dim <= 128 and torch.cuda.get_device_capability() >= (8, 0)
     assert _precision(torch.float32, head_dim) == ("tf32x3" if tensor_cores else "ieee")
-    assert _precision(torch.float32, 256) == "ieee"
     q, k, v = make_inputs((2,), 1000, 1000, head_dim, torch.float32, "cuda", gen)
     grad_out = torch.randn(q.shape, generator=gen).to("cuda")
     for causal in (False, True):

@@ -59,8 +59,13 @@ _FP32_TF32X3 = {
     64: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
     128: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
 }
-# With plain FMA products: head dim 256, GPUs without TF32 tensor cores.
-_FP32_FMA = KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1))
+# With plain FMA products (head dim 256, GPUs without TF32 tensor cores), by padded head dim up to
+# 128 / 256. At 256 the tiles that D <= 128 uses spilled 11-17 KB of registers per thread in an
+# offline sm_90 compile; 16 x 16 tiles spill 0-184 bytes (not yet timed on a GPU).
+_FP32_FMA = {
+    128: KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    256: KernelConfigs(Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1), Blocks(16, 16, 8, 1), Blocks(16, 16, 4, 1)),
+}
 FP32_TENSOR_CORE_MAX_D = 128  # wider fp32 tiles do not fit three-TF32 products in registers
 # 16-bit inputs, by (padded head dim BLOCK_D, long sequence). Measured on an H100 with
 # cs336_systems.bench.flash_tune; the numbers are in docs/perf/flash_attention.md. The single
@@ -88,7 +93,9 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> Ker
         return _INTERPRETER
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
-        return _FP32_TF32X3[max(64, block_d)] if _precision(dtype, block_d) == "tf32x3" else _FP32_FMA
+        if _precision(dtype, block_d) == "tf32x3":
+            return _FP32_TF32X3[max(64, block_d)]
+        return _FP32_FMA[max(128, block_d)]
     return _HALF[max(64, block_d), n_queries >= LONG_SEQUENCE]
 
 

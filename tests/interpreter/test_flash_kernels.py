@@ -11,7 +11,7 @@ import torch
 from flash_helpers import IMPLEMENTATIONS, assert_close_to_reference, make_inputs
 from ops.flash_attn import op
 
-SHAPES = [((2,), 37, 37, 16), ((1,), 20, 45, 40), ((), 50, 19, 32), ((1, 2), 33, 33, 64)]
+SHAPES = [((2,), 37, 37, 16), ((1,), 20, 45, 40), ((), 50, 19, 32), ((1, 2), 33, 33, 64), ((), 24, 40, 200)]
 
 
 def test_interpreter_path_is_the_triton_one():
