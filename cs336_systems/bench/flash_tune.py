@@ -1,6 +1,7 @@
 """Tile-shape search for the FlashAttention-2 kernels (a developer tool; needs CUDA).
 
     python -m cs336_systems.bench.flash_tune --head-dims 64 128 --out-dir outputs/bench/flash_tune
+    python -m cs336_systems.bench.flash_tune --dtype fp32                      # float32 tiles
 
 For each head dim, every candidate tile shape of each kernel (forward, dK/dV pass, dQ pass, and the
 single-pass backward "fused") is first checked against fp32 attention on a ragged causal shape, then
@@ -40,11 +41,17 @@ DQ = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4), (128, 6
 # The single-pass backward with descriptors (launch_fused; Hopper only): round 2, around round 1's (64, 64, 4, 3).
 FUSED = [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 5), (64, 64, 8, 3), (64, 32, 4, 3),
          (32, 64, 4, 4), (128, 64, 4, 3), (64, 128, 8, 3)]
+# float32 (three-TF32 products): the tiles that spilled least in an offline sm_90 compile survey.
+FP32 = {"forward": [(64, 32, 4, 1), (32, 32, 4, 2), (128, 32, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)],
+        "dkdv": [(32, 32, 4, 2), (32, 32, 4, 1), (64, 32, 4, 1), (32, 64, 4, 2), (64, 32, 4, 2)],
+        "dq": [(64, 32, 4, 1), (32, 32, 4, 1), (128, 32, 8, 2), (32, 32, 4, 2), (64, 32, 4, 2)]}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+MAX_REL_ERROR = {torch.bfloat16: 2e-2, torch.float32: 1e-4}  # against fp32 attention computed by torch
 
 
-def _inputs(bh: int, n: int, d: int, seed: int):
+def _inputs(bh: int, n: int, d: int, seed: int, dtype: torch.dtype):
     gen = torch.Generator(device="cuda").manual_seed(seed)
-    return [torch.randn(bh, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4)]
+    return [torch.randn(bh, n, d, device="cuda", dtype=dtype, generator=gen) for _ in range(4)]
 
 
 def _reference(q, k, v, do):
@@ -78,28 +85,30 @@ def _runner(kind: str, blocks, q, k, v, do, scale: float):
     return lambda: flash_backward(do, q, k, v, out, lse, True, scale, configs=configs)
 
 
-def check(kind: str, blocks, d: int) -> float:
+def check(kind: str, blocks, d: int, dtype: torch.dtype) -> float:
     """Largest relative error of the kernel's outputs against fp32 on a ragged causal shape."""
-    q, k, v, do = _inputs(3, 1000, d, seed=1)
+    q, k, v, do = _inputs(3, 1000, d, seed=1, dtype=dtype)
     ref_out, ref_lse, ref_dq, ref_dk, ref_dv = _reference(q, k, v, do)
     ours = _runner(kind, blocks, q, k, v, do, d**-0.5)()
     expected = (ref_out, ref_lse) if kind == "forward" else (ref_dq, ref_dk, ref_dv)
     return max(_rel_error(a, b) for a, b in zip(ours, expected))
 
 
-def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms: float) -> list[dict[str, Any]]:
+def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms: float,
+         dtype: torch.dtype = torch.bfloat16) -> list[dict[str, Any]]:
     """One row per candidate (the configuration in use first): its error and its time per target shape."""
     from ops.flash_attn.launch import Blocks, kernel_configs
 
-    current = dataclasses.astuple(getattr(kernel_configs(d, torch.bfloat16, max(n for _, n in TARGETS[d])), kind))
+    current = dataclasses.astuple(getattr(kernel_configs(d, dtype, max(n for _, n in TARGETS[d])), kind))
     rows = []
     for candidate in dict.fromkeys([current, *candidates]):
         blocks = Blocks(*candidate)
-        row: dict[str, Any] = dict(head_dim=d, kernel=kind, blocks=list(candidate), current=candidate == current)
+        row: dict[str, Any] = dict(head_dim=d, kernel=kind, dtype=str(dtype).removeprefix("torch."),
+                                   blocks=list(candidate), current=candidate == current)
         try:
-            row["rel_error"] = check(kind, blocks, d)
+            row["rel_error"] = check(kind, blocks, d, dtype)
             for bh, n in TARGETS[d]:
-                q, k, v, do = _inputs(bh, n, d, seed=2)
+                q, k, v, do = _inputs(bh, n, d, seed=2, dtype=dtype)
                 row[f"{bh}x{n}"] = time_ms(_runner(kind, blocks, q, k, v, do, d**-0.5), "cuda", rep_ms=rep_ms)
                 del q, k, v, do
         except Exception as error:  # noqa: BLE001 - e.g. a shape that needs too much shared memory
@@ -114,7 +123,7 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (d, kind) in dict.fromkeys((r["head_dim"], r["kernel"]) for r in rows):
         group = [r for r in rows if (r["head_dim"], r["kernel"]) == (d, kind) and "error" not in r
-                 and r["rel_error"] < 2e-2]
+                 and r["rel_error"] < MAX_REL_ERROR[getattr(torch, r["dtype"])]]
         for bh, n in TARGETS[d]:
             key = f"{bh}x{n}"
             if not group:
@@ -129,13 +138,22 @@ def summarize(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64, 128], choices=list(TARGETS))
-    parser.add_argument("--kernels", nargs="+", default=["forward", "dkdv", "dq", "fused"],
-                        choices=["forward", "dkdv", "dq", "fused"])
+    parser.add_argument("--kernels", nargs="+", choices=["forward", "dkdv", "dq", "fused"],
+                        help="default: all four (bf16), all but fused (fp32)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="bf16",
+                        help="input dtype (fp32: the three-TF32 kernels; the one pass is 16-bit only)")
     parser.add_argument("--rep-ms", type=float, default=50.0)
     parser.add_argument("--out-dir", default="outputs/bench/flash_tune")
     args = parser.parse_args()
-    candidates = {"forward": FORWARD, "dkdv": DKDV, "dq": DQ, "fused": FUSED}
-    rows = [r for d in args.head_dims for kind in args.kernels for r in tune(d, kind, candidates[kind], args.rep_ms)]
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (the kernels are tuned for the GPU they will run on)")
+    dtype = DTYPES[args.dtype]
+    args.kernels = args.kernels or ["forward", "dkdv", "dq"] + (["fused"] if dtype != torch.float32 else [])
+    if dtype == torch.float32 and "fused" in args.kernels:
+        parser.error("--kernels fused: the one-pass backward runs for 16-bit inputs only; drop it with --dtype fp32")
+    candidates = FP32 if dtype == torch.float32 else {"forward": FORWARD, "dkdv": DKDV, "dq": DQ, "fused": FUSED}
+    rows = [r for d in args.head_dims for kind in args.kernels
+            for r in tune(d, kind, candidates[kind], args.rep_ms, dtype)]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "flash_tune.json").write_text(json.dumps({"meta": environment("cuda"), "rows": rows}, indent=1))
