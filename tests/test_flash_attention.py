@@ -301,3 +301,27 @@ def test_cuda_fp32_precision_over_many_tiles(head_dim, gen):
     for causal in (False, True):
         ours = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, causal, grad_out)
         assert_close_to_reference(ours, q, k, v, causal, grad_out)
+
+
+@pytest.mark.cuda
+def test_cuda_replayed_launches_match_triton_launches(gen, monkeypatch):
+    """Repeated calls replay the compiled launchers (ops/triton_replay.py) and give the same bits
+    as Triton's own launch path; a misaligned view of the same data compiles apart and is right too."""
+    from ops import triton_replay
+    from ops.flash_attn import launch
+
+    size = 300 * 64
+    storage = torch.randn(2, 3 * size + 1, generator=gen).to("cuda", torch.bfloat16)
+    aligned = [storage[:, i * size:(i + 1) * size].view(2, 300, 64) for i in range(3)]
+    misaligned = [storage[:, 1 + i * size:1 + (i + 1) * size].view(2, 300, 64) for i in range(3)]  # 2 bytes off
+    grad_out = torch.randn(2, 300, 64, generator=gen).to("cuda", torch.bfloat16)
+    for q, k, v in (aligned, misaligned):
+        monkeypatch.setattr(triton_replay, "ENABLED", False)
+        expected = run_with_grads(IMPLEMENTATIONS["op"], q, k, v, True, grad_out)
+        monkeypatch.setattr(triton_replay, "ENABLED", True)
+        before = [kernel.replays for kernel in (launch.forward_kernel, launch.dq_kernel, launch.dkdv_kernel)]
+        runs = [run_with_grads(IMPLEMENTATIONS["op"], q, k, v, True, grad_out) for _ in range(3)]
+        after = [kernel.replays for kernel in (launch.forward_kernel, launch.dq_kernel, launch.dkdv_kernel)]
+        assert all(b - a >= 2 for a, b in zip(before, after)), "the 2nd and 3rd calls should replay"
+        assert all(torch.equal(x, y) for run in runs for x, y in zip(run, expected))
+        assert_close_to_reference(runs[-1], q, k, v, True, grad_out)

@@ -14,8 +14,13 @@ import torch
 
 from ops.flash_attn.kernels import LOG2E, flash_fwd_kernel
 from ops.flash_attn.kernels_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
+from ops.triton_replay import ReplayLauncher
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where batch*heads goes
+# The kernels small calls spend their host time on: launched without Triton's per-call bookkeeping.
+forward_kernel = ReplayLauncher(flash_fwd_kernel)
+dq_kernel = ReplayLauncher(flash_bwd_dq_kernel)
+dkdv_kernel = ReplayLauncher(flash_bwd_dkdv_kernel)
 
 
 @dataclass(frozen=True)
@@ -159,7 +164,7 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
     if bh == 0:
         return out, lse
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
-    flash_fwd_kernel[_grid(n_q, blocks.block_m, bh)](
+    forward_kernel[_grid(n_q, blocks.block_m, bh)](
         q3, k3, v3, o3, lse,
         *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride(),
         n_q, k3.shape[1], scale * LOG2E, **_meta(blocks, head_dim, _block_d(head_dim), is_causal, q.dtype))
@@ -210,11 +215,11 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
     strides = (*q3.stride(), *k3.stride(), *v3.stride())
     # The dQ pass goes first: it also writes D = rowsum(O * dO), which the dK/dV pass reads.
     dq_blocks = configs.dq
-    flash_bwd_dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
+    dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
         q3, k3, v3, o3, do3, lse, delta, dq3, *strides, *o3.stride(), *do3.stride(), *dq3.stride(),
         n_q, n_k, scale * LOG2E, scale, **_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
     dkdv = configs.dkdv
-    flash_bwd_dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
+    dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
         q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *do3.stride(), *dk3.stride(), *dv3.stride(),
         n_q, n_k, scale * LOG2E, scale, **_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
     return buffers.grads
