@@ -145,12 +145,32 @@ def _fresh_like(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-def forward_buffers(q, k, v) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
-    """What every forward launcher allocates and views: O (..., Nq, D) in q.dtype, L (..., Nq)
-    float32, and the (BH, N, D) views q3, k3, v3, o3 the kernels take."""
-    out = _fresh_like(q)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    return out, lse, tuple(_as_bhnd(t) for t in (q, k, v, out))
+def forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What every forward launcher allocates: O (..., Nq, D) in q.dtype and L (..., Nq) float32."""
+    return _fresh_like(q), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+
+
+def backward_outputs(q, k, v, lse) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
+    """What every backward launcher allocates: fresh (dQ, dK, dV) in the input dtypes, L made
+    contiguous, and room for D = rowsum(O * dO), (..., Nq) float32."""
+    lse = lse.contiguous()
+    return (_fresh_like(q), _fresh_like(k), _fresh_like(v)), lse, torch.empty_like(lse)
+
+
+def _operand(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """x (..., N, D) as the pointer kernels take it, a (BH, N, D) array: a tensor to take the data
+    pointer of, and its three strides. A contiguous x goes as it is: a reshape costs about a
+    microsecond of host time, and a forward + backward reshaped twelve tensors."""
+    if x.is_contiguous():
+        n, d = x.shape[-2], x.shape[-1]
+        return x, (n * d, d, 1)
+    x3 = _as_bhnd(x)
+    return x3, x3.stride()
+
+
+def _heads(x: torch.Tensor) -> int:
+    """BH: the product of the leading dims of x (..., N, D)."""
+    return x.shape[:-2].numel()
 
 
 def flash_forward(q, k, v, is_causal: bool, scale: float,
@@ -159,70 +179,39 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
 
     `blocks` overrides the tuned tile shapes (the tuning script uses it).
     """
-    out, lse, (q3, k3, v3, o3) = forward_buffers(q, k, v)
-    bh, n_q, head_dim = q3.shape
+    out, lse = forward_outputs(q)
+    bh, n_q, head_dim = _heads(q), q.shape[-2], q.shape[-1]
     if bh == 0:
         return out, lse
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
+    (q_, sq), (k_, sk), (v_, sv), (o_, so) = map(_operand, (q, k, v, out))
     forward_kernel[_grid(n_q, blocks.block_m, bh)](
-        q3, k3, v3, o3, lse,
-        *q3.stride(), *k3.stride(), *v3.stride(), *o3.stride(),
-        n_q, k3.shape[1], scale * LOG2E, **_meta(blocks, head_dim, _block_d(head_dim), is_causal, q.dtype))
+        q_, k_, v_, o_, lse, *sq, *sk, *sv, *so,
+        n_q, k.shape[-2], scale * LOG2E, **_meta(blocks, head_dim, _block_d(head_dim), is_causal, q.dtype))
     return out, lse
-
-
-@dataclass
-class BackwardBuffers:
-    """What every backward launcher allocates and views: fresh gradients in the input dtypes, the
-    (BH, N, D) views the kernels take, L made contiguous and room for D = rowsum(O * dO)."""
-
-    dq: torch.Tensor
-    dk: torch.Tensor
-    dv: torch.Tensor
-    views: tuple[torch.Tensor, ...]  # q3, k3, v3, o3, do3, dq3, dk3, dv3
-    lse: torch.Tensor  # (BH, Nq) float32, contiguous
-    delta: torch.Tensor  # (BH, Nq) float32, to be written
-
-    @property
-    def grads(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.dq, self.dk, self.dv
-
-    @property
-    def sizes(self) -> tuple[int, int, int, int]:
-        """(BH, Nq, Nk, D)."""
-        (bh, n_q, head_dim), n_k = self.views[0].shape, self.views[1].shape[1]
-        return bh, n_q, n_k, head_dim
-
-
-def backward_buffers(grad_out, q, k, v, out, lse) -> BackwardBuffers:
-    dq, dk, dv = _fresh_like(q), _fresh_like(k), _fresh_like(v)
-    views = tuple(_as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
-    lse = lse.contiguous()
-    return BackwardBuffers(dq, dk, dv, views, lse, torch.empty_like(lse))
 
 
 def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
                    configs: KernelConfigs | None = None):
     """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
-    buffers = backward_buffers(grad_out, q, k, v, out, lse)
-    bh, n_q, n_k, head_dim = buffers.sizes
+    (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
+    bh, n_q, n_k, head_dim = _heads(q), q.shape[-2], k.shape[-2], q.shape[-1]
     if bh == 0:
-        return buffers.grads
-    q3, k3, v3, o3, do3, dq3, dk3, dv3 = buffers.views
-    lse, delta = buffers.lse, buffers.delta
+        return dq, dk, dv
     block_d = _block_d(head_dim)
     configs = configs or kernel_configs(head_dim, q.dtype, n_q)
-    strides = (*q3.stride(), *k3.stride(), *v3.stride())
+    (q_, sq), (k_, sk), (v_, sv), (o_, so), (do_, sdo) = map(_operand, (q, k, v, out, grad_out))
+    sdq, sdk, sdv = (_operand(x)[1] for x in (dq, dk, dv))
     # The dQ pass goes first: it also writes D = rowsum(O * dO), which the dK/dV pass reads.
     dq_blocks = configs.dq
     dq_kernel[_grid(n_q, dq_blocks.block_m, bh)](
-        q3, k3, v3, o3, do3, lse, delta, dq3, *strides, *o3.stride(), *do3.stride(), *dq3.stride(),
+        q_, k_, v_, o_, do_, lse, delta, dq, *sq, *sk, *sv, *so, *sdo, *sdq,
         n_q, n_k, scale * LOG2E, scale, **_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
     dkdv = configs.dkdv
     dkdv_kernel[_grid(n_k, dkdv.block_n, bh)](
-        q3, k3, v3, do3, lse, delta, dk3, dv3, *strides, *do3.stride(), *dk3.stride(), *dv3.stride(),
+        q_, k_, v_, do_, lse, delta, dk, dv, *sq, *sk, *sv, *sdo, *sdk, *sdv,
         n_q, n_k, scale * LOG2E, scale, **_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
-    return buffers.grads
+    return dq, dk, dv
 
 
 def _meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:

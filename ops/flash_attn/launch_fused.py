@@ -14,7 +14,7 @@ from ops.flash_attn.kernels_bwd_fused import (
     flash_bwd_fused_kernel,
     flash_bwd_fused_preprocess_kernel,
 )
-from ops.flash_attn.launch import Blocks, _block_d, _grid, _meta, backward_buffers, kernel_configs
+from ops.flash_attn.launch import Blocks, _as_bhnd, _block_d, _grid, _heads, _meta, backward_outputs, kernel_configs
 from ops.flash_attn.launch_tma import descriptor, tma_aligned
 
 ROW_BLOCK = 64  # query rows per program of the preprocess and conversion kernels (memory-bound)
@@ -28,14 +28,14 @@ def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     `descriptors` (Hopper; q must pass launch_tma.tma_supported) the streamed q and dO tiles and the
     dQ additions go through tensor descriptors: TMA copies and bulk reductions.
     """
-    buffers = backward_buffers(grad_out, q, k, v, out, lse)
-    bh, n_q, n_k, head_dim = buffers.sizes
+    (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
+    bh, n_q, n_k, head_dim = _heads(q), q.shape[-2], k.shape[-2], q.shape[-1]
     if bh == 0:
-        return buffers.grads
+        return dq, dk, dv
     # Zeroed by the preprocess kernel; empty here to save a memset launch.
     dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)
-    q3, k3, v3, o3, do3, dq3, dk3, dv3 = buffers.views
-    lse, delta = buffers.lse, buffers.delta
+    # (BH, N, D) views: descriptors need them (host time does not matter at the sizes this runs).
+    q3, k3, v3, o3, do3, dq3, dk3, dv3 = (_as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
     block_d = _block_d(head_dim)
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": ROW_BLOCK}
     flash_bwd_fused_preprocess_kernel[_grid(n_q, ROW_BLOCK, bh)](
@@ -48,7 +48,7 @@ def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
         n_q, n_k, scale * LOG2E, scale, DESCRIPTORS=descriptors,
         **_meta(blocks, head_dim, block_d, is_causal, q.dtype))
     flash_bwd_fused_dq_kernel[_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
-    return buffers.grads
+    return dq, dk, dv
 
 
 def _streamed(q3, do3, dq_acc, block_m: int, descriptors: bool):

@@ -19,7 +19,7 @@ import triton.language as tl
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
 from ops.flash_attn.launch import (Blocks, _as_bhnd, _device_capability, _grid, _precision, flash_forward,
-                                   forward_buffers, interpreting, kernel_configs)
+                                   forward_outputs, interpreting, kernel_configs)
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -73,7 +73,8 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
     """
     if q.numel() == 0 or k.numel() == 0:
         return flash_forward(q, k, v, is_causal, scale, blocks)  # descriptors need positive extents
-    out, lse, (q3, k3, v3, o3) = forward_buffers(q, k, v)
+    out, lse = forward_outputs(q)
+    q3, k3, v3, o3 = (_as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
     bh, n_q, head_dim = q3.shape
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
     flash_fwd_tma_kernel[_grid(n_q, blocks.block_m, bh)](

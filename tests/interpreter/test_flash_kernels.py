@@ -36,6 +36,17 @@ def _run(q, k, v, causal, grad_out):
     return out.detach(), q.grad, k.grad, v.grad
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_any_strides(causal):
+    """Contiguous tensors go to the kernels as they are, others as (BH, N, D) views: heads
+    interleaved in rows, a sliced head dim, and dO expanded from a scalar (all strides 0)."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 21, 2, 24, generator=gen).transpose(1, 2)  # (1, 2, 21, 24), rows of both heads interleaved
+    k, v = (torch.randn(1, 2, 35, 32, generator=gen)[..., :24] for _ in range(2))  # row stride 32
+    grad_out = torch.tensor(0.7).expand(q.shape)
+    assert_close_to_reference(_run(q, k, v, causal, grad_out), q, k, v, causal, grad_out)
+
+
 def test_logsumexp_from_kernel():
     gen = torch.Generator().manual_seed(3)
     q, k, v = make_inputs((2,), 40, 29, 24, torch.float32, "cpu", gen)
