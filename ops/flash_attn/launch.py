@@ -57,12 +57,13 @@ def _block_d(head_dim: int) -> int:
 
 # Small tiles under the interpreter, so small test shapes still cross tile edges.
 _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
-# float32 inputs. With three-TF32 products (see _precision) by padded head dim: tiles chosen from
-# an offline sm_90 compile survey as those with no or the fewest register spills (the spilling FMA
-# kernels ran 6-8x slower than torch's efficient backend at D = 128); docs/perf/flash_attention.md.
+# float32 inputs. With three-TF32 products (see _precision) by padded head dim: tiles from an
+# offline sm_90 compile survey (those with no or the fewest register spills; the spilling FMA kernels
+# ran 6-8x slower than torch's efficient backend at D = 128), then at D = 128 the fastest of them in
+# `flash_tune --dtype fp32` on an H100 (forward -33 %); docs/perf/flash_attention.md.
 _FP32_TF32X3 = {
     64: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
-    128: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    128: KernelConfigs(Blocks(32, 64, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1)),
 }
 # With plain FMA products (head dim 256, GPUs without TF32 tensor cores), by padded head dim up to
 # 128 / 256. At 256 the tiles that D <= 128 uses spilled 11-17 KB of registers per thread in an
