@@ -59,15 +59,21 @@ def _block_d(head_dim: int) -> int:
 _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
 # float32 inputs. With three-TF32 products (see _precision) by padded head dim: tiles from an
 # offline sm_90 compile survey (those with no or the fewest register spills; the spilling FMA kernels
-# ran 6-8x slower than torch's efficient backend at D = 128), then at D = 128 the fastest of them in
-# `flash_tune --dtype fp32` on an H100 (forward -33 %); docs/perf/flash_attention.md.
+# ran 6-8x slower than torch's efficient backend at D = 128), then the fastest of them and a few wider
+# ones in `flash_tune --dtype fp32` on an H100 (D = 128 forward -33 %, D = 64 each kernel -4 to -9 %).
+# At D = 32 the survey's backward tiles stayed ahead (2.77 vs 3.23 ms at 1 x 16384, same machine);
+# docs/perf/flash_attention.md.
+_FP32_TUNED_64 = KernelConfigs(Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 1), Blocks(64, 64, 4, 1), Blocks(32, 32, 4, 1))
 _FP32_TF32X3 = {
-    64: KernelConfigs(Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    16: _FP32_TUNED_64,
+    32: KernelConfigs(Blocks(32, 64, 4, 3), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    64: _FP32_TUNED_64,
     128: KernelConfigs(Blocks(32, 64, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1)),
 }
 # With plain FMA products (head dim 256, GPUs without TF32 tensor cores), by padded head dim up to
 # 128 / 256. At 256 the tiles that D <= 128 uses spilled 11-17 KB of registers per thread in an
-# offline sm_90 compile; 16 x 16 tiles spill 0-184 bytes (not yet timed on a GPU).
+# offline sm_90 compile; 16 x 16 tiles spill 0-184 bytes (on an H100: 2.35 ms forward + backward at
+# 1 x 1024, 3.2x torch's efficient backend; correct, not fast).
 _FP32_FMA = {
     128: KernelConfigs(Blocks(64, 32, 4, 2), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1), Blocks(32, 32, 4, 1)),
     256: KernelConfigs(Blocks(16, 16, 4, 1), Blocks(16, 16, 4, 1), Blocks(16, 16, 8, 1), Blocks(16, 16, 4, 1)),
@@ -100,7 +106,7 @@ def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> Ker
     block_d = _block_d(head_dim)
     if dtype == torch.float32:
         if _precision(dtype, block_d) == "tf32x3":
-            return _FP32_TF32X3[max(64, block_d)]
+            return _FP32_TF32X3[block_d]
         return _FP32_FMA[max(128, block_d)]
     return _HALF[max(64, block_d), n_queries >= LONG_SEQUENCE]
 
