@@ -40,7 +40,8 @@ _ALIGN = 16  # bytes: Triton's pointer-alignment specialisation
 
 @dataclass(frozen=True)
 class _Entry:
-    run: Any  # the compiled kernel's launcher
+    compiled: Any  # Triton's CompiledKernel, held so that its module outlives the handles below
+    run: Any  # its launcher
     function: Any  # its CUfunction handle
     packed_metadata: Any
     constexprs: tuple  # the keyword arguments' values in the kernel's parameter order
@@ -64,6 +65,8 @@ class ReplayLauncher:
         return lambda *args, **meta: self.launch(grid, args, meta)
 
     def launch(self, grid: tuple, args: tuple, meta: dict):
+        """Launch on the current stream; returns the compiled kernel when Triton launched it, None
+        when replayed."""
         if self._replaying():
             device, stream = _device_and_stream()
             entry = self._entries.get(self._key(device, args, meta))
@@ -107,7 +110,7 @@ class ReplayLauncher:
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
         key = self._key(_device_and_stream()[0], args, meta)
-        self._entries[key] = _Entry(compiled.run, compiled.function, compiled.packed_metadata,
+        self._entries[key] = _Entry(compiled, compiled.run, compiled.function, compiled.packed_metadata,
                                     self._constexprs(len(args), meta))
 
     def _constexprs(self, n_positional: int, meta: dict) -> tuple | None:
