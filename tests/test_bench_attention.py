@@ -43,6 +43,24 @@ def test_out_of_memory_becomes_a_row(tmp_path, monkeypatch):
     assert (row["status"], row["ms"]) == ("OOM", None)
 
 
+def test_sweep_repeats_report_the_median_of_interleaved_rounds(tmp_path, monkeypatch):
+    order = []
+    measure = attention.measure
+    monkeypatch.setattr(attention, "measure", lambda impl, *a: order.append(impl) or measure(impl, *a))
+    assert run(tmp_path, "--impls", "ours", "naive", "sdpa-cudnn", "--dtypes", "fp32", "--seq-lens", "24",
+               "--head-dims", "16", "--repeats", "3") == 0
+    assert order == ["ours", "naive", "sdpa-cudnn"] * 3
+    result = json.loads((tmp_path / "attention.json").read_text())
+    assert result["meta"]["repeats"] == 3 and len(result["rows"]) == 3 * 3  # impls x passes
+    for row in result["rows"]:
+        if row["impl"] == "sdpa-cudnn":  # needs CUDA: one failure row per pass, not three
+            assert row["status"] == "unsupported" and "ms_runs" not in row
+            continue
+        assert len(row["ms_runs"]) == 3 and row["ms"] == sorted(row["ms_runs"])[1]
+        flops = attention.attention_flops((1, 1, 24, 16), causal=True)
+        assert row["tflops"] == pytest.approx(attention.PASS_FLOP_FACTOR[row["pass"]] * flops / row["ms"] / 1e9)
+
+
 def test_attention_flops_halve_when_causal():
     assert attention.attention_flops((2, 3, 128, 64), causal=False) == 4 * 6 * 128 * 128 * 64
     assert attention.attention_flops((128, 64), causal=True) == 2 * 128 * 128 * 64

@@ -4,6 +4,7 @@
     python -m cs336_systems bench attention --impls ours sdpa-cudnn --dtypes bf16 --seq-lens 4096 16384
     python -m cs336_systems bench attention --leaderboard    # 16 x 16384 x 64 bf16 causal: ours vs SDPA
     python -m cs336_systems bench attention --leaderboard --repeats 3 --rep-ms 1000   # interleaved rounds
+    python -m cs336_systems bench attention --impls ours sdpa-flash --seq-lens 1024 --repeats 5   # idem, sweep
 
 Sweep (CS336 flash_benchmarking): batch 1, one head, causal, every (sequence length, head dim,
 dtype); forward, backward and forward+backward latency (median of triton.testing.do_bench on
@@ -199,7 +200,8 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
 
 
 def sweep(args: argparse.Namespace, device: str) -> Results:
-    results = Results("attention", meta={**environment(device), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms})
+    results = Results("attention", meta={**environment(device), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
+                                         "repeats": args.repeats})
     # The backward pass is timed by replaying one graph (retain_graph=True); compiled backward graphs
     # refuse that when AOTAutograd donates their saved buffers, so donation is off for the sweep.
     with torch._functorch.config.patch(donated_buffer=False):
@@ -212,11 +214,29 @@ def _sweep_into(results: Results, args: argparse.Namespace, device: str) -> None
         for head_dim in args.head_dims:
             for seq_len in args.seq_lens:
                 shape = (args.batch, args.heads, seq_len, head_dim)
-                for impl in args.impls:
-                    rows = measure(impl, shape, DTYPES[dtype_name], args.causal, device, tuple(args.passes),
-                                   args.warmup_ms, args.rep_ms)
+                # Rounds interleave the implementations, as in the leaderboard: a slow spell of the
+                # host or the card (small shapes time host work) hits them alike.
+                rounds: dict[str, list[list[dict[str, Any]]]] = {impl: [] for impl in args.impls}
+                for _ in range(args.repeats):
+                    for impl in args.impls:
+                        rounds[impl].append(measure(impl, shape, DTYPES[dtype_name], args.causal, device,
+                                                    tuple(args.passes), args.warmup_ms, args.rep_ms))
+                for runs in rounds.values():
+                    rows = [_median_row(same_pass) for same_pass in zip(*runs)]
                     results.rows += rows
                     _print_progress(rows)
+
+
+def _median_row(rounds: tuple[dict[str, Any], ...]) -> dict[str, Any]:
+    """One pass's row over the rounds: the median time (and its TFLOP/s) with every round's time,
+    or the first failure's row if any round failed."""
+    failed = [r for r in rounds if r["status"] != "ok"]
+    if failed or len(rounds) == 1:
+        return failed[0] if failed else rounds[0]
+    times = [r["ms"] for r in rounds]
+    row = dict(rounds[0], ms=statistics.median(times), ms_runs=times)
+    row["tflops"] = rounds[0]["tflops"] * rounds[0]["ms"] / row["ms"]
+    return row
 
 
 def _print_progress(rows: list[dict[str, Any]]) -> None:
@@ -317,7 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--leaderboard-shape", type=int, nargs=3, default=LEADERBOARD_SHAPE, metavar=("H", "N", "D"),
                         help="heads, sequence length, head dim (default: 16 16384 64)")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="leaderboard: rounds over all contenders, interleaved; each time is the median (default: 1)")
+                        help="rounds over all implementations (per shape in the sweep), interleaved; each time "
+                             "is the median, every round's time is in the JSON (default: 1)")
     parser.add_argument("--impls", nargs="+", metavar="NAME",
                         default=list(IMPLEMENTATIONS) if cuda else ["ours", "naive", "sdpa-math", "sdpa-flash"],
                         help=f"implementations: {', '.join(IMPLEMENTATIONS)}")
