@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from cs336_systems.bench.common import OOM, UNSUPPORTED, Results, environment, f
 from cs336_systems.errors import ConfigError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+T = TypeVar("T")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("forward", "backward", "forward+backward")
 # FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
@@ -214,17 +215,23 @@ def _sweep_into(results: Results, args: argparse.Namespace, device: str) -> None
         for head_dim in args.head_dims:
             for seq_len in args.seq_lens:
                 shape = (args.batch, args.heads, seq_len, head_dim)
-                # Rounds interleave the implementations, as in the leaderboard: a slow spell of the
-                # host or the card (small shapes time host work) hits them alike.
-                rounds: dict[str, list[list[dict[str, Any]]]] = {impl: [] for impl in args.impls}
-                for _ in range(args.repeats):
-                    for impl in args.impls:
-                        rounds[impl].append(measure(impl, shape, DTYPES[dtype_name], args.causal, device,
-                                                    tuple(args.passes), args.warmup_ms, args.rep_ms))
+                rounds = interleaved_rounds(args.impls, args.repeats, lambda impl: measure(
+                    impl, shape, DTYPES[dtype_name], args.causal, device, tuple(args.passes), args.warmup_ms,
+                    args.rep_ms))
                 for runs in rounds.values():
                     rows = [_median_row(same_pass) for same_pass in zip(*runs)]
                     results.rows += rows
                     _print_progress(rows)
+
+
+def interleaved_rounds(names: Iterable[str], repeats: int, run: Callable[[str], T]) -> dict[str, list[T]]:
+    """`run(name)` for every name, `repeats` rounds, the names interleaved within each round: a slow
+    spell of the host or the card (clocks, temperature; small shapes time host work) hits them alike."""
+    rounds: dict[str, list[T]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name, runs in rounds.items():
+            runs.append(run(name))
+    return rounds
 
 
 def _median_row(rounds: tuple[dict[str, Any], ...]) -> dict[str, Any]:
@@ -259,12 +266,9 @@ def leaderboard(args: argparse.Namespace, device: str) -> Results:
     results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
                                            "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                                            "repeats": args.repeats})
-    # Rounds interleave the contenders, so slow drifts of the card (clocks, temperature) hit them
-    # alike; each row keeps every round's time and reports the median.
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in contenders}
-    for _ in range(args.repeats):
-        for name, fn in contenders.items():
-            runs[name].append(_leaderboard_times(name, fn, q, k, v, device, args))
+    # Each row keeps every round's time and reports the median.
+    runs = interleaved_rounds(contenders, args.repeats,
+                              lambda name: _leaderboard_times(name, contenders[name], q, k, v, device, args))
     results.rows = [_leaderboard_row(name, times) for name, times in runs.items()]
     ours = results.rows[0]
     for row in results.rows:

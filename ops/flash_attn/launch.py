@@ -6,6 +6,7 @@ Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRI
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
 _FP32_TUNED_64 = KernelConfigs(Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 1), Blocks(64, 64, 4, 1), Blocks(32, 32, 4, 1))
 _FP32_TF32X3 = {
     16: _FP32_TUNED_64,
-    32: KernelConfigs(Blocks(32, 64, 4, 3), Blocks(32, 32, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 1)),
+    32: dataclasses.replace(_FP32_TUNED_64, dkdv=Blocks(32, 32, 4, 2), dq=Blocks(64, 32, 4, 1)),
     64: _FP32_TUNED_64,
     128: KernelConfigs(Blocks(32, 64, 4, 2), Blocks(64, 32, 4, 1), Blocks(32, 32, 4, 2), Blocks(32, 32, 4, 1)),
 }
