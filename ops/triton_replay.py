@@ -10,10 +10,12 @@ and at small sizes host time is all there is.
 How: the first launch for a given specialisation goes through `kernel[grid]`, which compiles or
 finds the kernel and returns it; we keep its launcher under our own key and call that directly
 afterwards. Our key must separate every two calls that Triton could compile differently. Triton
-specialises a tensor on its dtype and 16-byte alignment, an int on its value being 1, divisible
-by 16 or outside int32, and compiles per device and per constexpr/option value; we key on the
-device, the keyword arguments, each tensor's (dtype, alignment) and each scalar's exact value,
-which is finer. Anything else, or a Triton without the launcher interface this relies on
+specialises a tensor on its dtype and 16-byte alignment, a tensor descriptor on its dtype and
+block shape, an int on its value being 1, divisible by 16 or outside int32, and compiles per device
+and per constexpr/option value; we key on the device, the keyword arguments, each tensor's (dtype,
+alignment), each descriptor's every field but the base's address, and each scalar's exact value,
+which is finer. (A descriptor's CUtensorMap is built by the launcher on every call, replayed or
+not, so it always points at the current base.) Anything else, or a Triton without the launcher interface this relies on
 (checked once per kernel), falls back to `kernel[grid]`.
 
 Not seen by replayed launches: Triton's launch hooks (then we fall back), pre-run hooks (a
@@ -31,6 +33,11 @@ from typing import Any
 import torch
 import triton
 from triton.runtime import driver
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # triton < 3.4, which also lacks the launcher interface: nothing replays
+    TensorDescriptor = None
 
 # CS336_TRITON_REPLAY=0 launches everything through kernel[grid] (read once, at import).
 ENABLED = os.environ.get("CS336_TRITON_REPLAY", "1") != "0"
@@ -50,14 +57,14 @@ class _Entry:
 class ReplayLauncher:
     """`ReplayLauncher(kernel)[grid](*args, **meta)` behaves as `kernel[grid](*args, **meta)`.
 
-    The arguments must come as our launchers pass them: tensors first, then scalars, positionally;
-    constexprs and launch options (num_warps, num_stages) by keyword.
+    The arguments must come as our launchers pass them: tensors and tensor descriptors first, then
+    scalars, positionally; constexprs and launch options (num_warps, num_stages) by keyword.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
         self._entries: dict[tuple, _Entry] = {}
-        self._n_tensors = 0
+        self._n_arrays = 0  # leading tensor and descriptor arguments
         self._usable: bool | None = None  # decided by the first launch
         self.replays = 0  # launches that skipped kernel[grid]; tests read it
 
@@ -87,21 +94,24 @@ class ReplayLauncher:
 
     def _key(self, device: int, args: tuple, meta: dict) -> tuple:
         """What Triton compiles apart, or finer: the device, the keyword arguments, (dtype,
-        alignment) of each tensor and the exact scalars with their types (1 == 1.0 == True)."""
-        n = self._n_tensors
+        alignment) of each tensor, each descriptor's fields, and the exact scalars with their types
+        (1 == 1.0 == True)."""
+        n = self._n_arrays
         scalars = args[n:]
-        return (device, *meta.items(), *[(t.dtype, t.data_ptr() % _ALIGN == 0) for t in args[:n]],
+        return (device, *meta.items(),
+                *[(a.dtype, a.data_ptr() % _ALIGN == 0) if isinstance(a, torch.Tensor) else _descriptor_key(a)
+                  for a in args[:n]],
                 *scalars, *map(type, scalars))
 
     def _decide(self, compiled, args: tuple, meta: dict) -> None:
-        self._n_tensors = sum(isinstance(a, torch.Tensor) for a in args)
+        self._n_arrays = sum(_is_array(a) for a in args)
         self._usable = (_has_launcher(compiled) and self._laid_out(args)
                         and self._constexprs(len(args), meta) is not None)
 
     def _laid_out(self, args: tuple) -> bool:
-        """Tensors first, then Python scalars (what the key assumes)."""
-        n = self._n_tensors
-        return (all(isinstance(a, torch.Tensor) for a in args[:n])
+        """Tensors and descriptors first, then Python scalars (what the key assumes)."""
+        n = self._n_arrays
+        return (all(_is_array(a) for a in args[:n])
                 and all(type(a) in (int, float, bool) for a in args[n:]))
 
     def _keep(self, compiled, args: tuple, meta: dict) -> None:
@@ -123,6 +133,18 @@ class ReplayLauncher:
         if not all(p.is_constexpr and p.name in meta for p in rest):
             return None
         return tuple(meta[p.name] for p in rest)
+
+
+def _is_array(arg) -> bool:
+    return isinstance(arg, torch.Tensor) or (TensorDescriptor is not None and isinstance(arg, TensorDescriptor))
+
+
+def _descriptor_key(desc) -> tuple:
+    """Everything a host-side descriptor holds except its base's address: the base's (dtype,
+    alignment), then shape, strides, block shape and options (padding, tf32 rounding) as given."""
+    base = desc.base
+    return (base.dtype, base.data_ptr() % _ALIGN == 0,
+            *[tuple(value) if isinstance(value, list) else value for name, value in vars(desc).items() if name != "base"])
 
 
 def _device_and_stream() -> tuple[int, int]:

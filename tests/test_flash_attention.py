@@ -274,6 +274,35 @@ def test_cuda_tma_forward_for_head_dim_128(gen):
 
 
 @pytest.mark.cuda
+def test_cuda_replayed_descriptor_launches_match_triton_launches(gen, monkeypatch):
+    """The descriptor forward and the single-pass backward replay too (tensor-descriptor arguments):
+    same bits as Triton's launch path, except dQ, whose bulk-reduced sums vary in their last bits."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("tensor descriptors become TMA copies on sm_90+ only")
+    from ops import triton_replay
+    from ops.flash_attn import launch_fused, launch_tma
+
+    q, k, v = make_inputs((2,), 1000, 1000, 128, torch.bfloat16, "cuda", gen)
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
+    kernels = (launch_tma.forward_tma_kernel, launch_fused.preprocess_kernel, launch_fused.fused_kernel,
+               launch_fused.dq_convert_kernel)
+
+    def run():
+        out, lse = launch_tma.flash_forward_tma(q, k, v, True, 0.1)
+        return out, lse, *launch_fused.flash_backward_fused(grad_out, q, k, v, out, lse, True, 0.1, descriptors=True)
+
+    monkeypatch.setattr(triton_replay, "ENABLED", False)
+    expected = run()
+    monkeypatch.setattr(triton_replay, "ENABLED", True)
+    before = [kernel.replays for kernel in kernels]
+    runs = [run() for _ in range(3)]
+    assert all(kernel.replays - b >= 2 for kernel, b in zip(kernels, before)), "the 2nd and 3rd calls should replay"
+    for out, lse, dq, dk, dv in runs:
+        assert all(torch.equal(x, y) for x, y in zip((out, lse, dk, dv), expected[:2] + expected[3:]))
+        torch.testing.assert_close(dq, expected[2], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.cuda
 def test_cuda_fused_backward_from_sum(gen, monkeypatch):
     """.sum().backward() hands the backward an all-zero-stride dO, which descriptors cannot read."""
     from ops.flash_attn import dispatch

@@ -127,3 +127,23 @@ def test_cache_is_bounded(monkeypatch):
     for n in range(10):
         launch(launcher, x, n=n)
     assert len(launcher._entries) <= 4
+
+
+def test_descriptor_arguments_key_on_their_fields_not_their_base():
+    """Tensor descriptors replay when only the base tensor moves (the launcher encodes each call's
+    base afresh) and launch through Triton when any other field or the base's dtype changes."""
+    descriptor_class = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+
+    def describe(x, block=(1, 4, 16), shape=None):
+        return descriptor_class(x, list(shape or x.shape), list(x.stride()), list(block))
+
+    kernel, x, y = FakeKernel(), torch.zeros(2, 8, 16), torch.ones(2, 8, 16)
+    launcher = ReplayLauncher(kernel)
+    launch(launcher, describe(x))
+    launch(launcher, describe(y))  # same fields, another base
+    assert len(kernel.full_launches) == 1 and launcher.replays == 1
+    assert kernel.replayed[0][9].base is y
+    for other in (describe(x, block=(1, 8, 16)), describe(x, shape=(2, 7, 16)), describe(x.double()),
+                  describe(torch.zeros(2, 9, 16)[:, :8])):  # the last: other strides
+        launch(launcher, other)
+    assert len(kernel.full_launches) == 5 and launcher.replays == 1

@@ -16,8 +16,13 @@ from ops.flash_attn.kernels_bwd_fused import (
 )
 from ops.flash_attn.launch import Blocks, _as_bhnd, _block_d, _grid, _heads, _meta, backward_outputs, kernel_configs
 from ops.flash_attn.launch_tma import descriptor, tma_aligned
+from ops.triton_replay import ReplayLauncher
 
 ROW_BLOCK = 64  # query rows per program of the preprocess and conversion kernels (memory-bound)
+# Launched without Triton's per-call bookkeeping, as launch.forward_kernel is.
+preprocess_kernel = ReplayLauncher(flash_bwd_fused_preprocess_kernel)
+fused_kernel = ReplayLauncher(flash_bwd_fused_kernel)
+dq_convert_kernel = ReplayLauncher(flash_bwd_fused_dq_kernel)
 
 
 def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
@@ -38,16 +43,16 @@ def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     q3, k3, v3, o3, do3, dq3, dk3, dv3 = (_as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
     block_d = _block_d(head_dim)
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": ROW_BLOCK}
-    flash_bwd_fused_preprocess_kernel[_grid(n_q, ROW_BLOCK, bh)](
+    preprocess_kernel[_grid(n_q, ROW_BLOCK, bh)](
         o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).fused
     q_in, do_in, acc = _streamed(q3, do3, dq_acc, blocks.block_m, descriptors)
-    flash_bwd_fused_kernel[_grid(n_k, blocks.block_n, bh)](
+    fused_kernel[_grid(n_k, blocks.block_n, bh)](
         q_in, k3, v3, do_in, lse, delta, dk3, dv3, acc,
         *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride(), *dv3.stride(),
         n_q, n_k, scale * LOG2E, scale, DESCRIPTORS=descriptors,
         **_meta(blocks, head_dim, block_d, is_causal, q.dtype))
-    flash_bwd_fused_dq_kernel[_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
+    dq_convert_kernel[_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
     return dq, dk, dv
 
 

@@ -20,6 +20,7 @@ from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
 from ops.flash_attn.launch import (Blocks, _as_bhnd, _device_capability, _grid, _precision, flash_forward,
                                    forward_outputs, interpreting, kernel_configs)
+from ops.triton_replay import ReplayLauncher
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -29,6 +30,7 @@ except ImportError:  # triton < 3.4
 HAS_TENSOR_DESCRIPTOR = TensorDescriptor is not None and hasattr(tl, "tensor_descriptor")
 TMA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TMA_ALIGN = 16  # bytes: TMA needs the base address and every non-unit stride to be multiples of this
+forward_tma_kernel = ReplayLauncher(flash_fwd_tma_kernel)  # see launch.forward_kernel
 
 
 def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -77,7 +79,7 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
     q3, k3, v3, o3 = (_as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
     bh, n_q, head_dim = q3.shape
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
-    flash_fwd_tma_kernel[_grid(n_q, blocks.block_m, bh)](
+    forward_tma_kernel[_grid(n_q, blocks.block_m, bh)](
         descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
         descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
