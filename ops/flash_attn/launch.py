@@ -46,7 +46,10 @@ class KernelConfigs:
     fused: Blocks
 
 
+@functools.cache
 def interpreting() -> bool:
+    """TRITON_INTERPRET=1, read once: Triton itself decides at import (when @triton.jit wraps our
+    kernels) whether they run in the interpreter, so a later change would not take effect anyway."""
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -102,14 +105,17 @@ _HALF[256, True] = _HALF[256, False]
 
 def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> KernelConfigs:
     """The tile shapes used for inputs of this head dim, dtype and query length."""
+    block_d = _block_d(head_dim)
+    return _configs(block_d, dtype, n_queries >= LONG_SEQUENCE, _precision(dtype, block_d))
+
+
+@functools.cache  # a dict lookup instead of this logic on every call (host time of small calls)
+def _configs(block_d: int, dtype: torch.dtype, long_sequence: bool, precision: str) -> KernelConfigs:
     if interpreting():
         return _INTERPRETER
-    block_d = _block_d(head_dim)
     if dtype == torch.float32:
-        if _precision(dtype, block_d) == "tf32x3":
-            return _FP32_TF32X3[block_d]
-        return _FP32_FMA[max(128, block_d)]
-    return _HALF[max(64, block_d), n_queries >= LONG_SEQUENCE]
+        return _FP32_TF32X3[block_d] if precision == "tf32x3" else _FP32_FMA[max(128, block_d)]
+    return _HALF[max(64, block_d), long_sequence]
 
 
 def _as_bhnd(x: torch.Tensor) -> torch.Tensor:
@@ -223,7 +229,12 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
 
 
 def _meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:
-    """Compile-time arguments shared by the attention kernels."""
+    """Compile-time arguments shared by the attention kernels (one dict per distinct set, shared:
+    callers only unpack it)."""
+    return _meta_for(blocks, head_dim, block_d, is_causal, _precision(dtype, block_d))
+
+
+@functools.cache
+def _meta_for(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, precision: str) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                IS_CAUSAL=is_causal, PRECISION=_precision(dtype, block_d),
-                num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+                IS_CAUSAL=is_causal, PRECISION=precision, num_warps=blocks.num_warps, num_stages=blocks.num_stages)

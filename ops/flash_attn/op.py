@@ -62,9 +62,11 @@ def _resolve_scale(q: Tensor, scale: float | None) -> float:
 
 
 def _use_triton(x: Tensor) -> bool:
+    if x.is_cuda:
+        return True
     from ops.flash_attn.launch import interpreting  # lazy: triton is imported only when used
 
-    return x.is_cuda or (x.device.type == "cpu" and interpreting())
+    return x.device.type == "cpu" and interpreting()
 
 
 def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
