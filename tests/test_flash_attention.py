@@ -261,16 +261,34 @@ def test_cuda_fused_backward_and_deterministic_mode(causal, gen, monkeypatch):
 
 @pytest.mark.cuda
 def test_cuda_tma_forward_for_head_dim_128(gen):
-    """Head dim 128 and 8192+ queries take the tensor-descriptor forward on Hopper."""
+    """Head dim 128, 8192+ queries and more rows than the small-grid tiles take take the
+    tensor-descriptor forward on Hopper; one such head takes the pointer kernel."""
     from ops.flash_attn.dispatch import use_tma_forward
 
-    q, k, v = make_inputs((1,), 8192 + 5, 8192 + 5, 128, torch.bfloat16, "cuda", gen)
+    q, k, v = make_inputs((2,), 8192 + 5, 8192 + 5, 128, torch.bfloat16, "cuda", gen)
     assert use_tma_forward(q, k, v) == (torch.cuda.get_device_capability()[0] >= 9)
+    assert not use_tma_forward(q[:1], k[:1], v[:1])
     out, lse = torch.ops.cs336.flash_attn_fwd(q, k, v, True, 128**-0.5)
     ref_out, ref_lse = attention_reference(q.double(), k.double(), v.double(), True)
     low_out, _ = attention_reference(q, k, v, True)
     assert max_error(out, ref_out) <= 2 * max_error(low_out, ref_out) + 1e-3
     assert max_error(lse, ref_lse) < 1e-3
+
+
+def test_tile_tables_follow_the_rows_in_all():
+    """Few rows in all (the CS336 sweep's one head) take the small-grid tiles, many heads the tables
+    tuned for them; float32 has one table."""
+    from ops.flash_attn.launch import SMALL_GRID_ROWS, kernel_configs
+
+    one_head, many_heads = (kernel_configs(64, torch.bfloat16, 4096, heads=h) for h in (1, 64))
+    assert (one_head.forward.block_m, many_heads.forward.block_m) == (64, 128)
+    assert kernel_configs(64, torch.bfloat16, 4096) == many_heads  # heads not given
+    edge = [kernel_configs(128, torch.bfloat16, SMALL_GRID_ROWS // h, heads=h) for h in (1, 2)]
+    assert edge[0] == edge[1] != kernel_configs(128, torch.bfloat16, SMALL_GRID_ROWS, heads=2)
+    # Short sequences at D = 128: half the rows (the backward's small tiles lost beyond).
+    short = [kernel_configs(128, torch.bfloat16, 4096, heads=h).dq for h in (2, 4)]
+    assert (short[0].block_m, short[1].block_m) == (64, 128)
+    assert kernel_configs(64, torch.float32, 1024, heads=1) == kernel_configs(64, torch.float32, 1024, heads=64)
 
 
 @pytest.mark.cuda

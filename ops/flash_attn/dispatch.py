@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.flash_attn.launch import LONG_SEQUENCE, flash_backward, flash_forward
+from ops.flash_attn.launch import LONG_SEQUENCE, _heads, flash_backward, flash_forward, small_grid
 from ops.flash_attn.launch_fused import flash_backward_fused
 from ops.flash_attn.launch_tma import flash_forward_tma, tma_supported
 
@@ -26,9 +26,10 @@ FUSED_BACKWARD_MIN_KEYS = 4096  # at 2048 keys the two-pass backward was faster 
 
 
 def use_tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The descriptor forward: on Hopper, 16-bit inputs, head dim 128, long queries."""
+    """The descriptor forward: on Hopper, 16-bit inputs, head dim 128, long queries, many rows (for
+    few rows the pointer kernel's small-grid tiles were faster)."""
     return (q.is_cuda and q.shape[-1] in TMA_FORWARD_HEAD_DIMS and q.shape[-2] >= LONG_SEQUENCE
-            and q.dtype != torch.float32 and tma_supported(q, k, v))
+            and q.dtype != torch.float32 and not small_grid(_heads(q), q.shape[-2], 128) and tma_supported(q, k, v))
 
 
 def use_fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

@@ -101,20 +101,42 @@ _HALF = {
                                 Blocks(32, 32, 4, 1)),
 }
 _HALF[256, True] = _HALF[256, False]
+# Few query rows in all (batch * heads * Nq, e.g. the CS336 sweep's one head): the tables above,
+# tuned with 16-128 heads, leave most of an H100's 132 SMs idle there, and the time is the longest
+# program's serial loop. 64-row tiles give more, shorter programs: at B*H = 1 and 4, N = 1024-8192,
+# GPU time -10 to -40 % per kernel (docs/perf/flash_attention.md, "Few heads"). At D = 128 the
+# backward's 64-row tiles lost at 16384 rows of short sequences (4 x 4096: +15 %, 16 x 1024: +34 %)
+# and won at 16384 rows of long ones (1 x 16384: -24 %), hence the lower limit there.
+SMALL_GRID_ROWS = 16384
+SMALL_GRID_ROWS_D128_SHORT = 8192
+_HALF_SMALL_GRID = {
+    64: KernelConfigs(Blocks(64, 128, 4, 3), Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 4)),
+    128: KernelConfigs(Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 3), Blocks(64, 64, 4, 3), Blocks(64, 128, 8, 3)),
+}
 
 
-def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0) -> KernelConfigs:
-    """The tile shapes used for inputs of this head dim, dtype and query length."""
+def small_grid(heads: int, n_queries: int, block_d: int) -> bool:
+    """True when heads * n_queries rows are few enough for the small-grid tiles (0 heads: unknown)."""
+    short_d128 = block_d == 128 and n_queries < LONG_SEQUENCE
+    return 0 < heads * n_queries <= (SMALL_GRID_ROWS_D128_SHORT if short_d128 else SMALL_GRID_ROWS)
+
+
+def kernel_configs(head_dim: int, dtype: torch.dtype, n_queries: int = 0, heads: int = 0) -> KernelConfigs:
+    """The tile shapes used for inputs of this head dim, dtype, query length and batch * heads
+    (0: the tables tuned for many heads)."""
     block_d = _block_d(head_dim)
-    return _configs(block_d, dtype, n_queries >= LONG_SEQUENCE, _precision(dtype, block_d))
+    return _configs(block_d, dtype, n_queries >= LONG_SEQUENCE, small_grid(heads, n_queries, block_d),
+                    _precision(dtype, block_d))
 
 
 @functools.cache  # a dict lookup instead of this logic on every call (host time of small calls)
-def _configs(block_d: int, dtype: torch.dtype, long_sequence: bool, precision: str) -> KernelConfigs:
+def _configs(block_d: int, dtype: torch.dtype, long_sequence: bool, small: bool, precision: str) -> KernelConfigs:
     if interpreting():
         return _INTERPRETER
     if dtype == torch.float32:
         return _FP32_TF32X3[block_d] if precision == "tf32x3" else _FP32_FMA[max(128, block_d)]
+    if small and block_d in _HALF_SMALL_GRID:
+        return _HALF_SMALL_GRID[block_d]
     return _HALF[max(64, block_d), long_sequence]
 
 
@@ -197,7 +219,7 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
     bh, n_q, head_dim = _heads(q), q.shape[-2], q.shape[-1]
     if bh == 0:
         return out, lse
-    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).forward
     (q_, sq), (k_, sk), (v_, sv), (o_, so) = map(_operand, (q, k, v, out))
     forward_kernel[_grid(n_q, blocks.block_m, bh)](
         q_, k_, v_, o_, lse, *sq, *sk, *sv, *so,
@@ -213,7 +235,7 @@ def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
     if bh == 0:
         return dq, dk, dv
     block_d = _block_d(head_dim)
-    configs = configs or kernel_configs(head_dim, q.dtype, n_q)
+    configs = configs or kernel_configs(head_dim, q.dtype, n_q, bh)
     (q_, sq), (k_, sk), (v_, sv), (o_, so), (do_, sdo) = map(_operand, (q, k, v, out, grad_out))
     sdq, sdk, sdv = (_operand(x)[1] for x in (dq, dk, dv))
     # The dQ pass goes first: it also writes D = rowsum(O * dO), which the dK/dV pass reads.

@@ -45,7 +45,7 @@ def flash_backward_fused(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": ROW_BLOCK}
     preprocess_kernel[_grid(n_q, ROW_BLOCK, bh)](
         o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
-    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).fused
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).fused
     q_in, do_in, acc = _streamed(q3, do3, dq_acc, blocks.block_m, descriptors)
     fused_kernel[_grid(n_k, blocks.block_n, bh)](
         q_in, k3, v3, do_in, lse, delta, dk3, dv3, acc,

@@ -78,7 +78,7 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
     out, lse = forward_outputs(q)
     q3, k3, v3, o3 = (_as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
     bh, n_q, head_dim = q3.shape
-    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q).forward
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).forward
     forward_tma_kernel[_grid(n_q, blocks.block_m, bh)](
         descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
         descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
