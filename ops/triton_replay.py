@@ -15,8 +15,8 @@ block shape, an int on its value being 1, divisible by 16 or outside int32, and 
 and per constexpr/option value; we key on the device, the keyword arguments, each tensor's (dtype,
 alignment), each descriptor's every field but the base's address, and each scalar's exact value,
 which is finer. (A descriptor's CUtensorMap is built by the launcher on every call, replayed or
-not, so it always points at the current base.) Anything else, or a Triton without the launcher interface this relies on
-(checked once per kernel), falls back to `kernel[grid]`.
+not, so it always points at the current base.) Anything else, or a Triton without the launcher
+interface this relies on (checked once per kernel), falls back to `kernel[grid]`.
 
 Not seen by replayed launches: Triton's launch hooks (then we fall back), pre-run hooks (a
 kernel with any is never replayed), and knobs changed after the first launch (set

@@ -29,7 +29,7 @@ def use_tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The descriptor forward: on Hopper, 16-bit inputs, head dim 128, long queries, many rows (for
     few rows the pointer kernel's small-grid tiles were faster)."""
     return (q.is_cuda and q.shape[-1] in TMA_FORWARD_HEAD_DIMS and q.shape[-2] >= LONG_SEQUENCE
-            and q.dtype != torch.float32 and not small_grid(_heads(q), q.shape[-2], 128) and tma_supported(q, k, v))
+            and q.dtype != torch.float32 and not small_grid(_heads(q), q.shape[-2], q.shape[-1]) and tma_supported(q, k, v))
 
 
 def use_fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
