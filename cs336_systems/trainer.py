@@ -39,9 +39,8 @@ from torch import nn
 
 from cs336_systems import checkpoint
 from cs336_systems.bench.allreduce import gather_from_ranks
-from cs336_systems.bench.common import synchronize
+from cs336_systems.bench.common import Stopwatch, synchronize
 from cs336_systems.ddp import DDPBucketed
-from cs336_systems.bench.common import Stopwatch
 from cs336_systems.parallel import World, barrier, reduce_mean
 from cs336_systems.runtime import apply_compile, autocast
 from cs336_systems.sharded_optimizer import ShardedOptimizer

@@ -61,8 +61,17 @@ def _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale,
 
 
 @triton.jit
+def _visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL: tl.constexpr):
+    """(len(keys), len(rows)) bool, the transpose of kernels._visible with query rows checked too."""
+    keep = (keys[:, None] < n_keys) & (rows[None, :] < n_queries)
+    if IS_CAUSAL:
+        keep = keep & (keys[:, None] <= rows[None, :])
+    return keep
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, qk_scale,
+                stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), working on transposed scores."""
@@ -73,10 +82,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
         if MASKED:
-            keep = rows[None, :] < n_queries
-            if IS_CAUSAL:
-                keep = keep & (rows[None, :] >= keys[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
+            p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -96,8 +102,8 @@ def flash_bwd_dkdv_kernel(
 ):
     """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head.
 
-    Padded key rows (>= Nk) may hold garbage in registers but are never stored, and rows of dK/dV
-    do not mix, so only query-side masks matter here.
+    Rows of dK/dV do not mix and padded key rows (>= Nk) are never stored, so the masks (the same
+    as the single pass's, _visible_t) only need to be right for real keys.
     """
     bh, start_n, keys, cols_d, k, v = _key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
                                                 stride_vd, n_keys, HEAD_DIM, BLOCK_D, BLOCK_N)
@@ -108,13 +114,13 @@ def flash_bwd_dkdv_kernel(
 
     lo, diag_end, full_end, q_end = _query_ranges(start_n, n_queries, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
-                         stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, qk_scale,
+                         stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
-                         stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, qk_scale,
+                         stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION)
     dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_qd,
-                         stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, qk_scale,
+                         stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION)
     _store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
     _store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)

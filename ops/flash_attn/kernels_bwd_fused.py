@@ -29,16 +29,7 @@ import triton
 import triton.language as tl
 
 from ops.flash_attn.kernels import _load_rows, _store_rows
-from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges, _rowsum_product
-
-
-@triton.jit
-def _visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL: tl.constexpr):
-    """(len(keys), len(rows)) bool, the transpose of kernels._visible with query rows checked too."""
-    keep = (keys[:, None] < n_keys) & (rows[None, :] < n_queries)
-    if IS_CAUSAL:
-        keep = keep & (keys[:, None] <= rows[None, :])
-    return keep
+from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges, _rowsum_product, _visible_t
 
 
 @triton.jit
