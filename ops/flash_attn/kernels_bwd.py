@@ -80,14 +80,25 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
         rows = start_m + offs_m
         q = _load_rows(q_base, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
         do = _load_rows(do_base, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
-        if MASKED:
-            p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk, dv, _ = _dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, rows, n_queries, n_keys,
+                               qk_scale, IS_CAUSAL, MASKED, PRECISION)
     return dk, dv
+
+
+@triton.jit
+def _dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, rows, n_queries, n_keys, qk_scale,
+               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one query tile (q, do) into the key tile's dK, dV; also returns dS^T (BLOCK_N, BLOCK_M)
+    in q's dtype, from which the single pass forms its dQ part."""
+    p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
+    if MASKED:
+        # Padded keys have k = 0 but P = exp2(-L), which may overflow; inf * 0 would poison dQ.
+        p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # one cast for the dK and dQ dots
+    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+    return dk, dv, ds_t
 
 
 @triton.jit

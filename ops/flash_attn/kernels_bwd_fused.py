@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ops.flash_attn.kernels import _load_rows, _store_rows
-from ops.flash_attn.kernels_bwd import _key_tile, _probabilities_t, _query_ranges, _rowsum_product, _visible_t
+from ops.flash_attn.kernels_bwd import _dkdv_step, _key_tile, _query_ranges, _rowsum_product
 
 
 @triton.jit
@@ -80,14 +80,8 @@ def _fused_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
         else:
             q = _load_rows(Q, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
             do = _load_rows(DO, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        p_t, delta = _probabilities_t(k, q, lse_base, delta_base, rows, n_queries, qk_scale, MASKED, PRECISION)
-        if MASKED:
-            # Padded keys have k = 0 but P = exp2(-L), which may overflow; inf * 0 would poison dQ.
-            p_t = tl.where(_visible_t(keys, rows, n_keys, n_queries, IS_CAUSAL), p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)  # (BLOCK_N, BLOCK_M), one cast for two dots
-        dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
+        dk, dv, ds_t = _dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, rows, n_queries, n_keys,
+                                  qk_scale, IS_CAUSAL, MASKED, PRECISION)
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
         if DESCRIPTORS:  # one bulk reduction by the copy engine; rows >= n_queries are dropped
             DQ_ACC.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
