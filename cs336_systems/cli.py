@@ -14,7 +14,7 @@ from cs336_systems.errors import ConfigError
 
 # subcommand -> (module, one-line help). Modules are imported when the parser is built, so keep
 # their top level cheap.
-COMMANDS = {"train": ("cs336_systems.train", "train a Transformer LM (the default command)")}
+COMMANDS = {"train": ("cs336_systems.training.command", "train a Transformer LM (the default command)")}
 BENCHMARKS = {
     "model": ("cs336_systems.bench.model", "end-to-end model forward/backward/step timing (CS336 benchmarking)"),
     "attention": ("cs336_systems.bench.attention", "attention implementations: latency, TFLOP/s, leaderboard"),
@@ -25,12 +25,8 @@ BENCHMARKS = {
 
 
 def _add_module_parser(subparsers, name: str, module_name: str, help_text: str) -> None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        return  # command not built yet in this checkout
+    # A missing module is a bug (a typo would otherwise hide a command): let the ImportError out.
+    module = importlib.import_module(module_name)
     parser = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)

@@ -55,6 +55,9 @@ PRESETS: dict[str, ModelShape] = {
     "large": ModelShape(d_model=1280, d_ff=5120, num_layers=36, num_heads=20),
     "xl": ModelShape(d_model=1600, d_ff=6400, num_layers=48, num_heads=25),
     "2.7B": ModelShape(d_model=2560, d_ff=10240, num_layers=32, num_heads=32),
+    # The CS336 2026 leaderboard model (8.1 B parameters with its 151936-token vocabulary); the
+    # `8b-32k` preset of `bench step` and `train` adds its context and batch.
+    "8b": ModelShape(d_model=4096, d_ff=11008, num_layers=34, num_heads=32),
 }
 CS336_PRESETS = ("small", "medium", "large", "xl", "2.7B")
 """The sizes the CS336 handout benchmarks, in increasing order."""

@@ -51,11 +51,6 @@ def autocast(runtime: RuntimeConfig) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type, dtype=torch.bfloat16, enabled=runtime.bf16)
 
 
-def apply_compile(model: torch.nn.Module, runtime: RuntimeConfig) -> torch.nn.Module:
-    """`model` itself, or a torch.compile wrapper sharing its parameters."""
-    return torch.compile(model, backend=runtime.compile_backend) if runtime.compile else model
-
-
 def add_runtime_arguments(parser: argparse.ArgumentParser, compile_default: bool | None = False) -> None:
     """--device, --compile, --compile-backend, --bf16 (see RuntimeConfig).
 

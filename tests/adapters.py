@@ -27,7 +27,7 @@ def get_flashattention_autograd_function_triton() -> type:
 
 def get_ddp_individual_parameters(module: torch.nn.Module) -> torch.nn.Module:
     """Wrap `module` so each gradient is all-reduced asynchronously as soon as it is ready."""
-    from cs336_systems.ddp import DDPIndividualParameters
+    from cs336_systems.parallel.ddp import DDPIndividualParameters
 
     return DDPIndividualParameters(module)
 
@@ -39,7 +39,7 @@ def ddp_individual_parameters_on_after_backward(ddp_model: torch.nn.Module, opti
 
 def get_ddp_bucketed(module: torch.nn.Module, bucket_size_mb: float) -> torch.nn.Module:
     """Wrap `module` so gradients are all-reduced in buckets of at most `bucket_size_mb` MB."""
-    from cs336_systems.ddp import DDPBucketed
+    from cs336_systems.parallel.ddp import DDPBucketed
 
     return DDPBucketed(module, bucket_size_mb=bucket_size_mb)
 
@@ -56,6 +56,6 @@ def ddp_bucketed_on_train_batch_start(ddp_model: torch.nn.Module, optimizer: tor
 
 def get_sharded_optimizer(params: Any, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
     """An optimizer whose state is sharded across ranks (ZeRO stage 1) around `optimizer_cls(**kwargs)`."""
-    from cs336_systems.sharded_optimizer import ShardedOptimizer
+    from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer
 
     return ShardedOptimizer(params, optimizer_cls, **kwargs)

@@ -1,16 +1,23 @@
 """Shared pytest configuration.
 
-tests/interpreter/ holds the Triton-kernel tests that need TRITON_INTERPRET=1 set before triton is
-imported; the main suite runs them in a subprocess (tests/test_flash_interpreter.py), so they are
+tests/ mirrors the packages (ops/, basics/, parallel/, training/, bench/); tests/adapters.py is the
+CS336 interface, importable from every test (this folder is put on sys.path).
+
+tests/ops/*/interpreter/ hold the Triton-kernel tests that need TRITON_INTERPRET=1 set before triton
+is imported; the main suite runs them in a subprocess (tests/ops/test_interpreter.py), so they are
 collected directly only when that variable is set.
 """
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-collect_ignore = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["interpreter"]
+sys.path.insert(0, str(Path(__file__).parent))
+
+collect_ignore_glob = [] if os.environ.get("TRITON_INTERPRET") == "1" else ["ops/*/interpreter"]
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

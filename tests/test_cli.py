@@ -3,6 +3,7 @@
 import pytest
 
 from cs336_systems import cli
+from helpers import assert_cli_error
 
 BAD_TRAIN_INPUT = [
     (["--preset", "huge"], "--preset"),
@@ -21,6 +22,13 @@ def test_bad_train_input_is_a_one_line_error(tmp_path, capsys, command, argv, fl
     argv = [arg.format(tmp=tmp_path) for arg in argv]
     out_dir = tmp_path / "out"
     assert cli.main([*command, *argv, "--out-dir", str(out_dir), "--no-progress"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and flag in err
+    assert_cli_error(capsys, flag)
     assert not out_dir.exists()  # nothing written for a run that never started
+
+
+def test_every_command_is_registered_and_a_missing_module_fails_loudly(monkeypatch):
+    parser = cli.build_parser()
+    assert parser.parse_args(["bench", "model"]).benchmark == "model"
+    monkeypatch.setitem(cli.BENCHMARKS, "typo", ("cs336_systems.bench.no_such_module", "a typo"))
+    with pytest.raises(ModuleNotFoundError, match="no_such_module"):
+        cli.build_parser()

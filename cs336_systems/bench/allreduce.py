@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from cs336_systems.bench.common import Results, Stopwatch, environment
-from cs336_systems.distributed import default_backend, init_from_env, launch
+from cs336_systems.distributed.collectives import gather_from_ranks
+from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError
 
 MB = 10**6  # the handout's sizes are decimal megabytes: 1 MB = 250,000 float32
@@ -48,16 +49,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="docs/perf", help="where allreduce.{md,json,png} go")
 
 
-def run_on_ranks(fn: Callable[..., Any], nproc: int, backend: str, *args: Any) -> Any:
-    """Rank 0's `fn(*args)`, run on every rank: under torchrun (RANK set) on this process's rank
-    (other ranks get None), else on `nproc` freshly spawned local ranks."""
-    if "RANK" in os.environ:
-        rank, _ = init_from_env(backend)
-        result = fn(*args)
-        return result if rank == 0 else None
-    return launch(fn, nproc, *args, backend=backend)[0]
-
-
 def timed_collective(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
     """Milliseconds of each of `iters` calls of the collective `fn`, after `warmup` calls.
 
@@ -72,13 +63,6 @@ def timed_collective(fn: Callable[[], Any], device: torch.device, warmup: int, i
             fn()
         times.append(watch.ms)
     return times
-
-
-def gather_from_ranks(value: Any) -> list[Any]:
-    """Every rank's `value`, in rank order, on every rank."""
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def _measure(sizes_mb: list[float], warmup: int, iters: int) -> list[dict[str, Any]]:

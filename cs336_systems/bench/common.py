@@ -22,14 +22,13 @@ from typing import Any
 
 import torch
 
+from cs336_systems.timing import Stopwatch, synchronize
+
+__all__ = ["OOM", "UNSUPPORTED", "Results", "Stopwatch", "environment", "free_device_memory", "git_revision",
+           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms"]
+
 OOM = "OOM"
 UNSUPPORTED = "unsupported"
-
-
-def synchronize(device: torch.device | str | None = None) -> None:
-    """Wait for queued device work; a no-op on CPU."""
-    if torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda"):
-        torch.cuda.synchronize()
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -45,26 +44,6 @@ def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float 
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-class Stopwatch:
-    """Total host seconds spent inside `with stopwatch:` blocks, draining the device at both ends."""
-
-    def __init__(self, device: torch.device | str | None) -> None:
-        self.device, self.seconds, self._start = device, 0.0, 0.0
-
-    def __enter__(self) -> Stopwatch:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        synchronize(self.device)
-        self.seconds += time.perf_counter() - self._start
-
-    @property
-    def ms(self) -> float:
-        return self.seconds * 1e3
 
 
 def mean_std(samples: Sequence[float]) -> tuple[float, float]:

@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cs336_systems.bench.allreduce import gather_from_ranks, run_on_ranks
 from cs336_systems.bench.common import Results, environment, free_device_memory, is_oom, synchronize
-from cs336_systems.ddp import DDPBucketed, DDPIndividualParameters
-from cs336_systems.ddp_baselines import FlatDDP, NaiveDDP
-from cs336_systems.distributed import default_backend
+from cs336_systems.distributed.collectives import gather_from_ranks
+from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.ddp import DDPBucketed, DDPIndividualParameters
+from cs336_systems.parallel.ddp_baselines import FlatDDP, NaiveDDP
 from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig
+from cs336_systems.training.loss import lm_loss
 
 FIXED_VARIANTS = ("no-comm", "naive", "flat", "individual", "torch-ddp")
 
@@ -158,8 +159,6 @@ def _elapsed_ms(fn, device: torch.device) -> float:
 
 def _time_steps(variant: str, config: DDPBenchConfig) -> tuple[list[float], list[float]]:
     """(step ms, blocked-in-finish ms) of each timed step of one freshly built variant."""
-    from cs336_basics.nn_utils import cross_entropy
-
     model, opt = _build(variant, config)
     g = torch.Generator().manual_seed(dist.get_rank())  # every rank its own batch
     tokens = torch.randint(0, VOCAB_SIZE, (config.batch_size, config.context_length + 1), generator=g)
@@ -174,7 +173,7 @@ def _time_steps(variant: str, config: DDPBenchConfig) -> tuple[list[float], list
         begin()
         # Bucket views survive only if gradients are zeroed in place (ours and torch DDP's alike).
         opt.zero_grad(set_to_none=not config.gradient_as_bucket_view)
-        cross_entropy(model(x), y).backward()
+        lm_loss(model, x, y).backward()
         finish_ms = _elapsed_ms(finish, config.device)
         opt.step()
         synchronize(config.device)

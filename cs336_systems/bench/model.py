@@ -30,12 +30,17 @@ import torch
 
 from cs336_systems.bench.common import OOM, Results, Stopwatch, environment, free_device_memory, is_oom, mean_std
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.parallelize import parallelize
 from cs336_systems.presets import (
-    CS336_PRESETS, VOCAB_SIZE, ModelConfig, add_model_arguments, get_preset, model_config_from_args,
+    CS336_PRESETS,
+    VOCAB_SIZE,
+    ModelConfig,
+    add_model_arguments,
+    get_preset,
+    model_config_from_args,
 )
-from cs336_systems.train import (
-    RuntimeConfig, add_runtime_arguments, apply_compile, autocast, runtime_config_from_args,
-)
+from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, autocast, runtime_config_from_args
+from cs336_systems.training.loss import lm_loss
 
 PHASES = {"forward": ("forward",), "forward-backward": ("forward", "backward"),
           "train-step": ("forward", "backward", "optimizer")}
@@ -142,18 +147,16 @@ def _build_case(config: ModelBenchConfig, model_config: ModelConfig, context_len
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch_size, context_length + 1), generator=generator)
     tokens = tokens.to(config.device)  # (B, T + 1)
-    return _Case(model, apply_compile(model, config.runtime), optimizer, tokens[:, :-1], tokens[:, 1:])
+    forward, _ = parallelize(model, 1, compile_model=config.runtime.compile, compile_backend=config.runtime.compile_backend)
+    return _Case(model, forward, optimizer, tokens[:, :-1], tokens[:, 1:])
 
 
 def _step(case: _Case, config: ModelBenchConfig, profiling: bool) -> dict[str, float]:
     """One step; returns the milliseconds of each of its phases."""
-    from cs336_basics.nn_utils import cross_entropy
-
     times: dict[str, float] = {}
     no_grad = torch.no_grad() if config.mode == "forward" else contextlib.nullcontext()
     with timed_phase("forward", times, config.device, profiling), no_grad, autocast(config.runtime):
-        logits = case.forward(case.inputs)  # (B, T, V)
-        loss = cross_entropy(logits.reshape(-1, logits.shape[-1]), case.targets.reshape(-1))
+        loss = lm_loss(case.forward, case.inputs, case.targets)
     if config.mode == "forward":
         return times
     with timed_phase("backward", times, config.device, profiling):

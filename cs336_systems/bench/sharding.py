@@ -8,7 +8,7 @@ Every variant trains the cs336_basics LM inside DDPBucketed (gradients as views 
 so the gradients counted below are all the gradient memory) with torch.optim.AdamW, from the same
 weights on the same per-rank batches:
   unsharded          AdamW over every parameter: the whole optimizer state on every rank
-  sharded            cs336_systems.sharded_optimizer.ShardedOptimizer: one all-gather per step
+  sharded            cs336_systems.parallel.sharded_optimizer.ShardedOptimizer: one all-gather per step
   torch-zero         torch.distributed.optim.ZeroRedundancyOptimizer, defaults (one broadcast per parameter)
   torch-zero-bucket  the same with parameters_as_bucket_view=True (one broadcast per rank)
 
@@ -37,13 +37,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from cs336_systems.bench.allreduce import gather_from_ranks, run_on_ranks
 from cs336_systems.bench.common import Results, environment, free_device_memory, synchronize
-from cs336_systems.ddp import DDPBucketed
-from cs336_systems.distributed import default_backend
+from cs336_systems.distributed.collectives import gather_from_ranks
+from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.ddp import DDPBucketed
+from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer, state_bytes
 from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig, get_preset
-from cs336_systems.sharded_optimizer import ShardedOptimizer, state_bytes
+from cs336_systems.training.loss import lm_loss
 
 VARIANTS = ("unsharded", "sharded", "torch-zero", "torch-zero-bucket")
 POINTS = ("init", "before_step", "after_step")
@@ -165,8 +166,6 @@ def _memory(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.de
 
 def _train_variant(variant: str, config: ShardingBenchConfig) -> dict[str, Any]:
     """Build and train one variant: times of the timed iterations, memory at POINTS, final weights."""
-    from cs336_basics.nn_utils import cross_entropy
-
     device = config.device
     gc.collect()  # the previous variant's wrapper hooks form reference cycles: free its memory first
     free_device_memory()
@@ -186,7 +185,7 @@ def _train_variant(variant: str, config: ShardingBenchConfig) -> dict[str, Any]:
         start = time.perf_counter()
         opt.zero_grad(set_to_none=False)  # in place: the gradients stay views of DDP's buckets
         model.on_train_batch_start()
-        cross_entropy(model(x), y).backward()
+        lm_loss(model, x, y).backward()
         model.finish_gradient_synchronization()
         synchronize(device)
         backward_end = time.perf_counter()

@@ -2,7 +2,7 @@
 
 Importing this package registers the ops. Files, in reading order: reference.py (the math),
 tiled.py (pure-PyTorch tiles, the CPU path), kernels.py / kernels_bwd.py (Triton: forward, two-pass
-backward), kernels_tma.py / kernels_bwd_fused.py (Hopper variants: descriptor forward, single-pass
+backward), kernels_tma.py / kernels_bwd_onepass.py (Hopper variants: descriptor forward, single-pass
 backward), launch*.py (launchers and tile tables), dispatch.py (which variant runs), op.py
 (torch.library registration, fakes, autograd, Functions).
 """

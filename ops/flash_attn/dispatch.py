@@ -5,9 +5,9 @@ sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured 4-7 % 
 H100 and no faster elsewhere.
 
 Backward: the two-pass kernels (launch.flash_backward: 7 matmuls and two exps per score, no
-atomics, bitwise deterministic), or the single pass with dQ summed by bulk (TMA) reductions
-(launch_fused: 5 matmuls and one exp per score; dQ's last bits depend on the order of the additions).
-The single pass wins for head dim 64 once there are enough keys; the numbers are in
+atomics, bitwise deterministic), or the one-pass backward with dQ summed by bulk (TMA) reductions
+(launch_onepass: 5 matmuls and one exp per score; dQ's last bits depend on the order of the additions).
+The one-pass backward wins for head dim 64 once there are enough keys; the numbers are in
 docs/perf/flash_attention.md. Like torch's own attention backends, the faster nondeterministic
 backward is the default and `torch.use_deterministic_algorithms(True)` selects the deterministic one.
 """
@@ -16,27 +16,29 @@ from __future__ import annotations
 
 import torch
 
-from ops.flash_attn.launch import LONG_SEQUENCE, _heads, flash_backward, flash_forward, small_grid
-from ops.flash_attn.launch_fused import flash_backward_fused
+from ops.flash_attn.launch import batch_heads, flash_backward, flash_forward
+from ops.flash_attn.launch_onepass import flash_backward_onepass
 from ops.flash_attn.launch_tma import flash_forward_tma, tma_supported
+from ops.flash_attn.tiles import LONG_SEQUENCE, small_grid
 
 TMA_FORWARD_HEAD_DIMS = (128,)
-FUSED_BACKWARD_HEAD_DIMS = (64,)
-FUSED_BACKWARD_MIN_KEYS = 4096  # at 2048 keys the two-pass backward was faster (0.224 vs 0.248 ms)
+ONEPASS_BACKWARD_HEAD_DIMS = (64,)
+ONEPASS_BACKWARD_MIN_KEYS = 4096  # at 2048 keys the two-pass backward was faster (0.224 vs 0.248 ms)
 
 
 def use_tma_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The descriptor forward: on Hopper, 16-bit inputs, head dim 128, long queries, many rows (for
     few rows the pointer kernel's small-grid tiles were faster)."""
     return (q.is_cuda and q.shape[-1] in TMA_FORWARD_HEAD_DIMS and q.shape[-2] >= LONG_SEQUENCE
-            and q.dtype != torch.float32 and not small_grid(_heads(q), q.shape[-2], q.shape[-1]) and tma_supported(q, k, v))
+            and q.dtype != torch.float32 and not small_grid(batch_heads(q), q.shape[-2], q.shape[-1])
+            and tma_supported(q, k, v))
 
 
-def use_fused_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The single-pass backward: on Hopper (bulk reductions), 16-bit inputs, head dim 64, long keys,
+def use_onepass_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The one-pass backward: on Hopper (bulk reductions), 16-bit inputs, head dim 64, long keys,
     unless torch is asked for deterministic algorithms."""
-    return (q.is_cuda and q.dtype != torch.float32 and q.shape[-1] in FUSED_BACKWARD_HEAD_DIMS
-            and k.shape[-2] >= FUSED_BACKWARD_MIN_KEYS and not torch.are_deterministic_algorithms_enabled()
+    return (q.is_cuda and q.dtype != torch.float32 and q.shape[-1] in ONEPASS_BACKWARD_HEAD_DIMS
+            and k.shape[-2] >= ONEPASS_BACKWARD_MIN_KEYS and not torch.are_deterministic_algorithms_enabled()
             and tma_supported(q, k, v))
 
 
@@ -49,6 +51,6 @@ def attention_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Ten
 
 def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
     """(dQ, dK, dV) from the fastest backward kernels allowed for these inputs."""
-    if use_fused_backward(q, k, v):
-        return flash_backward_fused(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True)
+    if use_onepass_backward(q, k, v):
+        return flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True)
     return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale)

@@ -22,7 +22,7 @@ LN2_C = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _load_rows(base, rows, cols, stride_row, stride_col, n_rows,
+def load_rows(base, rows, cols, stride_row, stride_col, n_rows,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
     """Load a (len(rows), BLOCK_D) tile; rows >= n_rows and cols >= HEAD_DIM read as 0."""
     ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
@@ -39,13 +39,13 @@ def _load_rows(base, rows, cols, stride_row, stride_col, n_rows,
 
 
 @triton.jit
-def _store_rows(base, tile, rows, cols, stride_row, stride_col, n_rows, HEAD_DIM: tl.constexpr):
+def store_rows(base, tile, rows, cols, stride_row, stride_col, n_rows, HEAD_DIM: tl.constexpr):
     ptrs = base + rows[:, None] * stride_row + cols[None, :] * stride_col
     tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM))
 
 
 @triton.jit
-def _key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """For the query tile starting at start_m: (end of unmasked key tiles, end of all visible keys)."""
     if IS_CAUSAL:
         # A key tile is fully visible when its last key <= the tile's first query.
@@ -58,7 +58,7 @@ def _key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, I
 
 
 @triton.jit
-def _query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+def query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """(head index, first row, rows) of this program's query tile, for grids (query tiles, BH)."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -69,7 +69,7 @@ def _query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _visible(rows, keys, n_keys, IS_CAUSAL: tl.constexpr):
+def visible(rows, keys, n_keys, IS_CAUSAL: tl.constexpr):
     """(len(rows), len(keys)) bool: key exists and, when causal, is not after the query."""
     keep = keys[None, :] < n_keys
     if IS_CAUSAL:
@@ -78,7 +78,7 @@ def _visible(rows, keys, n_keys, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+def fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                rows, cols_d, lo, hi, n_keys, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
@@ -86,17 +86,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         keys = start_n + offs_n
-        k = _load_rows(k_base, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        k = load_rows(k_base, keys, cols_d, stride_kn, stride_kd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
+        v = load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            s = tl.where(_visible(rows, keys, n_keys, IS_CAUSAL), s, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
+            s = tl.where(visible(rows, keys, n_keys, IS_CAUSAL), s, float("-inf"))
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION: tl.constexpr):
+def softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION: tl.constexpr):
     """Fold one key tile's raw scores s (BLOCK_M, BLOCK_N) and values v into (acc, l_i, m_i).
 
     The running max m_i is kept in log2 units. Scaling (qk_scale > 0) commutes with max, so the raw
@@ -120,22 +120,22 @@ def flash_fwd_kernel(
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for one BLOCK_M query tile of one head."""
-    bh, start_m, rows = _query_tile(BLOCK_M, IS_CAUSAL)
+    bh, start_m, rows = query_tile(BLOCK_M, IS_CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
     k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
 
-    q = _load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
+    q = load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    full_end, end = _key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    full_end, end = key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                rows, cols_d, 0, full_end, n_keys, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                rows, cols_d, full_end, end, n_keys, qk_scale,
                                HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
     acc = acc / l_i[:, None]
-    _store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
+    store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
     lse = (m_i + tl.log2(l_i)) * LN2_C  # back to natural log
     tl.store(LSE + bh * n_queries + rows, lse, mask=rows < n_queries)

@@ -30,17 +30,17 @@ num_warps=4 and skips it at any other num_warps.
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import LN2_C, _key_ranges, _query_tile, _softmax_step, _visible
+from ops.flash_attn.kernels import LN2_C, key_ranges, query_tile, softmax_step, visible
 
 
 @triton.jit
-def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, lo, hi, n_keys, qk_scale,
+def fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, lo, hi, n_keys, qk_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                    IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """Online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i).
 
     Keys past n_keys come back from the descriptor as zero rows: their scores are 0, not -inf, so
-    the ragged last tile must take the MASKED path (it does: _key_ranges ends the unmasked range
+    the ragged last tile must take the MASKED path (it does: key_ranges ends the unmasked range
     at the last full tile), and their V rows are zero, so they add nothing even before masking.
     """
     offs_n = tl.arange(0, BLOCK_N)
@@ -49,8 +49,8 @@ def _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, lo, hi, n_keys, q
         v = v_desc.load([bh, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)  # (BLOCK_N, D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            s = tl.where(_visible(rows, start_n + offs_n, n_keys, IS_CAUSAL), s, float("-inf"))
-        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
+            s = tl.where(visible(rows, start_n + offs_n, n_keys, IS_CAUSAL), s, float("-inf"))
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
     return acc, l_i, m_i
 
 
@@ -63,17 +63,17 @@ def flash_fwd_tma_kernel(
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for one BLOCK_M query tile of one head."""
-    bh64, start_m, rows = _query_tile(BLOCK_M, IS_CAUSAL)
+    bh64, start_m, rows = query_tile(BLOCK_M, IS_CAUSAL)
     bh = bh64.to(tl.int32)  # descriptor offsets are int32; the grid's y extent is < 2**16
 
     q = q_desc.load([bh, start_m, 0]).reshape(BLOCK_M, HEAD_DIM)  # rows >= n_queries read as 0
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    full_end, end = _key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, 0, full_end, n_keys, qk_scale,
+    full_end, end = key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    acc, l_i, m_i = fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, 0, full_end, n_keys, qk_scale,
                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, False, PRECISION)
-    acc, l_i, m_i = _fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, full_end, end, n_keys, qk_scale,
+    acc, l_i, m_i = fwd_inner_tma(acc, l_i, m_i, q, k_desc, v_desc, bh, rows, full_end, end, n_keys, qk_scale,
                                    HEAD_DIM, BLOCK_N, IS_CAUSAL, True, PRECISION)
     acc = acc / l_i[:, None]
     # The descriptor clips the store at n_queries, so the ragged last tile writes only its own rows.

@@ -1,5 +1,5 @@
 """Launcher of the tensor-descriptor (TMA) forward, kernels_tma.flash_fwd_tma_kernel, and the
-descriptor helpers that the single-pass backward (launch_fused) shares.
+descriptor helpers that the one-pass backward (launch_onepass) shares.
 
 Same contract as launch.flash_forward: a fresh contiguous O in q.dtype and L float32 (..., Nq).
 Callers check `tma_supported(q, k, v)` first and fall back to launch.flash_forward when it is False.
@@ -13,14 +13,13 @@ device-side `tl.make_tensor_descriptor` does, for its global scratch).
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
-from ops.flash_attn.launch import (Blocks, _as_bhnd, _device_capability, _grid, _precision, flash_forward,
-                                   forward_outputs, interpreting, kernel_configs)
-from ops.triton_replay import ReplayLauncher
+from ops.flash_attn.launch import as_bhnd, flash_forward, forward_outputs, launch_grid
+from ops.flash_attn.tiles import Blocks, kernel_configs, precision
+from ops.triton_utils import ReplayLauncher, device_capability, interpreting
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -44,7 +43,7 @@ def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False  # the tile is exactly D wide: no column masks
     if q.numel() == 0 or k.numel() == 0:
         return False  # a descriptor needs positive extents
-    return all(tma_aligned(_as_bhnd(x)) for x in (q, k, v))
+    return all(tma_aligned(as_bhnd(x)) for x in (q, k, v))
 
 
 def tma_device(device: torch.device) -> bool:
@@ -52,7 +51,7 @@ def tma_device(device: torch.device) -> bool:
     if device.type == "cpu":
         return interpreting()
     # Before sm_90 triton lowers descriptors to plain loads: correct, but there is no TMA to test.
-    return device.type == "cuda" and _device_capability(device.index)[0] >= 9
+    return device.type == "cuda" and device_capability(device.index)[0] >= 9
 
 
 def tma_aligned(x: torch.Tensor) -> bool:
@@ -76,15 +75,15 @@ def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
     if q.numel() == 0 or k.numel() == 0:
         return flash_forward(q, k, v, is_causal, scale, blocks)  # descriptors need positive extents
     out, lse = forward_outputs(q)
-    q3, k3, v3, o3 = (_as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
+    q3, k3, v3, o3 = (as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
     bh, n_q, head_dim = q3.shape
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).forward
-    forward_tma_kernel[_grid(n_q, blocks.block_m, bh)](
+    forward_tma_kernel[launch_grid(n_q, blocks.block_m, bh)](
         descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
         descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
         n_q, k3.shape[1], scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        IS_CAUSAL=is_causal, PRECISION=_precision(q.dtype, head_dim),
+        IS_CAUSAL=is_causal, PRECISION=precision(q.dtype, head_dim),
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return out, lse

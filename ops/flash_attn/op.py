@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ops.flash_attn.reference import default_scale
 from ops.flash_attn.tiled import tiled_backward, tiled_forward
+from ops.triton_utils.device import use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -61,14 +62,6 @@ def _resolve_scale(q: Tensor, scale: float | None) -> float:
     return scale
 
 
-def _use_triton(x: Tensor) -> bool:
-    if x.is_cuda:
-        return True
-    from ops.flash_attn.launch import interpreting  # lazy: triton is imported only when used
-
-    return x.device.type == "cpu" and interpreting()
-
-
 def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
     check_inputs(q, k, v)
@@ -77,7 +70,7 @@ def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float)
 
 def _forward_checked(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """forward_impl for inputs that already passed check_inputs."""
-    if _use_triton(q):
+    if use_triton(q):
         from ops.flash_attn.dispatch import attention_forward
 
         return attention_forward(q, k, v, is_causal, scale)
@@ -87,7 +80,7 @@ def _forward_checked(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: fl
 def backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   is_causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dQ, dK, dV) by recomputation from L, on the same path as forward_impl."""
-    if _use_triton(q):
+    if use_triton(q):
         from ops.flash_attn.dispatch import attention_backward
 
         return attention_backward(grad_out, q, k, v, out, lse, is_causal, scale)

@@ -1,0 +1,208 @@
+"""Training checkpoints: atomic writes, the newest readable one on load, and RNG state capture.
+
+A checkpoint is one file, `DIR/step_{step:08d}.pt`, written by rank 0 to `*.pt.tmp` and renamed into
+place (os.replace is atomic), so a crash mid-write leaves the previous checkpoints untouched; only
+after the new file is complete are checkpoints beyond the newest `keep` deleted. The file holds
+only tensors and plain containers, so it loads with `torch.load(weights_only=True)`:
+
+    {"format": FORMAT, "step": int,
+     "model": model.state_dict(),
+     "optimizer": consolidated optimizer state_dict (the same for plain and sharded AdamW),
+     "schedule": {"step": int},                     # learning rate = schedule(step + 1) next
+     "data": {"seed": int, "step": int, ...},       # batches are a function of (seed, step)
+     "rng": [rng_state() of rank 0, rank 1, ...]}
+
+`save_trainer(trainer)` / `restore_trainer(trainer)` write and read a training run's state (a
+collective on every rank of the job).
+
+`load_newest(DIR)` tries checkpoints newest first; one that does not load (truncated, corrupt,
+not a checkpoint) is reported on stderr by file name and the previous one is tried.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cs336_systems.distributed.collectives import barrier, gather_from_ranks
+
+if TYPE_CHECKING:
+    from cs336_systems.distributed.world import World
+    from cs336_systems.training.config import TrainConfig
+    from cs336_systems.training.trainer import Trainer
+
+FORMAT = "cs336-train-checkpoint/1"
+_NAME = re.compile(r"step_(\d+)\.pt")
+REQUIRED_KEYS = ("format", "step", "model", "optimizer", "schedule", "data", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint in a directory could be loaded."""
+
+
+def checkpoint_path(directory: Path, step: int) -> Path:
+    return directory / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoint files in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.fullmatch(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write `state` as the checkpoint of `step` atomically, then prune to the newest `keep`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = checkpoint_path(directory, step)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # the bytes are on disk before the rename makes them visible
+    os.replace(tmp, path)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink()
+    return path
+
+
+def load(path: Path) -> dict[str, Any]:
+    """One checkpoint file, checked to be complete; raises on anything unreadable."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else REQUIRED_KEYS
+    if missing:
+        raise ValueError(f"not a training checkpoint (missing {', '.join(missing)})")
+    if state["format"] != FORMAT:
+        raise ValueError(f"unknown checkpoint format {state['format']!r} (expected {FORMAT!r})")
+    return state
+
+
+def load_newest(directory: Path) -> tuple[Path, dict[str, Any]] | None:
+    """(path, state) of the newest loadable checkpoint, None when there is none at all.
+
+    Leftover `*.tmp` files of an interrupted save are removed. Raises CheckpointError when
+    checkpoints exist but none loads.
+    """
+    for tmp in directory.glob("*.pt.tmp") if directory.is_dir() else ():
+        tmp.unlink()
+    candidates = list_checkpoints(directory)
+    failures = []
+    for index in reversed(range(len(candidates))):
+        path = candidates[index]
+        try:
+            return path, load(path)
+        except Exception as error:  # noqa: BLE001 - any failure means: try the previous checkpoint
+            failures.append(f"{path} ({_reason(error)})")
+            then = "falling back to the previous one" if index else "no older checkpoint"
+            print(f"warning: cannot load checkpoint {failures[-1]}; {then}", file=sys.stderr, flush=True)
+    if failures:
+        raise CheckpointError(f"no loadable checkpoint in {directory}: " + "; ".join(failures))
+    return None
+
+
+def _reason(error: Exception) -> str:
+    """A one-line reason why a checkpoint did not load."""
+    if isinstance(error, pickle.UnpicklingError):  # torch's message is a page of advice about weights_only
+        return "corrupt, or holds objects other than tensors and plain containers"
+    text = str(error).splitlines()[0][:200] if str(error) else ""
+    if isinstance(error, ValueError):  # load()'s own checks
+        return text
+    return f"truncated or corrupt: {type(error).__name__}: {text}"
+
+
+# ---------------------------------------------------------------- random number generators
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, numpy and Python RNG states as tensors and plain containers."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss,
+                  "cached_gaussian": cached_gaussian},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` captured (CUDA only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
+
+
+# ---------------------------------------------------------------- a training run
+
+
+def save_trainer(trainer: Trainer) -> None:
+    """A collective: every rank contributes its optimizer shard and RNG state; rank 0 writes."""
+    config, world = trainer.config, trainer.world
+    optimizer_state = trainer.optimizer.state_dict()  # consolidated: a collective when sharded
+    rng = gather_from_ranks(rng_state()) if world.world_size > 1 else [rng_state()]
+    if world.is_main:
+        state = {
+            "format": FORMAT, "step": trainer.step,
+            "model": trainer.model.state_dict(), "optimizer": optimizer_state,
+            "schedule": {"step": trainer.step},
+            "data": {"seed": config.seed, "step": trainer.step, "batch_size": config.batch_size,
+                     "context_length": config.context_length},
+            "rng": rng,
+        }
+        save(trainer.checkpoint_dir, trainer.step, state, config.keep)
+    barrier(world)  # no rank runs ahead (or dies) before the checkpoint is complete
+
+
+def restore_trainer(trainer: Trainer) -> int | None:
+    """Load the newest readable checkpoint into `trainer` on every rank; its step, or None if there is none.
+
+    Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which.
+    """
+    world = trainer.world
+    choice: list[Any] = [None, None]  # [path, error]
+    found = None
+    if world.is_main:
+        try:
+            found = load_newest(trainer.checkpoint_dir)
+            choice[0] = str(found[0]) if found else None
+        except CheckpointError as error:
+            choice[1] = str(error)
+    if world.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise CheckpointError(choice[1])
+    if choice[0] is None:
+        return None
+    state = found[1] if found else load(Path(choice[0]))  # rank 0 has it loaded already
+    trainer.model.load_state_dict(state["model"])
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    trainer.step = state["schedule"]["step"]
+    _check_data_position(trainer.config, state["data"], world)
+    rng = state["rng"]
+    set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0])
+    return trainer.step
+
+
+def _check_data_position(config: TrainConfig, data: dict[str, Any], world: World) -> None:
+    ours = {"seed": config.seed, "batch_size": config.batch_size, "context_length": config.context_length}
+    changed = {key: (data[key], value) for key, value in ours.items() if data.get(key) != value}
+    if changed and world.is_main:
+        text = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        print(f"warning: resuming with different data settings ({text}): batches differ from the interrupted run",
+              file=sys.stderr)

@@ -1,0 +1,245 @@
+"""`train`'s configuration: one @dataclass section per concern, validated on construction, and its flags.
+
+Every check that can fail on user input runs here or in `train.prepare`, before any process or
+process group exists, and raises a one-line ConfigError naming the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from cs336_systems.errors import ConfigError
+from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
+from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
+from cs336_systems.training.corpus import CorpusConfig
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Which tokens to train and evaluate on."""
+
+    data: str | None = None
+    """Training token file (.npy or uint16 .bin); None: the embedded corpus."""
+    val_data: str | None = None
+    """Validation token file; None: the corpus's validation split, or no evaluation with --data."""
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    """Size and seed of the embedded corpus (used when `data` is None)."""
+
+    def __post_init__(self) -> None:
+        if self.val_data is not None and self.data is None:
+            raise ConfigError("--val-data needs --data (the embedded corpus has its own split)")
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    """AdamW with a cosine learning-rate schedule and gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate, reached after the warm-up."""
+    min_lr: float | None = None
+    """Final learning rate of the cosine decay; None: lr / 10."""
+    warmup_steps: int | None = None
+    """Linear warm-up length; None: 10% of the run."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW moment decay rates."""
+    eps: float = 1e-8
+    """AdamW denominator epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """How many processes train together, and what they shard."""
+
+    nproc: int | None = None
+    """Local worker processes; None: torchrun's world size under torchrun, else one per GPU on CUDA
+    and 2 on a CPU with at least 2 cores."""
+    shard_optimizer: bool = True
+    """Shard AdamW's state over the processes (ShardedOptimizer); no effect with one process."""
+    bucket_size_mb: float = 25.0
+    """Gradient bucket cap of DDPBucketed, in MiB."""
+    torchrun: bool = field(default=False, init=False)
+    """Set by `resolve`: this process is one of torchrun's workers (RANK and WORLD_SIZE are set)."""
+    world_size: int = field(default=1, init=False)
+    """Set by `resolve`: processes in the job, over all nodes."""
+
+    def __post_init__(self) -> None:
+        if self.nproc is not None and self.nproc < 1:
+            raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
+        if not self.bucket_size_mb > 0:
+            raise ConfigError(f"--bucket-size-mb must be positive, got {self.bucket_size_mb}")
+
+    def resolve(self, device: torch.device) -> None:
+        """Fix `world_size` from torchrun's environment, --nproc or the machine."""
+        self.torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+        if self.torchrun:
+            world = int(os.environ["WORLD_SIZE"])
+            if self.nproc not in (None, world):
+                raise ConfigError(f"--nproc {self.nproc}: under torchrun the world size is {world} "
+                                  "(set by --nproc-per-node and --nnodes); drop --nproc")
+            self.world_size = world
+        elif device.type == "cuda":
+            gpus = torch.cuda.device_count() if device.index is None else 1
+            if self.nproc is not None and self.nproc > torch.cuda.device_count():
+                raise ConfigError(f"--nproc {self.nproc}: only {torch.cuda.device_count()} GPUs (one per process)")
+            self.world_size = self.nproc or gpus
+        else:
+            self.world_size = self.nproc or min(2, os.cpu_count() or 1)
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    """When to save checkpoints under OUT_DIR/checkpoints, and whether to resume from them."""
+
+    every: int = 0
+    """Save every this many steps and after the last one; 0: never."""
+    resume: bool = False
+    """Continue from the newest readable checkpoint; start fresh when there is none."""
+    keep: int = 2
+    """Newest checkpoints kept on disk; 2 or more leaves a fallback if the newest is damaged."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"--checkpoint-every must be >= 0, got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"--keep-checkpoints must be >= 1, got {self.keep}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """One training run."""
+
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(attention="flash"))
+    """Model shape and attention implementation."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation tokens."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and learning-rate schedule."""
+    runtime: RuntimeConfig = field(default_factory=lambda: RuntimeConfig(compile=None))
+    """Device, torch.compile and autocast."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Processes, data parallelism and optimizer sharding."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing and resuming."""
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per optimizer step over all processes (the global batch)."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step on each process; batch_size must divide by processes x this."""
+    context_length: int = 128
+    """Tokens per sequence; at most model.context_length."""
+    eval_every: int = 50
+    """Evaluate on validation data every this many steps (and before and after training); 0: never."""
+    eval_batches: int = 4
+    """Validation data per evaluation, in global batches: fixed windows from the start of the split."""
+    log_every: int = 10
+    """Record metrics (and sync with the device for the loss) every this many steps."""
+    seed: int = 0
+    """Seeds parameter initialisation; with the step number, it also fixes every batch."""
+    out_dir: str | None = "outputs/train"
+    """Directory for config.json, metrics.jsonl, loss.png and checkpoints/; None writes nothing."""
+    progress: bool = True
+    """Show a progress bar (rank 0)."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs the `wandb` extra)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum_steps", "context_length", "log_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval-every must be >= 0, got {self.eval_every}")
+        self.model.check_context(self.context_length)
+        self.model.check_attention()
+        if self.optimizer.warmup_steps is None:
+            self.optimizer.warmup_steps = max(1, self.steps // 10)
+        if not 0 <= self.optimizer.warmup_steps <= self.steps:
+            raise ConfigError(f"--warmup-steps must be in [0, --steps], got {self.optimizer.warmup_steps}")
+        self.parallel.resolve(torch.device(self.runtime.device))
+        if self.batch_size % (self.parallel.world_size * self.grad_accum_steps):
+            raise ConfigError(f"--batch-size {self.batch_size} is not divisible by processes x --grad-accum-steps "
+                              f"({self.parallel.world_size} x {self.grad_accum_steps})")
+        if (self.checkpoint.every or self.checkpoint.resume) and not self.out_dir:
+            raise ConfigError("--checkpoint-every and --resume need --out-dir")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ConfigError("--wandb needs the wandb package: install the extra (uv sync --extra wandb)")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per forward/backward on one process."""
+        return self.batch_size // (self.parallel.world_size * self.grad_accum_steps)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every `train` flag (see the config fields above for what each means)."""
+    add_model_arguments(parser, default_preset="mini", default_attention="flash")
+    group = parser.add_argument_group("training")
+    group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
+    group.add_argument("--batch-size", type=int, default=16,
+                       help="sequences per step over all processes (default: 16)")
+    group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step (default: 1)")
+    group.add_argument("--context-length", type=int, default=128, help="tokens per sequence (default: 128)")
+    group.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    group.add_argument("--min-lr", type=float, help="final learning rate (default: lr/10)")
+    group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 10%% of --steps)")
+    group.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
+    group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
+    group.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (default: 0)")
+    group = parser.add_argument_group("processes")
+    group.add_argument("--nproc", type=int, metavar="N",
+                       help="local worker processes (default: one per GPU on CUDA, 2 on CPU; torchrun's under it)")
+    group.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction, default=True,
+                       help="shard AdamW's state over the processes (default: on)")
+    group.add_argument("--bucket-size-mb", type=float, default=25.0, help="DDP gradient bucket cap (default: 25)")
+    group = parser.add_argument_group("data, output and checkpoints")
+    group.add_argument("--data", metavar="FILE", help="training tokens, .npy or uint16 .bin (default: embedded corpus)")
+    group.add_argument("--val-data", metavar="FILE", help="validation tokens (default: the corpus's split)")
+    group.add_argument("--eval-every", type=int, default=50, help="steps between evaluations, 0 = never (default: 50)")
+    group.add_argument("--eval-batches", type=int, default=4, help="global batches per evaluation (default: 4)")
+    group.add_argument("--log-every", type=int, default=10, help="steps between metrics records (default: 10)")
+    group.add_argument("--out-dir", default="outputs/train", help="config, metrics, plot and checkpoints go here")
+    group.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                       help="checkpoint every K steps and at the end, 0 = never (default: 0)")
+    group.add_argument("--keep-checkpoints", type=int, default=2, metavar="N", help="newest checkpoints kept (default: 2)")
+    group.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint, if any")
+    group.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
+    group.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_runtime_arguments(parser, compile_default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        model=model_config_from_args(args, context_length=args.context_length),
+        data=DataConfig(data=args.data, val_data=args.val_data),
+        optimizer=OptimizerConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+                                  weight_decay=args.weight_decay, grad_clip=args.grad_clip),
+        runtime=runtime_config_from_args(args),
+        parallel=ParallelConfig(nproc=args.nproc, shard_optimizer=args.shard_optimizer,
+                                bucket_size_mb=args.bucket_size_mb),
+        checkpoint=CheckpointConfig(every=args.checkpoint_every, resume=args.resume, keep=args.keep_checkpoints),
+        steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
+        context_length=args.context_length, eval_every=args.eval_every, eval_batches=args.eval_batches,
+        log_every=args.log_every, seed=args.seed, out_dir=args.out_dir or None, progress=not args.no_progress,
+        wandb_project=args.wandb,
+    )

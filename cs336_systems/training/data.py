@@ -1,0 +1,112 @@
+"""Training tokens: loading and checking token files, and deterministic, rank-sharded batches.
+
+The windows of optimizer step `s` are a pure function of (seed, s): a numpy generator seeded with
+[seed, s] draws the start of every sequence of the *global* batch, and rank r reads only its own
+contiguous slice of them. So the global batch is the same whatever the number of processes, and a
+resumed run needs no sampler state beyond the step number.
+
+    global batch (B sequences) = [rank 0: B/W rows | rank 1: B/W rows | ...]
+    each rank's rows           = [micro-batch 0 | micro-batch 1 | ...]   (B/(W*A) rows, A accumulation steps)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cs336_systems.errors import ConfigError
+from cs336_systems.training.corpus import VOCAB_SIZE as CORPUS_VOCAB_SIZE
+from cs336_systems.training.corpus import CorpusConfig, load_corpus
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+"""(inputs, next-token targets), int64 (B, T) each."""
+
+
+def load_tokens(path: str, flag: str) -> np.ndarray:
+    """Memory-map a flat token file; ConfigError naming `flag` when it is missing or malformed."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{flag}: no such file: {path}")
+    if file.suffix not in (".npy", ".bin"):
+        raise ConfigError(f"{flag}: expected a .npy or .bin token file, got {path}")
+    try:
+        tokens = np.load(file, mmap_mode="r") if file.suffix == ".npy" else np.memmap(file, np.uint16, mode="r")
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"{flag}: cannot read {path}: {str(error).splitlines()[0]}") from None
+    if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
+        raise ConfigError(f"{flag}: expected a 1-D array of integer token ids, got {tokens.dtype} {tokens.shape}")
+    return tokens
+
+
+def load_splits(data: str | None, val_data: str | None, corpus: CorpusConfig,
+                context_length: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """(train tokens, validation tokens or None, smallest vocabulary that covers them), checked.
+
+    `data=None` means the embedded corpus and its validation split.
+    """
+    if data is None:
+        train, val = load_corpus(corpus)
+        splits, vocab = {"--data": train, "--val-data": val}, CORPUS_VOCAB_SIZE
+    else:
+        splits = {"--data": load_tokens(data, "--data")}
+        if val_data is not None:
+            splits["--val-data"] = load_tokens(val_data, "--val-data")
+        vocab = 1 + max(int(tokens.max()) for tokens in splits.values() if len(tokens))
+    for flag, tokens in splits.items():
+        if len(tokens) <= context_length:
+            raise ConfigError(f"{flag}: {len(tokens)} tokens, too few for --context-length {context_length}")
+    return splits["--data"], splits.get("--val-data"), vocab
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned memory lets the copy run asynchronously, overlapping the previous step's compute.
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
+def windows(tokens: np.ndarray, starts: np.ndarray, context_length: int, device: torch.device) -> Batch:
+    """Inputs and targets of the windows starting at `starts`: (len(starts), T) each."""
+    rows = np.stack([np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in starts])  # (N, T+1)
+    rows = to_device(torch.from_numpy(rows), device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TokenBatches:
+    """This rank's micro-batches of every step: see the module docstring."""
+
+    tokens: np.ndarray
+    batch_size: int  # global: sequences per optimizer step over all ranks
+    context_length: int
+    accumulation: int
+    seed: int
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def global_starts(self, step: int) -> np.ndarray:
+        """Start offsets of the global batch of optimizer step `step`: (batch_size,)."""
+        rng = np.random.default_rng([self.seed, step])
+        return rng.integers(len(self.tokens) - self.context_length, size=self.batch_size)
+
+    def micro_batches(self, step: int) -> list[Batch]:
+        """This rank's `accumulation` micro-batches of step `step`; only their windows are read."""
+        per_rank = self.batch_size // self.world_size
+        mine = self.global_starts(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
+        inputs, targets = windows(self.tokens, mine, self.context_length, self.device)
+        micro = per_rank // self.accumulation
+        return list(zip(inputs.split(micro), targets.split(micro)))
+
+
+def validation_batches(tokens: np.ndarray, num_sequences: int, micro_batch: int, context_length: int,
+                       rank: int, world_size: int, device: torch.device) -> list[Batch]:
+    """This rank's share of the same validation windows at every evaluation: consecutive windows from
+    the start of the split, dealt out round-robin, in batches of at most `micro_batch`."""
+    count = min(num_sequences, (len(tokens) - 1) // context_length)
+    starts = np.arange(count)[rank::world_size] * context_length
+    if len(starts) == 0:
+        return []
+    inputs, targets = windows(tokens, starts, context_length, device)
+    return list(zip(inputs.split(micro_batch), targets.split(micro_batch)))

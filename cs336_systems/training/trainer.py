@@ -1,0 +1,203 @@
+"""The training loop, run by every process of a job: build, (resume), train, evaluate, checkpoint.
+
+One optimizer step on each rank:
+
+    ddp.on_train_batch_start()
+    for each of the A micro-batches of this rank's slice of the global batch (train_data.TokenBatches):
+        (loss / A).backward()              # all but the last under ddp.no_sync(): grads accumulate locally
+    ddp.finish_gradient_synchronization()  # .grad = mean over ranks of the accumulated gradients
+    clip the global gradient norm; set the learning rate of this step; optimizer.step()
+
+so N processes compute the gradient of the mean loss over the same global batch as one process
+does, and take the same step up to float rounding. Metrics are emitted as records to a hook
+(`kind` "train" or "eval"); the losses in them are means over all ranks.
+
+Communication time is measured on the host around `finish_gradient_synchronization` (the part of
+the gradient all-reduces that backward did not hide) and around the sharded optimizer's
+all-gather. On CUDA the device is synchronised at both ends of each region, so the number is the
+wall time of that region with the queue drained: an approximation of the exposed communication
+that also counts any compute still queued when the region starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cs336_systems.distributed.collectives import reduce_mean
+from cs336_systems.distributed.world import World
+from cs336_systems.parallel.ddp import DDPBucketed
+from cs336_systems.parallel.parallelize import parallelize
+from cs336_systems.runtime import autocast
+from cs336_systems.timing import Clock, Stopwatch
+from cs336_systems.training import checkpoint
+from cs336_systems.training.config import TrainConfig
+from cs336_systems.training.data import Batch, TokenBatches, load_splits, validation_batches
+from cs336_systems.training.loss import lm_loss
+from cs336_systems.training.optim import build_optimizer, learning_rate
+
+MetricsHook = Callable[[dict[str, Any]], None]
+"""Called with every metrics record: {"kind": "train" | "eval", "step": ..., ...}."""
+
+KILL_AT_STEP = "CS336_KILL_AT_STEP"
+"""Test hook: set to K, the last rank SIGKILLs itself after step K on a job's first attempt."""
+
+
+@dataclass(eq=False)
+class Trainer:
+    """Everything one process's run holds; a checkpoint stores what resuming needs of it."""
+
+    config: TrainConfig
+    world: World
+    model: nn.Module  # the plain model: checkpoints hold its state_dict
+    forward: nn.Module  # what training calls: DDP wrapper around the (compiled) model, or the latter alone
+    ddp: DDPBucketed | None
+    optimizer: torch.optim.Optimizer
+    batches: TokenBatches
+    val_batches: list[Batch] | None  # this rank's share (maybe empty); None: no evaluation at all
+    comm: Stopwatch  # host seconds of exposed communication (gradient sync wait + sharded all-gather)
+    step: int = 0  # optimizer steps taken
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.config.out_dir) / "checkpoints"
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_trainer(config: TrainConfig, world: World) -> Trainer:
+    """Data, model (identical on every rank: same seed, then DDP broadcasts rank 0's), optimizer."""
+    train_tokens, val_tokens, _ = load_splits(config.data.data, config.data.val_data, config.data.corpus,
+                                              config.context_length)
+    seed_everything(config.seed)
+    model = config.model.build().to(world.device)
+    forward, ddp = parallelize(model, world.world_size, compile_model=config.runtime.compile,
+                               compile_backend=config.runtime.compile_backend,
+                               bucket_size_mb=config.parallel.bucket_size_mb)
+    comm = Stopwatch(world.device)
+    optimizer = build_optimizer(model.parameters(), config.optimizer,
+                                shard=config.parallel.shard_optimizer and world.world_size > 1, communication_timer=comm)
+    batches = TokenBatches(tokens=train_tokens, batch_size=config.batch_size, context_length=config.context_length,
+                           accumulation=config.grad_accum_steps, seed=config.seed, rank=world.rank,
+                           world_size=world.world_size, device=world.device)
+    val_batches = None
+    if val_tokens is not None and config.eval_every:
+        val_batches = validation_batches(val_tokens, config.eval_batches * config.batch_size,
+                                         config.micro_batch_size, config.context_length, world.rank,
+                                         world.world_size, world.device)
+    return Trainer(config, world, model, forward, ddp, optimizer, batches, val_batches, comm)
+
+
+# ---------------------------------------------------------------- one step
+
+
+def train_step(trainer: Trainer) -> torch.Tensor:
+    """One optimizer step; returns this rank's detached mean loss (no host sync)."""
+    from cs336_basics.nn_utils import clip_gradient
+
+    config, ddp = trainer.config, trainer.ddp
+    micro_batches = trainer.batches.micro_batches(trainer.step + 1)
+    if ddp is not None:
+        ddp.on_train_batch_start()
+    total = torch.zeros((), device=trainer.world.device)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
+            with autocast(config.runtime):
+                loss = lm_loss(trainer.forward, inputs, targets) / len(micro_batches)
+            loss.backward()
+        total += loss.detach()
+    if ddp is not None:
+        with trainer.comm:
+            ddp.finish_gradient_synchronization()
+    if config.optimizer.grad_clip:
+        clip_gradient(trainer.model.parameters(), config.optimizer.grad_clip)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = learning_rate(config.optimizer, trainer.step + 1, config.steps)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+    return total
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> float:
+    """Mean loss over the fixed validation windows, all ranks' shares together."""
+    trainer.model.eval()
+    total = torch.zeros(2, device=trainer.world.device)  # (sum of per-window losses, windows)
+    for inputs, targets in trainer.val_batches:
+        with autocast(trainer.config.runtime):
+            total[0] += lm_loss(trainer.forward, inputs, targets) * len(inputs)
+        total[1] += len(inputs)
+    trainer.model.train()
+    if trainer.world.world_size > 1:
+        dist.all_reduce(total)
+    return (total[0] / total[1]).item()
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def _maybe_die(trainer: Trainer) -> None:
+    """The KILL_AT_STEP test hook (a no-op unless the variable is set)."""
+    at = os.environ.get(KILL_AT_STEP)
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if at and int(at) == trainer.step and trainer.world.rank == trainer.world.world_size - 1 and first_attempt:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
+    """Train from `trainer.step` to config.steps; `emit` (None: drop) gets every record.
+
+    Returns the steps taken and seconds of training, communication (mean over ranks; part of
+    training) and checkpointing.
+    """
+    config, world = trainer.config, trainer.world
+    tokens_per_step = config.batch_size * config.context_length
+    emit = emit or (lambda record: None)
+    clock, checkpoint_seconds = Clock(world.device), 0.0
+    first_step = last_step = trainer.step
+    last_seconds = 0.0
+    while True:
+        step = trainer.step
+        # Decided from the config alone: every rank must join evaluate()'s all-reduce.
+        if trainer.val_batches is not None and (step % config.eval_every == 0 or step == config.steps):
+            with clock.paused():
+                emit({"kind": "eval", "step": step, "val_loss": evaluate(trainer)})
+        if step == config.steps:
+            break
+        loss = train_step(trainer)
+        if trainer.step % config.log_every == 0 or trainer.step in (1, config.steps):
+            loss_value = reduce_mean(loss, world).item()  # the host sync of a logged step
+            seconds = clock.read()
+            emit({"kind": "train", "step": trainer.step, "loss": loss_value, "lr": learning_rate(config.optimizer, trainer.step, config.steps),
+                  "tokens_per_s": (trainer.step - last_step) * tokens_per_step / (seconds - last_seconds),
+                  "train_seconds": seconds, "comm_seconds": trainer.comm.seconds})
+            last_step, last_seconds = trainer.step, seconds
+        every = config.checkpoint.every
+        if every and (trainer.step % every == 0 or trainer.step == config.steps):
+            start = time.perf_counter()
+            with clock.paused():
+                checkpoint.save_trainer(trainer)
+            checkpoint_seconds += time.perf_counter() - start
+        _maybe_die(trainer)
+    comm = reduce_mean(torch.tensor(trainer.comm.seconds, device=world.device), world).item()
+    return {"steps": trainer.step - first_step, "train_seconds": clock.read(), "comm_seconds": comm,
+            "checkpoint_seconds": checkpoint_seconds}
+

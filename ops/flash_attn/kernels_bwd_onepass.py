@@ -1,0 +1,163 @@
+"""FlashAttention-2 backward in one pass over key tiles, with dQ summed across programs.
+
+The two-pass backward (kernels_bwd.py) recomputes P in both passes: 7 matmuls and two exps per
+score. Here each program owns a key tile, as the dK/dV pass does, and for every query tile it visits
+also forms that tile's share of dQ, dS K, and adds it into a float32 accumulator: 5 matmuls and
+one exp per score. The order of those additions depends on scheduling, so dQ is not bitwise
+reproducible from run to run (dK and dV are); dispatch.py uses this kernel only when torch is not
+asked for deterministic algorithms.
+
+Two ways to move the streamed tiles (constexpr DESCRIPTORS):
+  - descriptors (Hopper, what dispatch.py uses): q and dO tiles arrive by TMA copies and each dQ
+    part leaves as one bulk reduction (cp.reduce.async.bulk), done by the copy engine. On an H100
+    the backward ran 13 % faster this way than with relaxed per-element atomics (docs/perf/flash_attention.md);
+  - pointers: masked loads and `tl.atomic_add(sem="relaxed")`. The interpreter runs only this one
+    (it has no bulk reductions), so CI checks the kernel's math through it.
+
+Three launches:
+  1. preprocess: DELTA = rowsum(O * dO), and zeros into DQ_ACC (so no separate memset launch);
+  2. one-pass: dK and dV stored per key tile; DQ_ACC += dS K (unscaled) per (key tile, query tile);
+  3. convert: dQ = scale * DQ_ACC, cast to the input dtype and written with dQ's strides.
+
+DQ_ACC is a contiguous (BH, Nq, HEAD_DIM) float32 buffer. It has the real head dim, not BLOCK_D,
+so a padded head dim (e.g. 80 -> 128) spends no atomics on padding columns, and its row stride is
+the constexpr HEAD_DIM. The softmax scale is applied at conversion, once per element, instead of
+to every dQ part inside the loop.
+"""
+
+import triton
+import triton.language as tl
+
+from ops.flash_attn.kernels import load_rows, store_rows
+from ops.flash_attn.kernels_bwd import dkdv_step, key_tile, query_ranges, rowsum_product
+
+
+@triton.jit
+def atomic_add_rows(base, tile, rows, cols, n_rows,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """base[rows, cols] += tile in a contiguous (N, HEAD_DIM) float32 buffer; skips rows >= n_rows
+    and cols >= HEAD_DIM. Relaxed: only the final sums matter, read after the kernel ends."""
+    ptrs = base + rows[:, None] * HEAD_DIM + cols[None, :]
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        tl.atomic_add(ptrs, tile, mask=mask, sem="relaxed")
+    elif HEAD_DIM != BLOCK_D:
+        tl.atomic_add(ptrs, tile, mask=cols[None, :] < HEAD_DIM, sem="relaxed")
+    else:
+        tl.atomic_add(ptrs, tile, sem="relaxed")
+
+
+@triton.jit
+def _onepass_query_ranges(start_n, n_queries, n_keys,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """kernels_bwd.query_ranges, except that a ragged last key tile masks every query tile."""
+    lo, diag_end, full_end, q_end = query_ranges(start_n, n_queries, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # Unlike in the dK/dV pass, padded keys matter here (dQ sums over keys), so the ragged last key
+    # tile masks every query tile it visits. It is one program of cdiv(Nk, BLOCK_N).
+    ragged = start_n + BLOCK_N > n_keys
+    diag_end = tl.where(ragged, tl.maximum(lo, q_end), diag_end)
+    full_end = tl.where(ragged, diag_end, full_end)
+    return lo, diag_end, full_end, q_end
+
+
+@triton.jit
+def _onepass_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
+                 stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                 DESCRIPTORS: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi), and add each query tile's dQ
+    part (dS K, unscaled) into DQ_ACC. Q, DO, DQ_ACC: descriptors over (BH, N, D) if DESCRIPTORS
+    (bh is then the int32 head index), else pointers to this head's rows."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        if DESCRIPTORS:  # rows >= n_queries come back as zeros
+            q = Q.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+            do = DO.load([bh, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        else:
+            q = load_rows(Q, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+            do = load_rows(DO, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+        dk, dv, ds_t = dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, rows, n_queries, n_keys,
+                                  qk_scale, IS_CAUSAL, MASKED, PRECISION)
+        dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
+        if DESCRIPTORS:  # one bulk reduction by the copy engine; rows >= n_queries are dropped
+            DQ_ACC.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
+        else:
+            atomic_add_rows(DQ_ACC, dq_part, rows, cols_d, n_queries, HEAD_DIM, BLOCK_D, MASKED)
+    return dk, dv
+
+
+@triton.jit
+def flash_bwd_onepass_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,  # (BH,Nq,D) (BH,Nk,D) x2 (BH,Nq,D) (BH,Nq) x2 (BH,Nk,D) x2
+    stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,  # DQ_ACC: (BH,Nq,HEAD_DIM) f32
+    stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
+    stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
+    n_queries, n_keys, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr = False,
+):
+    """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head, and DQ_ACC += dS K
+    for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them).
+
+    With DESCRIPTORS, Q, DO and DQ_ACC are tensor descriptors with blocks [1, BLOCK_M, D] (TMA on
+    Hopper: the streamed tiles need no address arithmetic in registers, and dQ parts go out as bulk
+    reductions) and the Q/dO strides are unused; otherwise all three are pointers."""
+    bh, start_n, keys, cols_d, k, v = key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
+                                                stride_vd, n_keys, HEAD_DIM, BLOCK_D, BLOCK_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if DESCRIPTORS:
+        q_in, do_in, acc, head = Q, DO, DQ_ACC, tl.program_id(1)  # descriptor offsets are int32
+    else:
+        q_in, do_in, acc, head = Q + bh * stride_qb, DO + bh * stride_dob, DQ_ACC + bh * n_queries * HEAD_DIM, bh
+    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
+
+    lo, diag_end, full_end, q_end = _onepass_query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, DESCRIPTORS)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                          stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
+                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
+    store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
+    store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
+
+
+@triton.jit
+def flash_bwd_onepass_preprocess_kernel(
+    O, DO, DELTA, DQ_ACC,  # (BH, Nq, D), (BH, Nq, D), (BH, Nq) float32, (BH, Nq, HEAD_DIM) float32
+    stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod, n_queries,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """DELTA = rowsum(O * dO), and zeros into this tile's rows of the dQ accumulator."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    o = load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
+    do = load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    tl.store(DELTA + bh * n_queries + rows, rowsum_product(o, do), mask=rows < n_queries)
+    zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    store_rows(DQ_ACC + bh * n_queries * HEAD_DIM, zeros, rows, cols_d, HEAD_DIM, 1,
+                n_queries, HEAD_DIM)
+
+
+@triton.jit
+def flash_bwd_onepass_dq_kernel(
+    DQ_ACC, DQ,  # (BH, Nq, HEAD_DIM) float32 contiguous, (BH, Nq, D) any strides
+    stride_dqb, stride_dqn, stride_dqd, n_queries, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = scale * DQ_ACC in dQ's dtype: the scale the one-pass kernel left out of its atomics."""
+    bh = tl.program_id(1).to(tl.int64)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d = tl.arange(0, BLOCK_D)
+    acc = load_rows(DQ_ACC + bh * n_queries * HEAD_DIM, rows, cols_d, HEAD_DIM, 1, n_queries,
+                     HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
+    store_rows(DQ + bh * stride_dqb, acc * sm_scale, rows, cols_d, stride_dqn, stride_dqd, n_queries, HEAD_DIM)

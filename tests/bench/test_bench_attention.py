@@ -1,0 +1,92 @@
+"""`bench attention` through the CLI on CPU: a tiny sweep, the leaderboard timing, failure rows and
+one-line errors for bad input."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from cs336_systems import cli
+from cs336_systems.bench import attention
+from helpers import assert_cli_error
+
+FAST = ["--device", "cpu", "--warmup-ms", "1", "--rep-ms", "5"]
+
+
+def run(tmp_path, *argv: str) -> int:
+    return cli.main(["bench", "attention", *FAST, *argv, "--out-dir", str(tmp_path)])
+
+
+def test_tiny_sweep_writes_every_row(tmp_path):
+    assert run(tmp_path, "--impls", "ours", "naive", "sdpa-math", "sdpa-cudnn", "--dtypes", "fp32",
+               "--seq-lens", "24", "40", "--head-dims", "16") == 0
+    rows = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert len(rows) == 4 * 2 * 3  # impls x lengths x passes
+    for row in rows:
+        if row["impl"] == "sdpa-cudnn":  # needs CUDA: recorded, not raised
+            assert row["status"] == "unsupported" and row["ms"] is None
+            continue
+        assert row["status"] == "ok" and math.isfinite(row["ms"]) and row["ms"] > 0
+        flops = attention.attention_flops((1, 1, row["seq_len"], 16), causal=True)
+        expected = attention.PASS_FLOP_FACTOR[row["pass"]] * flops / row["ms"] / 1e9
+        assert row["tflops"] == pytest.approx(expected)
+    assert {p.name for p in tmp_path.iterdir()} == {"attention.md", "attention.json", "attention.png"}
+
+
+def test_out_of_memory_becomes_a_row(tmp_path, monkeypatch):
+    def out_of_memory(causal, shape):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+
+    monkeypatch.setitem(attention.IMPLEMENTATIONS, "naive", out_of_memory)
+    assert run(tmp_path, "--impls", "naive", "--seq-lens", "16", "--head-dims", "16", "--passes", "forward") == 0
+    (row,) = json.loads((tmp_path / "attention.json").read_text())["rows"]
+    assert (row["status"], row["ms"]) == ("OOM", None)
+
+
+def test_sweep_repeats_report_the_median_of_interleaved_rounds(tmp_path, monkeypatch):
+    order = []
+    measure = attention.measure
+    monkeypatch.setattr(attention, "measure", lambda impl, *a: order.append(impl) or measure(impl, *a))
+    assert run(tmp_path, "--impls", "ours", "naive", "sdpa-cudnn", "--dtypes", "fp32", "--seq-lens", "24",
+               "--head-dims", "16", "--repeats", "3") == 0
+    assert order == ["ours", "naive", "sdpa-cudnn"] * 3
+    result = json.loads((tmp_path / "attention.json").read_text())
+    assert result["meta"]["repeats"] == 3 and len(result["rows"]) == 3 * 3  # impls x passes
+    for row in result["rows"]:
+        if row["impl"] == "sdpa-cudnn":  # needs CUDA: one failure row per pass, not three
+            assert row["status"] == "unsupported" and "ms_runs" not in row
+            continue
+        assert len(row["ms_runs"]) == 3 and row["ms"] == sorted(row["ms_runs"])[1]
+        flops = attention.attention_flops((1, 1, 24, 16), causal=True)
+        assert row["tflops"] == pytest.approx(attention.PASS_FLOP_FACTOR[row["pass"]] * flops / row["ms"] / 1e9)
+
+
+def test_attention_flops_halve_when_causal():
+    assert attention.attention_flops((2, 3, 128, 64), causal=False) == 4 * 6 * 128 * 128 * 64
+    assert attention.attention_flops((128, 64), causal=True) == 2 * 128 * 128 * 64
+
+
+def test_leaderboard_compares_ours_with_sdpa(tmp_path):
+    assert run(tmp_path, "--leaderboard", "--leaderboard-shape", "2", "48", "16", "--repeats", "3") == 0
+    result = json.loads((tmp_path / "leaderboard.json").read_text())
+    rows = {row["impl"]: row for row in result["rows"]}
+    assert result["meta"]["shape"] == "2x48x16" and {"ours", "sdpa-flash"} <= set(rows)
+    for row in rows.values():  # the median of three interleaved rounds
+        if row.get("status") is None:
+            assert len(row["fwd_bwd_runs_ms"]) == 3
+            assert row["fwd_bwd_ms"] == sorted(row["fwd_bwd_runs_ms"])[1]
+    assert rows["ours"]["fwd_bwd_ours_over_this"] == 1
+    assert rows["sdpa-flash"]["fwd_bwd_ours_over_this"] == pytest.approx(
+        rows["ours"]["fwd_bwd_ms"] / rows["sdpa-flash"]["fwd_bwd_ms"])
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--impls", "fastest"], "--impls"),
+    (["--seq-lens", "0"], "--seq-lens"),
+    (["--head-dims", "512"], "--head-dims"),
+    (["--leaderboard", "--repeats", "0"], "--repeats"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, argv, flag):
+    assert run(tmp_path, *argv) == 2
+    assert_cli_error(capsys, flag)

@@ -1,0 +1,240 @@
+"""`train` end to end on CPU: N gloo processes train like one, resuming is bit-exact, bad input fails early.
+
+Every run trains the `tiny` model for 6 steps of 8 x 32 tokens and ends with a checkpoint, whose
+weights the tests compare. Launching processes costs seconds, so the runs the comparisons share
+are made once per module (`runs`); single-process runs happen in the pytest process itself.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from cs336_systems.errors import ConfigError
+from cs336_systems import cli
+from cs336_systems.training import checkpoint
+from cs336_systems.training import command as train
+from cs336_systems.training.config import config_from_args
+from helpers import assert_cli_error
+
+STEPS = 6
+COMMON = ["--preset", "tiny", "--context-length", "32", "--batch-size", "8", "--steps", str(STEPS),
+          "--log-every", "1", "--eval-every", "3", "--eval-batches", "1", "--lr", "1e-2", "--no-progress"]
+REFERENCE_RUNS = {  # name -> flags; every run checkpoints at its end
+    "one": ["--nproc", "1", "--checkpoint-every", "2"],
+    "one-accum": ["--nproc", "1", "--grad-accum-steps", "2", "--checkpoint-every", "6"],
+    "two": ["--nproc", "2", "--no-shard-optimizer", "--checkpoint-every", "6"],
+    "two-sharded-accum": ["--nproc", "2", "--grad-accum-steps", "2", "--checkpoint-every", "2"],
+}
+
+
+def parse(*flags: str):
+    return config_from_args(cli.build_parser().parse_args(["train", *COMMON, *flags]))
+
+
+def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    path = checkpoint.list_checkpoints(out_dir / "checkpoints")[-1]
+    state = checkpoint.load(path)
+    assert state["step"] == STEPS
+    return state["model"]
+
+
+def train_losses(out_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Single-process runs happen in this process: one intra-op thread, like each spawned rank."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    out = {}
+    for name, flags in REFERENCE_RUNS.items():
+        out[name] = tmp_path_factory.mktemp(name)
+        assert cli.main(["train", *COMMON, *flags, "--out-dir", str(out[name])]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def initial_weights() -> dict[str, torch.Tensor]:
+    """The weights every run starts from (the seed fixes them)."""
+    config = parse()
+    train.prepare(config)
+    torch.manual_seed(config.seed)
+    return config.model.build().state_dict()
+
+
+def assert_same_weights(ours: dict, theirs: dict, initial: dict | None = None) -> None:
+    """Bit-equal weights, or with `initial`: equal up to float rounding, that is, the two runs moved
+    every tensor from `initial` by the same amount up to 1e-3 of that amount. (Adam turns rounding
+    differences in near-zero gradients into larger ones in the update, so elementwise tolerances
+    would have to be loose; a wrong gradient or batch gives errors of order 1.)"""
+    assert ours.keys() == theirs.keys()
+    for name, ours_tensor in ours.items():
+        if initial is None:
+            assert torch.equal(ours_tensor, theirs[name]), name
+        else:
+            moved = (theirs[name] - initial[name]).norm()
+            assert (ours_tensor - theirs[name]).norm() <= 1e-3 * moved, name
+
+
+# ---------------------------------------------------------------- data parallelism
+
+
+@pytest.mark.parametrize("name", ["two", "two-sharded-accum", "one-accum"])
+def test_same_global_batch_trains_the_same(runs, initial_weights, name):
+    """2 processes (plain or sharded AdamW) and gradient accumulation all match one process."""
+    assert_same_weights(final_weights(runs[name]), final_weights(runs["one"]), initial_weights)
+    ours, theirs = train_losses(runs[name]), train_losses(runs["one"])
+    assert [s for s, _ in ours] == list(range(1, STEPS + 1)) == [s for s, _ in theirs]
+    torch.testing.assert_close([loss for _, loss in ours], [loss for _, loss in theirs], rtol=1e-4, atol=1e-5)
+
+
+def test_outputs(runs):
+    out = runs["two-sharded-accum"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["parallel"]["shard_optimizer"] and config["grad_accum_steps"] == 2
+    assert (out / "loss.png").stat().st_size > 0
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0, 3, 6]
+
+
+# ---------------------------------------------------------------- checkpoints and resuming
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_at(step: int):
+    def hook(record):
+        if record["kind"] == "train" and record["step"] == step:
+            raise Interrupt
+
+    return hook
+
+
+@pytest.mark.parametrize("damage_newest", [False, True], ids=["clean", "truncated-newest"])
+def test_resume_is_bit_exact(runs, tmp_path, capsys, damage_newest):
+    """Interrupted after step 5 (checkpoints 2 and 4), resumed: the weights of an uninterrupted run.
+
+    With the newest checkpoint truncated, resuming names it and falls back to step 2.
+    """
+    flags = ["--nproc", "1", "--checkpoint-every", "2", "--out-dir", str(tmp_path), "--resume"]
+    with pytest.raises(Interrupt):
+        train.train(parse(*flags), hooks=[interrupt_at(5)])
+    newest = checkpoint.checkpoint_path(tmp_path / "checkpoints", 4)
+    if damage_newest:
+        newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    summary = train.train(parse(*flags))
+    err = capsys.readouterr().err
+    assert summary["resumed_from"] == (2 if damage_newest else 4)
+    assert (str(newest) in err and "falling back" in err) == damage_newest
+    assert_same_weights(final_weights(tmp_path), final_weights(runs["one"]))
+    assert train_losses(tmp_path) == train_losses(runs["one"])  # metrics.jsonl holds each step once
+
+
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(runs, tmp_path):
+    """Rank 1 SIGKILLs itself after step 3; torchrun restarts both workers, which resume from step 2."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "--max-restarts", "1", "-m", "cs336_systems", "train", *COMMON,
+               *REFERENCE_RUNS["two-sharded-accum"][2:], "--resume", "--out-dir", str(tmp_path)]
+    env = {**os.environ, "CS336_KILL_AT_STEP": "3"}
+    # A session of its own, so that a hang can be ended with every worker torchrun started.
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        raise
+    assert job.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "exitcode: -9" in stderr and re.search(r"resumed from +step 2", stdout)
+    assert_same_weights(final_weights(tmp_path), final_weights(runs["two-sharded-accum"]))
+
+
+# ---------------------------------------------------------------- bad input
+
+
+BAD_CONFIGS = [
+    (["--d-model", "66"], "--d-model 66 is not divisible by --num-heads 4"),
+    (["--nproc", "2", "--grad-accum-steps", "3"], "--batch-size 8 is not divisible by processes x --grad-accum-steps"),
+    (["--attention", "fast"], "--attention: unknown implementation 'fast'"),
+    (["--data", "{tmp}/tokens.npy"], "--data: cannot read"),
+    (["--vocab-size", "100"], "--vocab-size 100 is smaller than the data's largest token id"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("flags, message", BAD_CONFIGS, ids=[flags[0] for flags, _ in BAD_CONFIGS])
+def test_bad_config_is_one_line_before_any_process_group(tmp_path, capsys, monkeypatch, flags, message):
+    (tmp_path / "tokens.npy").write_bytes(b"not numpy")
+
+    def no_job(*args, **kwargs):
+        raise AssertionError("a job started despite the bad configuration")
+
+    monkeypatch.setattr(train, "run_job", no_job)
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    assert cli.main(["train", *COMMON, *flags, "--out-dir", str(tmp_path / "out")]) == 2
+    assert_cli_error(capsys, message)
+    assert not dist.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_wandb_missing_is_a_config_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: find_spec None, import fails
+    with pytest.raises(ConfigError, match="--wandb needs the wandb package"):
+        parse("--wandb", "proj")
+
+
+# ---------------------------------------------------------------- whole jobs
+
+
+def test_compile_bf16_and_wandb(tmp_path, monkeypatch):
+    """One process, torch.compile (aot_eager) and bf16 autocast, logging to a stand-in for wandb."""
+    logged = []
+
+    class FakeRun:
+        def log(self, values, step):
+            logged.append((step, values))
+
+        def finish(self):
+            logged.append("finished")
+
+    fake = type(sys)("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # found by importlib.util.find_spec
+    fake.init = lambda **kwargs: FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    summary = train.train(parse("--nproc", "1", "--steps", "2", "--compile", "--compile-backend", "aot_eager",
+                                "--bf16", "--wandb", "proj", "--out-dir", str(tmp_path)))
+    assert torch.isfinite(torch.tensor(summary["last_loss"]))
+    assert (2, logged[-2][1]) == logged[-2] and "val/val_loss" in logged[-2][1] and logged[-1] == "finished"
+    assert any("train/loss" in values for step, values in logged[:-1])
+
+
+def test_default_job_shows_the_whole_stack(tmp_path, capsys):
+    """`python -m cs336_systems` with no flags, shortened: 2 gloo ranks, DDP, sharded AdamW, flash attention."""
+    assert cli.main(["--steps", "3", "--eval-every", "3", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "mini model" in out and "flash attention" in out and "2 processes on cpu (gloo), DDP + sharded AdamW" in out
+    for row in ("train loss", "val loss", "tokens/s", "compute", "communication", "wall time"):
+        assert row in out
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "loss.png"}
