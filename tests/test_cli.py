@@ -1,9 +1,9 @@
 """The CLI front end: bad `train` input ends in one `error: ...` line and exit code 2, no traceback."""
 
 import pytest
+from helpers import assert_cli_error
 
 from cs336_systems import cli
-from helpers import assert_cli_error
 
 BAD_TRAIN_INPUT = [
     (["--preset", "huge"], "--preset"),

@@ -290,7 +290,8 @@ def _leaderboard_times(name: str, fn: AttentionFn, q, k, v, device: str, args: a
         try:
             times[key] = time_ms(run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         except Exception as error:  # noqa: BLE001 - a backend that cannot run is a row, not a crash
-            times[key], times["status"] = None, OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
+            reason = OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
+            times[key], times["status"] = None, reason
     print(f"{name:>15}: forward {_ms(times['forward_ms'])}, forward+backward {_ms(times['fwd_bwd_ms'])}", flush=True)
     return times
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -147,7 +148,8 @@ def _build_case(config: ModelBenchConfig, model_config: ModelConfig, context_len
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch_size, context_length + 1), generator=generator)
     tokens = tokens.to(config.device)  # (B, T + 1)
-    forward, _ = parallelize(model, 1, compile_model=config.runtime.compile, compile_backend=config.runtime.compile_backend)
+    runtime = config.runtime
+    forward, _ = parallelize(model, 1, compile_model=runtime.compile, compile_backend=runtime.compile_backend)
     return _Case(model, forward, optimizer, tokens[:, :-1], tokens[:, 1:])
 
 
@@ -205,13 +207,23 @@ def profiled(path: Path | None, device: torch.device) -> Iterator[None]:
     print(f"wrote profiler trace {path} (open it in chrome://tracing or ui.perfetto.dev)")
 
 
+def _progress(message: str) -> None:
+    """Long work says what it is doing (building an xl model on a CPU takes minutes)."""
+    print(message, flush=True)
+
+
 def time_case(config: ModelBenchConfig, model_config: ModelConfig, context_length: int) -> list[dict[str, float]]:
     """Phase milliseconds of each timed step of one configuration."""
     device, profiling = config.device, config.profile is not None
+    name = f"{model_config.preset or 'custom'} T={context_length}"
+    start = time.perf_counter()
     case = _build_case(config, model_config, context_length)
+    _progress(f"{name}: model built ({time.perf_counter() - start:.1f} s)")
     with labelled("warmup", device, profiling=False):
-        for _ in range(config.warmup):
+        for i in range(config.warmup):
+            start = time.perf_counter()
             _step(case, config, profiling=False)
+            _progress(f"{name}: warm-up {i + 1}/{config.warmup} ({time.perf_counter() - start:.1f} s)")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     snapshot = config.output_path(config.memory_snapshot, model_config, context_length)

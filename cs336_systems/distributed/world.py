@@ -15,15 +15,23 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cs336_systems.distributed.launch import default_backend, init_from_env, launch
 
-if TYPE_CHECKING:
-    from cs336_systems.training.config import TrainConfig
+
+class JobConfig(Protocol):
+    """What `run_job` reads of a job's configuration (training's TrainConfig is one):
+    `parallel.torchrun`, `parallel.world_size` and `runtime.device`."""
+
+    parallel: Any
+    runtime: Any
+
+
+C = TypeVar("C", bound=JobConfig)
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ class World:
         return default_backend(self.device)
 
 
-def run_job(fn: Callable[[TrainConfig, World], Any], config: TrainConfig) -> Any:
+def run_job(fn: Callable[[C, World], Any], config: C) -> Any:
     """`fn(config, world)` on every process of the job; returns rank 0's result (None on other ranks)."""
     parallel, device = config.parallel, torch.device(config.runtime.device)
     if parallel.torchrun:
@@ -60,7 +68,7 @@ def run_job(fn: Callable[[TrainConfig, World], Any], config: TrainConfig) -> Any
     return fn(config, World(0, 1, device))
 
 
-def _run_rank(fn: Callable[[TrainConfig, World], Any], config: TrainConfig) -> Any:
+def _run_rank(fn: Callable[[C, World], Any], config: C) -> Any:
     """In a worker whose process group is up: find its device, run `fn`, return its result on rank 0."""
     device = torch.device(config.runtime.device)
     if device.type == "cuda":

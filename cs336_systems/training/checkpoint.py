@@ -165,7 +165,7 @@ def save_trainer(trainer: Trainer) -> None:
                      "context_length": config.context_length},
             "rng": rng,
         }
-        save(trainer.checkpoint_dir, trainer.step, state, config.keep)
+        save(trainer.checkpoint_dir, trainer.step, state, config.checkpoint.keep)
     barrier(world)  # no rank runs ahead (or dies) before the checkpoint is complete
 
 

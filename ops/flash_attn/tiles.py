@@ -48,7 +48,8 @@ _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
 # float32 inputs. With three-TF32 products (see precision) by padded head dim: tiles from an
 # offline sm_90 compile survey (those with no or the fewest register spills; the spilling FMA kernels
 # ran 6-8x slower than torch's efficient backend at D = 128), then the fastest of them and a few wider
-# ones in `python -m ops.flash_attn.tune --dtype fp32` on an H100 (D = 128 forward -33 %, D = 64 each kernel -4 to -9 %).
+# ones in `python -m ops.flash_attn.tune --dtype fp32` on an H100 (D = 128 forward -33 %, D = 64 each
+# kernel -4 to -9 %).
 # At D = 32 the survey's backward tiles stayed ahead (2.77 vs 3.23 ms at 1 x 16384, same machine);
 # docs/perf/flash_attention.md.
 _FP32_TUNED_64 = KernelConfigs(Blocks(32, 64, 4, 3), Blocks(64, 32, 4, 1), Blocks(64, 64, 4, 1), Blocks(32, 32, 4, 1))

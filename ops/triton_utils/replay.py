@@ -144,7 +144,8 @@ def _descriptor_key(desc) -> tuple:
     alignment), then shape, strides, block shape and options (padding, tf32 rounding) as given."""
     base = desc.base
     return (base.dtype, base.data_ptr() % _ALIGN == 0,
-            *[tuple(value) if isinstance(value, list) else value for name, value in vars(desc).items() if name != "base"])
+            *[tuple(value) if isinstance(value, list) else value
+              for name, value in vars(desc).items() if name != "base"])
 
 
 def _device_and_stream() -> tuple[int, int]:

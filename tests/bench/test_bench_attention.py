@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.bench import attention
-from helpers import assert_cli_error
 
 FAST = ["--device", "cpu", "--warmup-ms", "1", "--rep-ms", "5"]
 

@@ -5,10 +5,10 @@ import json
 import math
 
 import pytest
+from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.bench import allreduce
-from helpers import assert_cli_error
 
 ALLREDUCE_FAST = ["--backend", "gloo", "--nproc", "2", "--warmup", "1", "--iters", "2"]
 DDP_FAST = ["--backend", "gloo", "--preset", "tiny", "--batch-size", "1", "--context-length", "8",

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.bench import model as model_bench
-from helpers import assert_cli_error
 
 FAST = ["--preset", "tiny", "--device", "cpu", "--batch-size", "2", "--context-length", "16", "-w", "1", "-n", "2"]
 

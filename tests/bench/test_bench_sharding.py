@@ -5,10 +5,10 @@ import json
 import math
 
 import pytest
+from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.bench.sharding import POINTS, VARIANTS
-from helpers import assert_cli_error
 
 FAST = ["--preset", "tiny", "--backend", "gloo", "--batch-size", "2", "--context-length", "16",
         "--warmup", "1", "--steps", "2", "--rounds", "1"]

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from ops.triton_utils.replay import ReplayLauncher
 
 from ops.triton_utils import replay as triton_replay
+from ops.triton_utils.replay import ReplayLauncher
 
 STREAM = 1234
 

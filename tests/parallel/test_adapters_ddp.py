@@ -1,7 +1,8 @@
 """The CS336 DDP adapters, called the way CS336's tests call them: keyword arguments, 2 gloo ranks.
 
 Each rank seeds its model with its own rank, so rank 1 starts from different weights until the
-wrapper broadcasts rank 0's. Then every rank trains its half of a freshly shuffled batch for 5 SGD steps and compares, after each step,
+wrapper broadcasts rank 0's. Then every rank trains its half of a freshly shuffled batch for 5 SGD steps and
+compares, after each step,
 with a model trained in the same process on the whole batch. One launch runs every case.
 """
 

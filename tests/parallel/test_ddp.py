@@ -3,7 +3,8 @@
 Every case trains a toy LM (tied embedding/head, a frozen parameter, a buffer, a layer only some
 steps use) for 5 steps on disjoint halves of a fixed batch and compares with one process training
 on the whole batch. Ranks initialise from different seeds, so only the wrapper's broadcast of
-rank 0's parameters and buffers can make them agree. Launching ranks costs seconds, so one launch runs every case and returns plain data;
+rank 0's parameters and buffers can make them agree. Launching ranks costs seconds, so one launch runs every
+case and returns plain data;
 the parametrized tests below only assert on it. Compiled variants use the aot_eager backend:
 the same graphs without inductor's C++ compile, which is far too slow for a 2-core CI box.
 """

@@ -70,7 +70,8 @@ def _tied(model, make):
     # Training alone cannot tell whether zero_grad reached the parameters other ranks own (their
     # gradients are never read here), so look at them directly.
     opt.zero_grad(set_to_none=False)
-    return {"grads_after_zero_grad": [None if p.grad is None else p.grad.abs().sum().item() for p in model.parameters()]}
+    grads = [None if p.grad is None else p.grad.abs().sum().item() for p in model.parameters()]
+    return {"grads_after_zero_grad": grads}
 
 
 def _groups(model, make):
@@ -163,7 +164,8 @@ def _ddp(model, make):
 
 
 SCENARIOS = {"tied": _tied, "groups": _groups, "late_group": _late_group, "scheduler": _scheduler,
-             "relayout": _relayout, "rank_without_params": _rank_without_params, "state_dict": _state_dict, "memory": _memory}
+             "relayout": _relayout, "rank_without_params": _rank_without_params, "state_dict": _state_dict,
+             "memory": _memory}
 if HAS_DDP:
     SCENARIOS["ddp"] = _ddp
 
@@ -255,8 +257,12 @@ def _outcomes(ranks, variant: str, scenario: str):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("scenario", ["tied", "groups", "late_group", "scheduler", "relayout", "rank_without_params"])
 def test_matches_unsharded_adamw(ranks, variant, scenario):
+    # Compiled, torch 2.11's AdamW step rounds differently when the local optimizer holds a subset of
+    # a group's parameters (seen: a few float32 ulps a step, 5e-5 relative after the scenario's steps);
+    # eager stays at float32 rounding. A wrong update (stale LR, missed group) is orders larger.
+    rtol, atol = (1e-6, 1e-7) if variant == "eager" else (1e-4, 1e-6)
     for sharded, reference in _outcomes(ranks, variant, scenario):
-        _assert_same_params(sharded, reference)
+        _assert_same_params(sharded, reference, rtol=rtol, atol=atol)
         assert {k: v for k, v in sharded.items() if k != "params"} == \
                {k: v for k, v in reference.items() if k != "params"}
 

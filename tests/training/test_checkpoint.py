@@ -22,7 +22,8 @@ def test_save_is_atomic_and_keeps_the_newest(tmp_path):
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000004.pt", "step_00000006.pt"]
     assert not list(tmp_path.glob("*.tmp"))
     path, state = checkpoint.load_newest(tmp_path)
-    assert path.name == "step_00000006.pt" and state["step"] == 6 and torch.equal(state["model"]["w"], torch.full((3,), 6.0))
+    assert path.name == "step_00000006.pt" and state["step"] == 6
+    assert torch.equal(state["model"]["w"], torch.full((3,), 6.0))
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):

@@ -19,13 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import assert_cli_error
 
-from cs336_systems.errors import ConfigError
 from cs336_systems import cli
+from cs336_systems.errors import ConfigError
 from cs336_systems.training import checkpoint
 from cs336_systems.training import command as train
 from cs336_systems.training.config import config_from_args
-from helpers import assert_cli_error
 
 STEPS = 6
 COMMON = ["--preset", "tiny", "--context-length", "32", "--batch-size", "8", "--steps", str(STEPS),
@@ -112,7 +112,8 @@ def test_outputs(runs):
     config = json.loads((out / "config.json").read_text())
     assert config["world_size"] == 2 and config["parallel"]["shard_optimizer"] and config["grad_accum_steps"] == 2
     assert (out / "loss.png").stat().st_size > 0
-    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == ["step_00000004.pt", "step_00000006.pt"]
+    names = [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")]
+    assert names == ["step_00000004.pt", "step_00000006.pt"]
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [0, 3, 6]
 
@@ -238,3 +239,15 @@ def test_default_job_shows_the_whole_stack(tmp_path, capsys):
     for row in ("train loss", "val loss", "tokens/s", "compute", "communication", "wall time"):
         assert row in out
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "metrics.jsonl", "loss.png"}
+
+
+def test_flag_defaults_are_the_config_defaults():
+    """Each `train` flag's default comes from its config field: parsing no flags gives the defaults."""
+    from cs336_systems.training.config import CheckpointConfig, OptimizerConfig, TrainConfig
+
+    args = cli.build_parser().parse_args(["train"])
+    defaults, optimizer, ckpt = TrainConfig.__dataclass_fields__, OptimizerConfig(), CheckpointConfig()
+    for name in ("steps", "batch_size", "grad_accum_steps", "context_length", "eval_every", "log_every", "seed"):
+        assert getattr(args, name) == defaults[name].default, name
+    assert (args.lr, args.weight_decay, args.grad_clip) == (optimizer.lr, optimizer.weight_decay, optimizer.grad_clip)
+    assert (args.checkpoint_every, args.keep_checkpoints) == (ckpt.every, ckpt.keep)

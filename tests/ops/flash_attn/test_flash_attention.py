@@ -286,7 +286,13 @@ def test_tile_tables_follow_the_rows_in_all():
     """The selection rule, not the tuned sizes (a retune must not break this): few rows in all
     (batch * heads * Nq) pick the small-grid table, many pick the tables tuned for many heads, heads
     0 means "unknown" (many), and float32 has one table whatever the rows."""
-    from ops.flash_attn.tiles import LONG_SEQUENCE, SMALL_GRID_ROWS, SMALL_GRID_ROWS_D128_SHORT, kernel_configs, small_grid
+    from ops.flash_attn.tiles import (
+        LONG_SEQUENCE,
+        SMALL_GRID_ROWS,
+        SMALL_GRID_ROWS_D128_SHORT,
+        kernel_configs,
+        small_grid,
+    )
 
     bf16 = torch.bfloat16
     assert small_grid(1, 4096, 64) and not small_grid(64, 4096, 64) and not small_grid(0, 4096, 64)
@@ -308,8 +314,8 @@ def test_cuda_replayed_descriptor_launches_match_triton_launches(gen, monkeypatc
     same bits as Triton's launch path, except dQ, whose bulk-reduced sums vary in their last bits."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("tensor descriptors become TMA copies on sm_90+ only")
-    from ops.triton_utils import replay as triton_replay
     from ops.flash_attn import launch_onepass, launch_tma
+    from ops.triton_utils import replay as triton_replay
 
     q, k, v = make_inputs((2,), 1000, 1000, 128, torch.bfloat16, "cuda", gen)
     grad_out = torch.randn(q.shape, generator=gen).to("cuda", torch.bfloat16)
@@ -365,8 +371,8 @@ def test_cuda_fp32_precision_over_many_tiles(head_dim, gen):
 def test_cuda_replayed_launches_match_triton_launches(gen, monkeypatch):
     """Repeated calls replay the compiled launchers (ops/triton_utils/replay.py) and give the same bits
     as Triton's own launch path; a misaligned view of the same data compiles apart and is right too."""
-    from ops.triton_utils import replay as triton_replay
     from ops.flash_attn import launch
+    from ops.triton_utils import replay as triton_replay
 
     size = 300 * 64
     storage = torch.randn(2, 3 * size + 1, generator=gen).to("cuda", torch.bfloat16)
