@@ -1,8 +1,9 @@
 """Which Triton kernels run: the measured choice among the forward and backward variants.
 
-Forward: the pointer-arithmetic kernel (launch.flash_forward), or for head dim 128 and long
-sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured 4-7 % faster there on an
-H100 and no faster elsewhere.
+Forward: on sm_90 with 16-bit inputs, head dim 64 or 128 and enough work, the warp-specialised
+Gluon kernel (gluon/; off with CS336_GLUON=0). Otherwise the pointer-arithmetic kernel (launch.flash_forward), or
+for head dim 128 and long sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured
+4-7 % faster there on an H100 and no faster elsewhere.
 
 Backward: the two-pass kernels (launch.flash_backward: 7 matmuls and two exps per score, no
 atomics, bitwise deterministic), or the one-pass backward with dQ summed by bulk (TMA) reductions
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from ops.flash_attn.gluon import use_gluon_forward
 from ops.flash_attn.launch import batch_heads, flash_backward, flash_forward
 from ops.flash_attn.launch_onepass import flash_backward_onepass
 from ops.flash_attn.launch_tma import flash_forward_tma, tma_supported
@@ -44,6 +46,10 @@ def use_onepass_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
 
 def attention_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(O, L) from the fastest forward kernel for these inputs."""
+    if use_gluon_forward(q, k, v):  # sm_90, 16-bit, D 64 / 128, unless CS336_GLUON=0 (gluon/__init__.py)
+        from ops.flash_attn.gluon.launch import flash_forward_gluon  # imports Gluon only where it runs
+
+        return flash_forward_gluon(q, k, v, is_causal, scale)
     if use_tma_forward(q, k, v):
         return flash_forward_tma(q, k, v, is_causal, scale)
     return flash_forward(q, k, v, is_causal, scale)

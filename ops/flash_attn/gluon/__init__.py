@@ -1,0 +1,84 @@
+"""Gluon (`triton.experimental.gluon`) FlashAttention kernels for Hopper, and when to use them.
+
+Files: kernels_fwd.py (the warp-specialised forward), launch.py (descriptors, tiles, launch, and
+`compile_forward`, the ahead-of-time sm_90 compile CI runs on CPU), gpu_check.py (the GPU
+correctness and timing script). This module imports no Gluon: it only decides.
+
+Gluon is experimental and its API moves between Triton releases, so the kernels are used only with
+the Triton minor version they were written and measured against (TESTED_TRITON). With any other
+Triton, `gluon_available()` warns once and the op keeps its `tl` kernels. `CS336_GLUON=0` (read
+once per process) turns the Gluon path off.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+import triton
+
+from ops.flash_attn.launch import as_bhnd
+from ops.flash_attn.launch_tma import tma_aligned
+from ops.triton_utils import device_capability
+
+TESTED_TRITON = "3.6"  # major.minor of the Gluon API the kernels were written and measured against
+GLUON_HEAD_DIMS = (64, 128)
+GLUON_DTYPES = (torch.bfloat16, torch.float16)
+GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has neither in this form
+# B*H * Nq * Nk * D from which the Gluon forward is used (H200, causal bf16, docs/perf v11). Its
+# launch (four Gluon host descriptors, Triton's own launch path, no replay) costs 0.05-0.15 ms more
+# host time than the replayed tl launch, so small problems stay on tl: at 2**33 (4 x 4096 x 128) it
+# took 0.201 vs 0.073 ms; from 2**35 it won (16 x 4096 x 128: 0.143 vs 0.176; 1 x 16384 x 128: 0.204
+# vs 0.218) or tied (64 x 4096 x 64, 2**36: 0.355 vs 0.360).
+GLUON_MIN_WORK = 2**35
+
+
+@functools.cache
+def gluon_enabled() -> bool:
+    """False when CS336_GLUON=0 (read once, like TRITON_INTERPRET)."""
+    return os.environ.get("CS336_GLUON", "1") != "0"
+
+
+@functools.cache
+def gluon_available() -> bool:
+    """True when this Triton has the Gluon API the kernels were written for; warns once otherwise."""
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version != TESTED_TRITON:
+        warnings.warn(f"cs336 flash_attn: the Gluon kernels were tested with triton {TESTED_TRITON}.x, this is "
+                      f"triton {triton.__version__}; using the tl kernels instead", RuntimeWarning, stacklevel=2)
+        return False
+    try:
+        from triton.experimental.gluon.language.nvidia import hopper  # noqa: F401
+    except ImportError as err:
+        warnings.warn(f"cs336 flash_attn: triton.experimental.gluon is unusable ({err}); using the tl kernels "
+                      "instead", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True when launch.flash_forward_gluon can run these inputs: sm_90 CUDA tensors, 16-bit, head
+    dim 64 or 128, TMA-aligned (BH, N, D) views, non-empty. Cheap checks first; the Triton version
+    check (and its one warning) only where the Gluon kernel would otherwise run."""
+    if not (q.is_cuda and q.dtype in GLUON_DTYPES and q.shape[-1] in GLUON_HEAD_DIMS):
+        return False
+    if not (q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        return False
+    if q.numel() == 0 or k.numel() == 0 or device_capability(q.device.index) != GLUON_CAPABILITY:
+        return False
+    if not all(tma_aligned(as_bhnd(x)) for x in (q, k, v)):
+        return False
+    return gluon_enabled() and gluon_available()
+
+
+def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The dispatch rule: the Gluon forward where it runs and the problem is large enough for its GPU
+    time to decide (measured faster there, docs/perf/flash_attention.md, v11), unless CS336_GLUON=0."""
+    work = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
+    return work >= GLUON_MIN_WORK and gluon_forward_supported(q, k, v)
+
+
+__all__ = ["GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available", "gluon_enabled",
+           "gluon_forward_supported", "use_gluon_forward"]

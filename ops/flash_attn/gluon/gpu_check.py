@@ -1,0 +1,144 @@
+"""One device-machine call for the Gluon forward: correctness, then timings against the tl kernels and cuDNN.
+
+    PYTHONUNBUFFERED=1 python3 -m ops.flash_attn.gluon.gpu_check [--sweep] [--skip-tests]
+
+Each stage runs in a child process with a time limit, so a kernel that deadlocks on its mbarriers
+costs that limit, not the lease. Rows print as they are measured; the summary table prints last.
+Timings: triton.testing.do_bench medians (ms), bf16, causal, inputs that require grad (as in training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+TEST_FILE = "tests/ops/flash_attn/test_gluon_cuda.py"
+# (name, batch, heads, N, D): the 8B model's layer and the CS336 leaderboard (16 heads x 16384 x 64, batch 1).
+TARGETS = [("8B", 2, 32, 32768, 128), ("leaderboard", 1, 16, 16384, 64)]
+# Smaller shapes that decide the dispatch rule (forward only).
+RULE_SHAPES = [("64x4096x64", 4, 16, 4096, 64), ("16x4096x128", 1, 16, 4096, 128), ("1x16384x128", 1, 1, 16384, 128),
+               ("4x4096x128", 1, 4, 4096, 128), ("16x2048x64", 1, 16, 2048, 64), ("1x8192x64", 1, 1, 8192, 64),
+               ("1x4096x64", 1, 1, 4096, 64), ("1x2048x64", 1, 1, 2048, 64)]
+
+
+def _child(stage: str, timeout: int, extra: list[str]) -> str:
+    cmd = [sys.executable, "-m", "ops.flash_attn.gluon.gpu_check", "--stage", stage, *extra]
+    try:
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        out = run.stdout + run.stderr
+        print(out[-6000:], flush=True)
+        return out
+    except subprocess.TimeoutExpired as err:
+        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        print(out[-6000:], f"\n!! stage {stage} timed out after {timeout} s", flush=True)
+        return out
+
+
+def _tests(select: str | None) -> None:
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TEST_FILE]
+    sys.exit(subprocess.call(cmd + (["-k", select] if select else [])))
+
+
+def _set_gluon(on: bool) -> None:
+    import ops.flash_attn.gluon as gluon
+
+    os.environ["CS336_GLUON"] = "1" if on else "0"
+    gluon.gluon_enabled.cache_clear()
+
+
+def _bench(fn, grads=()) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=20, rep=100, grad_to_none=list(grads), return_mode="median")
+
+
+def _cudnn(q, k, v):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep: bool, pingpong: bool) -> dict:
+    import torch
+
+    from ops.flash_attn import flash_attn
+    from ops.flash_attn.dispatch import attention_forward
+    from ops.flash_attn.gluon.launch import FORWARD_TILES, GluonTiles, flash_forward_gluon
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))  # (B, H, N, D)
+    scale = d ** -0.5
+    _set_gluon(False)
+    o_tl, l_tl = attention_forward(q, k, v, True, scale)
+    o_gl, l_gl = flash_forward_gluon(q, k, v, True, scale)
+    row = {"shape": name, "diff_O": (o_gl.float() - o_tl.float()).abs().max().item(),
+           "diff_L": (l_gl - l_tl).abs().max().item(),
+           "fwd_gluon": _bench(lambda: flash_forward_gluon(q, k, v, True, scale)),
+           "fwd_tl": _bench(lambda: attention_forward(q, k, v, True, scale)),
+           "fwd_cudnn": _bench(lambda: _cudnn(q, k, v))}
+    if pingpong:  # the other ping-pong setting, interleaved with the table's: two rounds each
+        table = FORWARD_TILES[d]
+        other = dataclasses.replace(table, pingpong=not table.pingpong)
+        for label, tiles in (("pp_other_1", other), ("pp_table_2", table), ("pp_other_2", other)):
+            row[label] = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles))  # noqa: B023
+    if backward:
+        dout = torch.randn_like(q)
+        for label, on in (("fwdbwd_gluon", True), ("fwdbwd_tl", False)):
+            _set_gluon(on)
+            row[label] = _bench(lambda: flash_attn(q, k, v, True).backward(dout), (q, k, v))
+        row["fwdbwd_cudnn"] = _bench(lambda: _cudnn(q, k, v).backward(dout), (q, k, v))
+    print(json.dumps(row), flush=True)
+    for bn, stages in ((64, 2), (64, 3), (128, 2), (128, 3), (64, 4)) if sweep else ():
+        tiles = GluonTiles(64, bn, stages)
+        if stages * 2 * bn * d * 2 + 2 * 64 * d * 2 > 220 * 1024:
+            continue  # over sm_90's shared memory
+        try:
+            ms = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles))  # noqa: B023
+            print(json.dumps({"sweep": name, "tiles": [64, bn, stages], "fwd_gluon": ms}), flush=True)
+        except Exception as err:  # a tile that does not compile: report it and go on
+            print(json.dumps({"sweep": name, "tiles": [64, bn, stages], "error": str(err)[:300]}), flush=True)
+    return row
+
+
+def _timings(sweep: bool, pingpong: bool) -> None:
+    import torch
+
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    rows = [_time_shape(*shape, backward=True, sweep=sweep, pingpong=pingpong) for shape in TARGETS]
+    rows += [_time_shape(*shape, backward=False, sweep=False, pingpong=False) for shape in RULE_SHAPES]
+    print("\n| shape | max abs O gl-tl | max abs L | fwd gluon | fwd tl | fwd cuDNN | f+b gluon | f+b tl | f+b cuDNN |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r.get(key, float('nan')):.3f}" for key in
+                 ("fwd_gluon", "fwd_tl", "fwd_cudnn", "fwdbwd_gluon", "fwdbwd_tl", "fwdbwd_cudnn")]
+        print(f"| {r['shape']} | {r['diff_O']:.1e} | {r['diff_L']:.1e} | " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", choices=["tests", "timings"])
+    parser.add_argument("--sweep", action="store_true", help="also time other tiles at the target shapes")
+    parser.add_argument("--pingpong", action="store_true", help="A/B the ping-pong setting at the target shapes")
+    parser.add_argument("--tests-k", help="run only the GPU tests matching this pytest -k expression")
+    parser.add_argument("--skip-tests", action="store_true")
+    parser.add_argument("--test-timeout", type=int, default=180)
+    parser.add_argument("--timing-timeout", type=int, default=200)
+    args = parser.parse_args()
+    if args.stage == "tests":
+        return _tests(args.tests_k)
+    if args.stage == "timings":
+        return _timings(args.sweep, args.pingpong)
+    if not args.skip_tests:
+        _child("tests", args.test_timeout, ["--tests-k", args.tests_k] if args.tests_k else [])
+    _child("timings", args.timing_timeout, ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Launcher of the Gluon forward (kernels_fwd.flash_fwd_ws_kernel) and its ahead-of-time compile.
+
+Same contract as ops.flash_attn.launch.flash_forward: q (..., Nq, D), k/v (..., Nk, D) -> a fresh
+contiguous O (..., Nq, D) in q.dtype and L (..., Nq) float32 (natural-log logsumexp). Callers check
+`ops.flash_attn.gluon.gluon_forward_supported` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ops.flash_attn.gluon.kernels_fwd import NUM_CONSUMERS, flash_fwd_ws_kernel
+from ops.flash_attn.kernels import LOG2E
+from ops.flash_attn.launch import as_bhnd, forward_outputs, launch_grid
+
+SM90 = GPUTarget("cuda", 90, 32)
+NUM_WARPS = 4  # the default partition: consumer warpgroup 0
+# 4 + 4 + 1 warps round up to 3 warpgroups, 384 threads: 168 registers each fit the 64K register
+# file at launch; setmaxnreg then moves the load warpgroup to 24 and both consumers to 240.
+MAXNREG = 168
+CONSUMER_REGS = 240
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+_SIG_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class GluonTiles:
+    block_m: int  # query rows per consumer warpgroup (a CTA has NUM_CONSUMERS of them)
+    block_n: int  # key rows per K/V tile
+    num_stages: int  # K/V ring depth in shared memory
+    pingpong: bool = False  # consumers take turns to issue their matmuls (kernels_fwd.py)
+
+
+# By head dim, from the v11 sweep on an H200 (docs/perf/flash_attention.md): 128-key tiles won at both
+# head dims (64-key tiles +10-15 %); 2 or 3 stages were level at D = 64. Shared memory per CTA:
+# 2 Q tiles + NUM_STAGES K and V tiles (D = 128: 160 KB).
+FORWARD_TILES = {64: GluonTiles(64, 128, 2), 128: GluonTiles(64, 128, 2)}
+
+
+def _layout(block_shape: list[int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    return gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[dtype])
+
+
+def _descriptor(x3: torch.Tensor, rows: int) -> TensorDescriptor:
+    """Descriptor over the (BH, N, D) view x3, one (1, rows, D) tile per copy."""
+    block = [1, rows, x3.shape[-1]]
+    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, _layout(block, x3.dtype))
+
+
+def _meta(head_dim: int, is_causal: bool, tiles: GluonTiles) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
+                IS_CAUSAL=is_causal, PINGPONG=tiles.pingpong, CONSUMER_REGS=CONSUMER_REGS)
+
+
+def flash_forward_gluon(q, k, v, is_causal: bool, scale: float,
+                        tiles: GluonTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+
+    `tiles` overrides the table (gpu_check.py times variants with it).
+    """
+    out, lse = forward_outputs(q)
+    q3, k3, v3, o3 = (as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
+    bh, n_q, head_dim = q3.shape
+    tiles = tiles or FORWARD_TILES[head_dim]
+    grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, bh)
+    flash_fwd_ws_kernel[grid](
+        _descriptor(q3, tiles.block_m), _descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
+        _descriptor(v3, tiles.block_n), _descriptor(o3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        lse,  # (..., Nq) float32, contiguous: (BH, Nq)
+        n_q, k3.shape[1], scale * LOG2E,
+        **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS, maxnreg=MAXNREG)
+    return out, lse
+
+
+def compile_forward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
+                    tiles: GluonTiles | None = None, target: GPUTarget = SM90):
+    """Compile the forward for `target` without a GPU (ptxas ships with Triton): the CompiledKernel,
+    whose .asm holds "ttgir", "ptx" and "cubin". The signature is the one a launch specialises to."""
+    tiles = tiles or FORWARD_TILES[head_dim]
+    ty = _SIG_DTYPES[dtype]
+
+    def desc(rows: int) -> str:
+        block = [1, rows, head_dim]
+        return f"tensordesc<{ty}[{','.join(map(str, block))}],{_layout(block, dtype)!r}>"
+
+    meta = _meta(head_dim, is_causal, tiles)
+    signature = {"q_desc": desc(tiles.block_m), "k_desc": desc(tiles.block_n), "v_desc": desc(tiles.block_n),
+                 "o_desc": desc(tiles.block_m), "lse_ptr": "*fp32", "n_queries": "i32", "n_keys": "i32",
+                 "qk_scale": "fp32", **{name: "constexpr" for name in meta}}
+    source = GluonASTSource(flash_fwd_ws_kernel, signature, constexprs=meta)
+    return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})

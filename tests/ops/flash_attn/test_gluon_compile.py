@@ -1,0 +1,44 @@
+"""The Gluon forward compiles for sm_90 ahead of time, on a machine without a GPU.
+
+triton.compile takes the kernel's Gluon source, a signature (the host descriptors' types, as a launch
+specialises them) and an explicit GPUTarget; ptxas ships inside the triton wheel, so this runs the
+whole pipeline down to a cubin. The assertions pin what makes the kernel a Hopper kernel: wgmma,
+TMA copies completing on mbarriers, setmaxnreg for the warp-specialised partitions, no spills.
+"""
+
+import re
+
+import pytest
+import torch
+
+from ops.flash_attn.gluon import TESTED_TRITON, gluon_available
+
+pytestmark = pytest.mark.skipif(not gluon_available(), reason=f"Gluon kernels need triton {TESTED_TRITON}.x")
+
+
+@pytest.fixture(scope="module")
+def launch():
+    from ops.flash_attn.gluon import launch
+
+    return launch
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_compiles_for_sm90(launch, head_dim, causal, dtype):
+    compiled = launch.compile_forward(head_dim, causal, dtype)
+    ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
+    assert ".target sm_90a" in ptx
+    assert "wgmma.mma_async" in ptx and "wgmma.wait_group" in ptx
+    assert "cp.async.bulk.tensor" in ptx  # TMA loads and the O store
+    assert "mbarrier.try_wait" in ptx
+    # The load warpgroup gives registers up, the consumer warpgroups take them.
+    assert "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx
+    assert f"setmaxnreg.inc.sync.aligned.u32 \t{launch.CONSUMER_REGS}" in ptx
+    assert not re.search(r"\b(ld|st)\.local\b", ptx), "register spills"
+    assert isinstance(cubin, bytes) and len(cubin) > 0
+    tiles = launch.FORWARD_TILES[head_dim]
+    stage_bytes = 2 * tiles.block_n * head_dim * 2  # one K and one V tile, 16-bit
+    assert compiled.metadata.shared >= tiles.num_stages * stage_bytes
+    assert compiled.metadata.shared <= 227 * 1024  # sm_90's shared memory per block

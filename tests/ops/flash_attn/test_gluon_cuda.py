@@ -1,0 +1,88 @@
+"""The Gluon forward on an sm_90 GPU against float64: O, L, and gradients through the op.
+
+Low-precision oracle as in the other FlashAttention tests: our error against float64 may be at most
+2x the error of the same math done in the input dtype (plus a floor). L is float32 from exact
+16-bit products, so it is held to an absolute tolerance.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+from flash_helpers import assert_close_to_reference, make_inputs, max_error, run_with_grads
+
+import ops.flash_attn.gluon as gluon
+from ops.flash_attn import attention_reference, flash_attn
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+                            and gluon.gluon_available()), reason="needs an sm_90 GPU and the tested Triton"),
+]
+
+# (leading dims, Nq, Nk): odd lengths, Nq != Nk both ways, one query row, several CTAs and key tiles.
+SHAPES = [((2, 3), 200, 333), ((1,), 1000, 1000), ((2,), 77, 1030), ((1,), 1030, 77), ((3,), 1, 129),
+          ((), 4096, 4096)]
+DTYPES = [torch.bfloat16, torch.float16]
+LSE_ATOL = 2e-3
+
+
+@pytest.fixture
+def gen():
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gluon_forward_matches_float64(shape, head_dim, causal, dtype, gen):
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    q, k, v = (x.detach() for x in make_inputs(*shape, head_dim, dtype, "cuda", gen))
+    scale = head_dim ** -0.5
+    out, lse = flash_forward_gluon(q, k, v, causal, scale)
+    exact, exact_lse = attention_reference(q.double(), k.double(), v.double(), causal, scale)
+    low, _ = attention_reference(q, k, v, causal, scale)
+    assert out.dtype == dtype and out.shape == q.shape and lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    allowed = 2 * max_error(low, exact) + 1e-3
+    assert max_error(out, exact) <= allowed, f"O: {max_error(out, exact):.2e} > {allowed:.2e}"
+    assert max_error(lse, exact_lse) <= LSE_ATOL, f"L: {max_error(lse, exact_lse):.2e}"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", [((2, 3), 200, 333), ((), 4096, 4096), ((1,), 1030, 77)], ids=str)
+def test_gluon_forward_pingpong_matches_float64(shape, head_dim, causal, gen):
+    from ops.flash_attn.gluon.launch import FORWARD_TILES, flash_forward_gluon
+
+    tiles = dataclasses.replace(FORWARD_TILES[head_dim], pingpong=not FORWARD_TILES[head_dim].pingpong)
+    q, k, v = (x.detach() for x in make_inputs(*shape, head_dim, torch.bfloat16, "cuda", gen))
+    out, lse = flash_forward_gluon(q, k, v, causal, head_dim ** -0.5, tiles)
+    exact, exact_lse = attention_reference(q.double(), k.double(), v.double(), causal, head_dim ** -0.5)
+    low, _ = attention_reference(q, k, v, causal, head_dim ** -0.5)
+    assert max_error(out, exact) <= 2 * max_error(low, exact) + 1e-3
+    assert max_error(lse, exact_lse) <= LSE_ATOL
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_op_with_gluon_forward_matches_float64_with_gradients(head_dim, causal, dtype, gen, monkeypatch):
+    monkeypatch.setattr(gluon, "GLUON_MIN_WORK", 0)  # route this small problem through Gluon too
+    q, k, v = make_inputs((2, 2), 333, 517, head_dim, dtype, "cuda", gen)
+    assert gluon.use_gluon_forward(q, k, v)
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda", dtype)
+    ours = run_with_grads(lambda q, k, v, c: flash_attn(q, k, v, c), q, k, v, causal, grad_out)
+    assert_close_to_reference(ours, q, k, v, causal, grad_out)
+
+
+def test_gluon_forward_on_non_contiguous_inputs(gen):
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    # (B, N, H, D) storage viewed as (B, H, N, D): batch and heads do not merge into one stride.
+    q, k, v = (torch.randn(2, 300, 4, 64, generator=gen).to("cuda", torch.bfloat16).transpose(1, 2)
+               for _ in range(3))
+    out, lse = flash_forward_gluon(q, k, v, True, 0.125)
+    exact, exact_lse = attention_reference(q.double(), k.double(), v.double(), True, 0.125)
+    assert max_error(out, exact) <= 2e-2 and max_error(lse, exact_lse) <= LSE_ATOL

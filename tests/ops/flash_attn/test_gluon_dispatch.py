@@ -1,0 +1,122 @@
+"""When the forward runs the Gluon kernel, checked on CPU with stand-ins for CUDA tensors and devices.
+
+The rule (ops/flash_attn/gluon/__init__.py): sm_90 exactly, bf16/fp16, head dim 64 or 128, TMA-aligned
+views, non-empty, CS336_GLUON not 0, and the Triton minor version the kernels were tested with;
+with another Triton it warns once and the tl kernels run.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import ops.flash_attn.dispatch as dispatch
+import ops.flash_attn.gluon as gluon
+
+
+@pytest.fixture(autouse=True)
+def fresh_caches(monkeypatch):
+    monkeypatch.delenv("CS336_GLUON", raising=False)
+    gluon.gluon_enabled.cache_clear()
+    gluon.gluon_available.cache_clear()
+    yield
+    gluon.gluon_enabled.cache_clear()
+    gluon.gluon_available.cache_clear()
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+    """A pretend sm_90 device; stand-in tensors say themselves whether they are TMA-aligned."""
+    capability = {"value": (9, 0)}
+    monkeypatch.setattr(gluon, "device_capability", lambda index: capability["value"])
+    monkeypatch.setattr(gluon, "as_bhnd", lambda x: x)
+    monkeypatch.setattr(gluon, "tma_aligned", lambda x: x.aligned)
+    monkeypatch.setattr(gluon.triton, "__version__", "3.6.0")
+    return capability
+
+
+def fake_cuda(n=16384, d=64, dtype=torch.bfloat16, aligned=True, numel=None, heads=8):
+    """What the rule reads of a (2, heads, n, d) CUDA tensor."""
+    size = 2 * heads * n * d if numel is None else numel
+    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=torch.Size((2, heads, n, d)), numel=lambda: size,
+                           device=SimpleNamespace(index=0), aligned=aligned)
+
+
+def qkv(**kwargs):
+    x = fake_cuda(**kwargs)
+    return x, x, x
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gluon_on_hopper_for_16_bit_d64_d128(hopper, d, dtype):
+    assert gluon.use_gluon_forward(*qkv(d=d, dtype=dtype))
+
+
+@pytest.mark.parametrize("case", [dict(dtype=torch.float32), dict(d=32), dict(d=80), dict(d=256),
+                                  dict(aligned=False), dict(numel=0)], ids=str)
+def test_tl_kernels_for_other_inputs(hopper, case):
+    assert not gluon.use_gluon_forward(*qkv(**case))
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (8, 9), (9, 1), (10, 0), (12, 0)])
+def test_only_sm90(hopper, capability):
+    hopper["value"] = capability
+    assert not gluon.use_gluon_forward(*qkv())
+
+
+def test_small_problems_stay_on_tl(hopper):
+    # 2 * 8 * 2048 * 2048 * 64 = 2**32 and 2 * 2 * 8192**2 * 64 = 2**34: host time decides there.
+    assert not gluon.use_gluon_forward(*qkv(n=2048))
+    below = fake_cuda(n=8192, heads=2)
+    assert not gluon.use_gluon_forward(below, below, below)
+    big_enough = fake_cuda(n=8192, heads=4)  # 2 * 4 * 8192**2 * 64 = 2**35
+    assert gluon.use_gluon_forward(big_enough, big_enough, big_enough)
+
+
+def test_mixed_head_dims_or_dtypes_stay_on_tl(hopper):
+    q = fake_cuda()
+    assert not gluon.use_gluon_forward(q, fake_cuda(d=128), fake_cuda(d=128))
+    assert not gluon.use_gluon_forward(fake_cuda(d=128), q, q)
+    assert not gluon.use_gluon_forward(q, fake_cuda(dtype=torch.float16), q)
+
+
+def test_cpu_tensors_never_take_gluon():
+    x = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
+    assert not gluon.use_gluon_forward(x, x, x)
+
+
+def test_env_switch_turns_gluon_off(hopper, monkeypatch):
+    monkeypatch.setenv("CS336_GLUON", "0")
+    assert not gluon.use_gluon_forward(*qkv())
+    monkeypatch.setenv("CS336_GLUON", "1")
+    gluon.gluon_enabled.cache_clear()
+    assert gluon.use_gluon_forward(*qkv())
+
+
+def test_other_triton_warns_once_and_falls_back(hopper, monkeypatch):
+    monkeypatch.setattr(gluon.triton, "__version__", "3.7.1")
+    with pytest.warns(RuntimeWarning, match="tested with triton 3.6") as record:
+        assert not gluon.use_gluon_forward(*qkv())
+        assert not gluon.use_gluon_forward(*qkv(d=128))
+    assert len([w for w in record if "Gluon" in str(w.message)]) == 1
+
+
+def test_disabled_path_never_checks_the_version(hopper, monkeypatch, recwarn):
+    monkeypatch.setattr(gluon.triton, "__version__", "3.7.1")
+    monkeypatch.setenv("CS336_GLUON", "0")
+    assert not gluon.use_gluon_forward(*qkv())
+    assert not [w for w in recwarn if "Gluon" in str(w.message)]
+
+
+@pytest.mark.parametrize("use_gluon", [True, False])
+def test_attention_forward_routes_by_the_rule(monkeypatch, use_gluon):
+    gluon_launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    calls = []
+    monkeypatch.setattr(dispatch, "use_gluon_forward", lambda q, k, v: use_gluon)
+    monkeypatch.setattr(dispatch, "use_tma_forward", lambda q, k, v: False)
+    monkeypatch.setattr(gluon_launch, "flash_forward_gluon", lambda *args: calls.append("gluon") or "gluon")
+    monkeypatch.setattr(dispatch, "flash_forward", lambda *args: calls.append("tl") or "tl")
+    x = torch.zeros(1, 16, 64)
+    assert dispatch.attention_forward(x, x, x, True, 0.125) == ("gluon" if use_gluon else "tl")
+    assert calls == ["gluon" if use_gluon else "tl"]
