@@ -51,7 +51,16 @@ class BasicsTransformerLM(nn.Module):
         self.ln_final = RMSNorm(d_model)
         self.lm_head = Linear(d_model, vocab_size)
 
-    def forward(self, token_ids: Tensor) -> Tensor:
+    def forward(self, token_ids: Tensor, targets: Tensor | None = None) -> Tensor:
+        """Logits (B, T, vocab); or, given `targets` (B, T), the mean next-token cross-entropy
+        computed by the fused LM head (`ops.linear_cross_entropy`), which never builds the logits."""
+        hidden = self.hidden_states(token_ids)  # (B, T, d_model)
+        if targets is None:
+            return self.lm_head(hidden)  # (B, T, vocab)
+        return self.fused_loss(hidden, targets)
+
+    def hidden_states(self, token_ids: Tensor) -> Tensor:
+        """The final normalised hidden states (B, T, d_model): what the LM head reads."""
         if token_ids.dim() != 2:
             raise ValueError(f"token_ids must have shape (batch, seq), got {tuple(token_ids.shape)}")
         if token_ids.shape[1] > self.context_length:
@@ -60,7 +69,22 @@ class BasicsTransformerLM(nn.Module):
         x = self.token_embeddings(token_ids)  # (B, T, d_model)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.ln_final(x))  # (B, T, vocab)
+        return self.ln_final(x)
+
+    def fused_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of lm_head(hidden) (B, T, d_model) against targets (B, T), float32,
+        in chunks of tokens: the (B, T, vocab) logits never exist at once."""
+        from ops.linear_cross_entropy import linear_cross_entropy  # lazy: triton only when used
+
+        weight = self.lm_head.weight  # (vocab, d_model)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # the op is outside autocast: cast as its matmuls would
+            dtype = torch.get_autocast_dtype(device)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif weight.dtype != hidden.dtype:
+            hidden = hidden.to(weight.dtype)
+        with torch.autocast(device, enabled=False):  # its own precision: fp32 accumulation and loss
+            return linear_cross_entropy(hidden, weight, targets)
 
     def set_attention(self, name: str) -> None:
         """Switch every attention layer to implementation `name` (takes effect on the next forward)."""

@@ -54,8 +54,47 @@ def ddp_bucketed_on_train_batch_start(ddp_model: torch.nn.Module, optimizer: tor
     ddp_model.on_train_batch_start()
 
 
-def get_sharded_optimizer(params: Any, optimizer_cls: type[torch.optim.Optimizer], **kwargs: Any) -> torch.optim.Optimizer:
+def get_sharded_optimizer(params: Any, optimizer_cls: type[torch.optim.Optimizer],
+                          **kwargs: Any) -> torch.optim.Optimizer:
     """An optimizer whose state is sharded across ranks (ZeRO stage 1) around `optimizer_cls(**kwargs)`."""
     from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer
 
     return ShardedOptimizer(params, optimizer_cls, **kwargs)
+
+
+# ---------------------------------------------------------------- CS336 2026 names
+
+
+def get_ddp(module: torch.nn.Module) -> torch.nn.Module:
+    """DDP that all-reduces each gradient asynchronously as soon as backward produces it (2026 name of
+    `get_ddp_individual_parameters`)."""
+    return get_ddp_individual_parameters(module)
+
+
+def ddp_on_after_backward(ddp_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the gradient all-reduces started during backward (2026 name)."""
+    ddp_individual_parameters_on_after_backward(ddp_model, optimizer)
+
+
+def get_fsdp(module: torch.nn.Module, compute_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Fully-sharded data parallel: Linear/Embedding parameters sharded over the ranks, gathered just in
+    time; with `compute_dtype`, weights are cast before the all-gather and computed with in that dtype.
+
+    Build the optimizer over the returned wrapper's `parameters()`: the fp32 shards (stored on the
+    sharded layers as `weight_shard`) and the replicated small parameters. `.module` is the wrapped
+    module; its `weight` attributes of sharded layers are plain tensors, not Parameters.
+    """
+    from cs336_systems.parallel.fsdp import FSDP
+
+    return FSDP(module, compute_dtype=compute_dtype)
+
+
+def fsdp_on_after_backward(fsdp_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Wait for the gradient reduce-scatters; average the replicated gradients. Afterwards every parameter
+    of `fsdp_model.module` that requires grad has an fp32 `.grad` of its own shape (a shard's for shards)."""
+    fsdp_model.finish_gradient_synchronization()
+
+
+def fsdp_gather_full_params(fsdp_model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{parameter name in the unwrapped module: full tensor} (a collective: call on every rank)."""
+    return fsdp_model.gather_full_params()

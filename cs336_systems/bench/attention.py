@@ -25,7 +25,16 @@ from typing import Any, TypeVar
 import torch
 import torch.nn.functional as F
 
-from cs336_systems.bench.common import OOM, UNSUPPORTED, Results, environment, free_device_memory, is_oom, time_ms
+from cs336_systems.bench.common import (
+    OOM,
+    UNSUPPORTED,
+    Results,
+    check_flags,
+    environment,
+    free_device_memory,
+    is_oom,
+    time_ms,
+)
 from cs336_systems.errors import ConfigError
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -363,16 +372,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    unknown = [name for name in args.impls if name not in IMPLEMENTATIONS]
-    if unknown:
-        raise ConfigError(f"--impls: unknown implementation(s) {unknown} (choose from {', '.join(IMPLEMENTATIONS)})")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: CUDA is not available on this machine")
-    for flag, values in (("--seq-lens", args.seq_lens), ("--head-dims", args.head_dims),
-                         ("--leaderboard-shape", args.leaderboard_shape), ("--batch", [args.batch]),
-                         ("--heads", [args.heads]), ("--repeats", [args.repeats])):
-        if any(value <= 0 for value in values):
-            raise ConfigError(f"{flag} must be positive, got {values}")
+    check_flags(args.impls, IMPLEMENTATIONS, args.device, {
+        "--seq-lens": args.seq_lens, "--head-dims": args.head_dims, "--leaderboard-shape": args.leaderboard_shape,
+        "--batch": [args.batch], "--heads": [args.heads], "--repeats": [args.repeats]})
     if any(d > 256 for d in args.head_dims):
         raise ConfigError(f"--head-dims: at most 256 (our op's limit), got {args.head_dims}")
 

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from cs336_systems.errors import ConfigError
 from cs336_systems.timing import Stopwatch, synchronize
 
 __all__ = ["OOM", "UNSUPPORTED", "Results", "Stopwatch", "environment", "free_device_memory", "git_revision",
-           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms"]
+           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags"]
 
 OOM = "OOM"
 UNSUPPORTED = "unsupported"
@@ -139,3 +140,17 @@ class Results:
         plt.savefig(path, dpi=120)
         plt.close("all")
         return path
+
+
+def check_flags(impls: list[str], known: tuple[str, ...] | list[str], device: str,
+                positive: dict[str, list[int]]) -> None:
+    """The checks every side-by-side benchmark makes before running: known --impls, a usable
+    --device, and positive sizes (flag -> values); a ConfigError naming the flag otherwise."""
+    unknown = [name for name in impls if name not in known]
+    if unknown:
+        raise ConfigError(f"--impls: unknown {unknown} (choose from {', '.join(known)})")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine")
+    for flag, values in positive.items():
+        if any(value <= 0 for value in values):
+            raise ConfigError(f"{flag} must be positive, got {values}")

@@ -41,7 +41,7 @@ from cs336_systems.presets import (
     model_config_from_args,
 )
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, autocast, runtime_config_from_args
-from cs336_systems.training.loss import lm_loss
+from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS, lm_loss
 
 PHASES = {"forward": ("forward",), "forward-backward": ("forward", "backward"),
           "train-step": ("forward", "backward", "optimizer")}
@@ -60,6 +60,8 @@ class ModelBenchConfig:
     """Device, torch.compile and bf16 autocast."""
     mode: str = "forward-backward"
     """What a step does: a key of PHASES."""
+    loss: str = "fused"
+    """LM loss: "fused" (never builds the logits) or "unfused" (logits + cross-entropy)."""
     batch_size: int = 4
     """Sequences per step."""
     warmup: int = 5
@@ -158,7 +160,7 @@ def _step(case: _Case, config: ModelBenchConfig, profiling: bool) -> dict[str, f
     times: dict[str, float] = {}
     no_grad = torch.no_grad() if config.mode == "forward" else contextlib.nullcontext()
     with timed_phase("forward", times, config.device, profiling), no_grad, autocast(config.runtime):
-        loss = lm_loss(case.forward, case.inputs, case.targets)
+        loss = lm_loss(case.forward, case.inputs, case.targets, loss=config.loss)
     if config.mode == "forward":
         return times
     with timed_phase("backward", times, config.device, profiling):
@@ -307,6 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("benchmark")
     group.add_argument("--mode", choices=tuple(PHASES), default="forward-backward",
                        help="forward (inference), forward-backward or train-step (default: forward-backward)")
+    group.add_argument("--loss", choices=LOSS_IMPLEMENTATIONS, default="fused",
+                       help="fused LM head + cross-entropy, or logits then cross-entropy (default: fused)")
     group.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     group.add_argument("--context-length", type=int, default=128, help="tokens per sequence (default: 128)")
     group.add_argument("-w", "--warmup", type=int, default=5, help="untimed steps first (default: 5)")
@@ -344,12 +348,12 @@ def cases_from_args(args: argparse.Namespace, device: torch.device) -> list[tupl
 def main(args: argparse.Namespace) -> int:
     runtime = runtime_config_from_args(args)
     config = ModelBenchConfig(
-        cases=cases_from_args(args, torch.device(runtime.device)), runtime=runtime, mode=args.mode,
+        cases=cases_from_args(args, torch.device(runtime.device)), runtime=runtime, mode=args.mode, loss=args.loss,
         batch_size=args.batch_size, warmup=args.warmup, steps=args.steps,
         memory_snapshot=args.memory_snapshot, profile=args.profile,
     )
     rows = run(config)
-    meta = {**environment(config.device), "mode": config.mode, "batch_size": config.batch_size,
+    meta = {**environment(config.device), "mode": config.mode, "loss": config.loss, "batch_size": config.batch_size,
             "warmup": config.warmup, "steps": config.steps, "profiled": config.profile is not None}
     results = Results("model", meta=meta, rows=rows)
     columns = ["preset", "context_length", "params_m", *timing_columns(config.mode)]

@@ -26,90 +26,47 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from cs336_systems.bench.common import Results, environment, free_device_memory, synchronize
+from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, rss_mib, slowest
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer, state_bytes
-from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig, get_preset
+from cs336_systems.presets import VOCAB_SIZE, ModelConfig
 from cs336_systems.training.loss import lm_loss
 
 VARIANTS = ("unsharded", "sharded", "torch-zero", "torch-zero-bucket")
 POINTS = ("init", "before_step", "after_step")
-MIB = 2**20
 
 
 @dataclass(kw_only=True)
-class ShardingBenchConfig:
+class ShardingBenchConfig(RankBenchConfig):
     """One `bench sharding` run."""
 
-    preset: str = "mini"
-    """Model size, a key of cs336_systems.presets.PRESETS."""
-    batch_size: int = 8
-    """Sequences per rank and step."""
-    context_length: int = 128
-    """Tokens per sequence."""
-    nproc: int = 2
-    """Ranks to spawn (ignored under torchrun)."""
-    backend: str = field(default_factory=default_backend)
-    """gloo (CPU) or nccl (one GPU per rank)."""
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    """Variants to run, in order; the first is the reference for the weight comparison."""
+    VARIANTS: ClassVar[tuple[str, ...]] = VARIANTS
     bucket_size_mb: float = 25.0
     """DDPBucketed bucket size (the gradient all-reduce, the same in every variant)."""
-    lr: float = 1e-3
-    """AdamW learning rate: large enough that diverging variants show in the weights."""
-    warmup: int = 2
-    """Untimed iterations per variant and round."""
-    steps: int = 5
-    """Timed iterations per variant and round."""
-    rounds: int = 3
-    """Times each variant is rebuilt and timed; the times of all rounds are pooled."""
 
     def __post_init__(self) -> None:
-        get_preset(self.preset)  # a ConfigError naming --preset and the choices
-        # nproc: with one rank there is nothing to shard.
-        minimums = {"batch_size": 1, "context_length": 1, "steps": 1, "rounds": 1, "warmup": 0, "nproc": 2}
-        for name, least in minimums.items():
-            if getattr(self, name) < least:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
-        if not (self.bucket_size_mb > 0 and self.lr > 0):
-            raise ConfigError("--bucket-size-mb and --lr must be positive")
-        unknown = set(self.variants) - set(VARIANTS)
-        if unknown or not self.variants:
-            raise ConfigError(f"--variants: unknown {sorted(unknown)} (choose from {', '.join(VARIANTS)})")
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        super().__post_init__()
+        if not self.bucket_size_mb > 0:
+            raise ConfigError(f"--bucket-size-mb must be positive, got {self.bucket_size_mb}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ShardingBenchConfig(backend="gloo")
-    parser.add_argument("--preset", default=defaults.preset, help=f"model size: {', '.join(PRESETS)}")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per rank")
-    parser.add_argument("--context-length", type=int, default=defaults.context_length)
-    parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks to spawn (not under torchrun)")
-    parser.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl with CUDA GPUs, else gloo")
-    parser.add_argument("--variants", nargs="+", default=defaults.variants,
-                        help=f"subset to run, in order: {', '.join(VARIANTS)}")
+    add_rank_arguments(parser, defaults)
     parser.add_argument("--bucket-size-mb", type=float, default=defaults.bucket_size_mb)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--warmup", type=int, default=defaults.warmup)
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--out-dir", default="docs/perf", help="where sharding{,_memory}.{md,json} go")
 
 
@@ -139,15 +96,6 @@ def _local_state(opt: torch.optim.Optimizer) -> dict:
     return opt.state
 
 
-def _rss_mib() -> float | None:
-    """Resident memory of this process now (Linux), or None where /proc is missing."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
-    return pages * os.sysconf("SC_PAGE_SIZE") / MIB
-
-
 def _memory(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.device) -> dict[str, float | None]:
     """This rank's memory now, in MiB; on CUDA also the peak since the last reset, which it resets."""
     params = list(model.parameters())
@@ -156,7 +104,7 @@ def _memory(model: torch.nn.Module, opt: torch.optim.Optimizer, device: torch.de
         "grads_MiB": sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None) / MIB,
         "state_MiB": state_bytes(_local_state(opt)) / MIB,
     }
-    row = {**tensors, "tensors_MiB": sum(tensors.values()), "rss_MiB": _rss_mib()}
+    row = {**tensors, "tensors_MiB": sum(tensors.values()), "rss_MiB": rss_mib()}
     if device.type == "cuda":
         row["cuda_allocated_MiB"] = torch.cuda.memory_allocated(device) / MIB
         row["cuda_peak_MiB"] = torch.cuda.max_memory_allocated(device) / MIB
@@ -230,16 +178,11 @@ def _run(config: ShardingBenchConfig) -> dict[str, list[dict[str, Any]]]:
     return {"time": _time_rows(config.variants, gathered), "memory": _memory_rows(config.variants, gathered)}
 
 
-def _slowest(per_rank: list[list[float]]) -> list[float]:
-    """Each iteration at its slowest rank: a step with collectives is done when its last rank is."""
-    return [max(times) for times in zip(*per_rank, strict=True)]
-
-
 def _time_rows(variants: list[str], gathered: list[tuple]) -> list[dict[str, Any]]:
     rows = {}
     for variant in variants:
         per_round = [  # per round: (slowest-rank iteration ms, slowest-rank step ms) of each timed iteration
-            tuple(_slowest([rank[0][variant][r][k] for rank in gathered]) for k in (0, 1))
+            tuple(slowest([rank[0][variant][r][k] for rank in gathered]) for k in (0, 1))
             for r in range(len(gathered[0][0][variant]))
         ]
         iterations, steps = sum((r[0] for r in per_round), []), sum((r[1] for r in per_round), [])

@@ -1,13 +1,20 @@
 """The one place that turns a plain model into what a job trains: activation checkpointing, then
 compilation, then the data-parallel wrapper. `train` and every benchmark call `parallelize`.
 
-    forward, ddp = parallelize(model, world_size, compile_model=True, bucket_size_mb=25)
+    forward, ddp = parallelize(model, world_size, compile_model=True, activation_checkpointing="full")
     loss = lm_loss(forward, x, y)                      # forward: the module to call
     ...; ddp.finish_gradient_synchronization()         # ddp: the wrapper, or None with one rank
 
 Order matters: checkpointing wraps blocks before they are compiled (so the compiled graph holds
-the recomputation), and the DDP wrapper goes around the compiled module (its gradient hooks stay in
-eager autograd, outside any traced graph).
+the recomputation), and the DDP or FSDP (`fsdp=True`) wrapper goes around the compiled module (its
+hooks and collectives stay in eager code, outside any traced graph).
+
+Compilation is regional by default: each block (or checkpointed group of blocks) is compiled in
+place with `module.compile()`, and since every block runs the same code on same-shaped tensors,
+dynamo traces one graph and reuses it for all layers (parameters are graph inputs), so compile time
+does not grow with depth. In place also means that code calling `model.layers` directly (a fused
+LM-head loss that stops before `lm_head`) still runs the compiled blocks. `compile_mode="model"`
+compiles the whole model as one graph instead, for comparison.
 """
 
 from __future__ import annotations
@@ -15,12 +22,33 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cs336_systems.parallel.activation_checkpointing import apply_activation_checkpointing
 from cs336_systems.parallel.ddp import DDPBucketed
+from cs336_systems.parallel.fsdp import FSDP
+
+COMPILE_MODES = ("regional", "model")
+"""How `apply_compile` compiles: each repeated block in place, or the whole model as one graph."""
 
 
-def apply_compile(model: nn.Module, enabled: bool, backend: str = "inductor") -> nn.Module:
-    """`model` itself, or a torch.compile wrapper sharing its parameters."""
-    return torch.compile(model, backend=backend) if enabled else model
+def apply_compile(model: nn.Module, enabled: bool, backend: str = "inductor", mode: str = "regional") -> nn.Module:
+    """The module to call: `model` itself (uncompiled, or regional: its blocks and final norm compiled in
+    place) or, with mode "model", a torch.compile wrapper sharing its parameters.
+
+    Regional needs `model.layers` (a ModuleList of blocks); a model without one is compiled whole.
+    """
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode must be one of {COMPILE_MODES}, got {mode!r}")
+    if not enabled:
+        return model
+    layers = getattr(model, "layers", None)
+    if mode == "model" or not isinstance(layers, nn.ModuleList):
+        return torch.compile(model, backend=backend)
+    for layer in layers:  # one graph for all: the same code and shapes, parameters as inputs
+        layer.compile(backend=backend)
+    norm = getattr(model, "ln_final", None)
+    if isinstance(norm, nn.Module):  # fused, the fp32 norm keeps no fp32 copies of its input for backward
+        norm.compile(backend=backend)
+    return model
 
 
 def apply_ddp(module: nn.Module, world_size: int, bucket_size_mb: float | None) -> DDPBucketed | None:
@@ -30,9 +58,31 @@ def apply_ddp(module: nn.Module, world_size: int, bucket_size_mb: float | None) 
     return DDPBucketed(module, bucket_size_mb=bucket_size_mb)
 
 
+def apply_fsdp(module: nn.Module, world_size: int, compute_dtype: torch.dtype | None) -> FSDP | None:
+    """Our FSDP around `module` when there are several ranks, else None. It shards `module`'s
+    Linear/Embedding parameters in place: afterwards `model.parameters()` are the local shards (plus
+    the replicated norms), what the optimizer must get; checkpoints go through `full_state_dict()`."""
+    if world_size == 1:
+        return None
+    return FSDP(module, compute_dtype=compute_dtype)
+
+
 def parallelize(model: nn.Module, world_size: int, *, compile_model: bool = False, compile_backend: str = "inductor",
-                bucket_size_mb: float | None = 25.0) -> tuple[nn.Module, DDPBucketed | None]:
-    """(the module to call, the DDP wrapper or None) for `model` on `world_size` ranks."""
-    compiled = apply_compile(model, compile_model, compile_backend)
-    ddp = apply_ddp(compiled, world_size, bucket_size_mb)
-    return (ddp or compiled), ddp
+                compile_mode: str = "regional", activation_checkpointing: str = "none",
+                bucket_size_mb: float | None = 25.0, fsdp: bool = False,
+                fsdp_compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, DDPBucketed | FSDP | None]:
+    """(the module to call, the DDP or FSDP wrapper or None) for `model` on `world_size` ranks.
+
+    `activation_checkpointing` is a policy of activation_checkpointing.py ("none", "full", "every:K",
+    "selective"); it wraps `model.layers` in place, before compilation. `fsdp` shards instead of
+    replicating (`fsdp_compute_dtype`: the dtype weights are gathered and computed in).
+    """
+    apply_activation_checkpointing(model, activation_checkpointing)
+    compiled = apply_compile(model, compile_model, compile_backend, compile_mode)
+    # After compiling: FSDP's and DDP's hooks and collectives stay in eager code around the
+    # compiled blocks (regional compile breaks each block's graph at FSDP's per-layer hooks).
+    if fsdp:
+        wrapper = apply_fsdp(compiled, world_size, fsdp_compute_dtype)
+    else:
+        wrapper = apply_ddp(compiled, world_size, bucket_size_mb)
+    return (wrapper or compiled), wrapper

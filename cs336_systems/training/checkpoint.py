@@ -6,7 +6,7 @@ after the new file is complete are checkpoints beyond the newest `keep` deleted.
 only tensors and plain containers, so it loads with `torch.load(weights_only=True)`:
 
     {"format": FORMAT, "step": int,
-     "model": model.state_dict(),
+     "model": model.state_dict(),                   # FSDP runs: the full tensors, gathered (any world size)
      "optimizer": consolidated optimizer state_dict (the same for plain and sharded AdamW),
      "schedule": {"step": int},                     # learning rate = schedule(step + 1) next
      "data": {"seed": int, "step": int, ...},       # batches are a function of (seed, step)
@@ -154,12 +154,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_trainer(trainer: Trainer) -> None:
     """A collective: every rank contributes its optimizer shard and RNG state; rank 0 writes."""
     config, world = trainer.config, trainer.world
-    optimizer_state = trainer.optimizer.state_dict()  # consolidated: a collective when sharded
+    model_state, optimizer_state = _full_states(trainer)  # unsharded: collectives when sharded
     rng = gather_from_ranks(rng_state()) if world.world_size > 1 else [rng_state()]
     if world.is_main:
         state = {
             "format": FORMAT, "step": trainer.step,
-            "model": trainer.model.state_dict(), "optimizer": optimizer_state,
+            "model": model_state, "optimizer": optimizer_state,
             "schedule": {"step": trainer.step},
             "data": {"seed": config.seed, "step": trainer.step, "batch_size": config.batch_size,
                      "context_length": config.context_length},
@@ -167,6 +167,21 @@ def save_trainer(trainer: Trainer) -> None:
         }
         save(trainer.checkpoint_dir, trainer.step, state, config.checkpoint.keep)
     barrier(world)  # no rank runs ahead (or dies) before the checkpoint is complete
+
+
+def _fsdp(trainer: Trainer):
+    """The trainer's FSDP wrapper, or None (imported here: the launching process never needs it)."""
+    from cs336_systems.parallel.fsdp import FSDP
+
+    return trainer.ddp if isinstance(trainer.ddp, FSDP) else None
+
+
+def _full_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model, optimizer) state dicts in the unsharded format, whatever the run shards: FSDP gathers
+    its shards (so the checkpoint resumes on any number of ranks), a ShardedOptimizer its state."""
+    if (fsdp := _fsdp(trainer)) is not None:
+        return fsdp.full_state_dict(), fsdp.full_optim_state_dict(trainer.optimizer)
+    return trainer.model.state_dict(), trainer.optimizer.state_dict()
 
 
 def restore_trainer(trainer: Trainer) -> int | None:
@@ -190,8 +205,12 @@ def restore_trainer(trainer: Trainer) -> int | None:
     if choice[0] is None:
         return None
     state = found[1] if found else load(Path(choice[0]))  # rank 0 has it loaded already
-    trainer.model.load_state_dict(state["model"])
-    trainer.optimizer.load_state_dict(state["optimizer"])
+    if (fsdp := _fsdp(trainer)) is not None:  # each rank keeps its slices of the full tensors
+        fsdp.load_full_state_dict(state["model"])
+        fsdp.load_full_optim_state_dict(trainer.optimizer, state["optimizer"])
+    else:
+        trainer.model.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
     trainer.step = state["schedule"]["step"]
     _check_data_position(trainer.config, state["data"], world)
     rng = state["rng"]

@@ -74,7 +74,9 @@ def _train_rank(config: TrainConfig, world: World, hooks: tuple[MetricsHook, ...
 
     trainer = build_trainer(config, world)
     resumed_from = restore_trainer(trainer) if config.checkpoint.resume else None
-    num_params = trainer.model.get_num_params()
+    # From the shape, not the module: an FSDP run's module holds only this rank's shards.
+    model = config.model
+    num_params = model.shape.num_params(model.vocab_size) - model.vocab_size * model.d_model  # no embedding
     report = Report(config, world, num_params, resumed_from) if world.is_main else None
     try:
         timings = fit(trainer, _fan_out([report, *hooks]) if report else None)

@@ -7,16 +7,20 @@ process group exists, and raises a one-line ConfigError naming the flag.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
 from cs336_systems.training.corpus import CorpusConfig
+from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS
 
 
 @dataclass(kw_only=True)
@@ -33,6 +37,10 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.val_data is not None and self.data is None:
             raise ConfigError("--val-data needs --data (the embedded corpus has its own split)")
+
+
+OPTIMIZER_IMPLEMENTATIONS = ("auto", "cs336", "torch-fused")
+"""Values of --optimizer (see OptimizerConfig.implementation)."""
 
 
 @dataclass(kw_only=True)
@@ -53,8 +61,15 @@ class OptimizerConfig:
     """Decoupled weight decay."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    implementation: str = "auto"
+    """AdamW code (the same update): "cs336" (cs336_basics.optimizer.AdamW), "torch-fused"
+    (torch.optim.AdamW(fused=True): one kernel per step for all parameters; CUDA only) or "auto"
+    (torch-fused on CUDA, cs336 elsewhere)."""
 
     def __post_init__(self) -> None:
+        if self.implementation not in OPTIMIZER_IMPLEMENTATIONS:
+            raise ConfigError(f"--optimizer: unknown implementation {self.implementation!r} "
+                              f"(choose from {', '.join(OPTIMIZER_IMPLEMENTATIONS)})")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
@@ -71,10 +86,16 @@ class ParallelConfig:
     nproc: int | None = None
     """Local worker processes; None: torchrun's world size under torchrun, else one per GPU on CUDA
     and 2 on a CPU with at least 2 cores."""
-    shard_optimizer: bool = True
-    """Shard AdamW's state over the processes (ShardedOptimizer); no effect with one process."""
+    shard_optimizer: bool | None = None
+    """Shard AdamW's state over the processes (ShardedOptimizer); no effect with one process. None (the
+    default): on, unless `fsdp` (which shards the optimizer state with the parameters already)."""
+    fsdp: bool = False
+    """Shard parameters, gradients and optimizer state (parallel/fsdp.py) instead of DDP; with --bf16
+    the weights are gathered and computed in bf16. Excludes an explicit --shard-optimizer."""
     bucket_size_mb: float = 25.0
     """Gradient bucket cap of DDPBucketed, in MiB."""
+    activation_checkpointing: str = "none"
+    """Activation checkpointing policy: none, full, every:K or selective (parallel/activation_checkpointing.py)."""
     torchrun: bool = field(default=False, init=False)
     """Set by `resolve`: this process is one of torchrun's workers (RANK and WORLD_SIZE are set)."""
     world_size: int = field(default=1, init=False)
@@ -85,6 +106,12 @@ class ParallelConfig:
             raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
         if not self.bucket_size_mb > 0:
             raise ConfigError(f"--bucket-size-mb must be positive, got {self.bucket_size_mb}")
+        parse_policy(self.activation_checkpointing)  # a ConfigError naming --activation-checkpointing
+        if self.fsdp and self.shard_optimizer:
+            raise ConfigError("--fsdp and --shard-optimizer are mutually exclusive: FSDP shards the optimizer "
+                              "state with the parameters (drop --shard-optimizer)")
+        if self.shard_optimizer is None:
+            self.shard_optimizer = not self.fsdp
 
     def resolve(self, device: torch.device) -> None:
         """Fix `world_size` from torchrun's environment, --nproc or the machine."""
@@ -138,7 +165,7 @@ class TrainConfig:
     """Processes, data parallelism and optimizer sharding."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Checkpointing and resuming."""
-    steps: int = 200
+    steps: int = 100
     """Optimizer steps."""
     batch_size: int = 16
     """Sequences per optimizer step over all processes (the global batch)."""
@@ -146,7 +173,7 @@ class TrainConfig:
     """Micro-batches per optimizer step on each process; batch_size must divide by processes x this."""
     context_length: int = 128
     """Tokens per sequence; at most model.context_length."""
-    eval_every: int = 50
+    eval_every: int = 25
     """Evaluate on validation data every this many steps (and before and after training); 0: never."""
     eval_batches: int = 4
     """Validation data per evaluation, in global batches: fixed windows from the start of the split."""
@@ -160,6 +187,8 @@ class TrainConfig:
     """Show a progress bar (rank 0)."""
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (needs the `wandb` extra)."""
+    loss: str = "fused"
+    """LM loss: "fused" (LM head + cross-entropy in chunks, never the whole logits) or "unfused"."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum_steps", "context_length", "log_every", "eval_batches"):
@@ -167,6 +196,8 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.eval_every < 0:
             raise ConfigError(f"--eval-every must be >= 0, got {self.eval_every}")
+        if self.loss not in LOSS_IMPLEMENTATIONS:
+            raise ConfigError(f"--loss must be one of {', '.join(LOSS_IMPLEMENTATIONS)}, got {self.loss!r}")
         self.model.check_context(self.context_length)
         self.model.check_attention()
         if self.optimizer.warmup_steps is None:
@@ -174,6 +205,8 @@ class TrainConfig:
         if not 0 <= self.optimizer.warmup_steps <= self.steps:
             raise ConfigError(f"--warmup-steps must be in [0, --steps], got {self.optimizer.warmup_steps}")
         self.parallel.resolve(torch.device(self.runtime.device))
+        if self.optimizer.implementation == "torch-fused" and torch.device(self.runtime.device).type != "cuda":
+            raise ConfigError(f"--optimizer torch-fused needs a CUDA device, got --device {self.runtime.device}")
         if self.batch_size % (self.parallel.world_size * self.grad_accum_steps):
             raise ConfigError(f"--batch-size {self.batch_size} is not divisible by processes x --grad-accum-steps "
                               f"({self.parallel.world_size} x {self.grad_accum_steps})")
@@ -191,37 +224,62 @@ class TrainConfig:
 # ---------------------------------------------------------------- command line
 
 
+def _default(config_class: type, name: str) -> Any:
+    """The dataclass field's default: each flag's default is written once, on its config field."""
+    return next(f.default for f in fields(config_class) if f.name == name)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `train` flag (see the config fields above for what each means)."""
     add_model_arguments(parser, default_preset="mini", default_attention="flash")
+    train, opt = functools.partial(_default, TrainConfig), functools.partial(_default, OptimizerConfig)
+    par, ckpt = functools.partial(_default, ParallelConfig), functools.partial(_default, CheckpointConfig)
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=200, help="optimizer steps (default: 200)")
-    group.add_argument("--batch-size", type=int, default=16,
-                       help="sequences per step over all processes (default: 16)")
-    group.add_argument("--grad-accum-steps", type=int, default=1, help="micro-batches per step (default: 1)")
-    group.add_argument("--context-length", type=int, default=128, help="tokens per sequence (default: 128)")
-    group.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default: 3e-3)")
+    group.add_argument("--steps", type=int, default=train("steps"), help="optimizer steps (default: %(default)s)")
+    group.add_argument("--batch-size", type=int, default=train("batch_size"),
+                       help="sequences per step over all processes (default: %(default)s)")
+    group.add_argument("--grad-accum-steps", type=int, default=train("grad_accum_steps"),
+                       help="micro-batches per step (default: %(default)s)")
+    group.add_argument("--context-length", type=int, default=train("context_length"),
+                       help="tokens per sequence (default: %(default)s)")
+    group.add_argument("--lr", type=float, default=opt("lr"), help="peak learning rate (default: %(default)s)")
     group.add_argument("--min-lr", type=float, help="final learning rate (default: lr/10)")
     group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 10%% of --steps)")
-    group.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (default: 0.1)")
-    group.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 = off (default: 1.0)")
-    group.add_argument("--seed", type=int, default=0, help="initialisation and sampling seed (default: 0)")
+    group.add_argument("--weight-decay", type=float, default=opt("weight_decay"),
+                       help="AdamW weight decay (default: %(default)s)")
+    group.add_argument("--grad-clip", type=float, default=opt("grad_clip"),
+                       help="max gradient norm, 0 = off (default: %(default)s)")
+    group.add_argument("--optimizer", choices=OPTIMIZER_IMPLEMENTATIONS, default=opt("implementation"),
+                       help="AdamW code: cs336, torch-fused (CUDA), auto = torch-fused on CUDA (default: %(default)s)")
+    group.add_argument("--loss", choices=LOSS_IMPLEMENTATIONS, default=train("loss"),
+                       help="fused LM head + cross-entropy, or logits then cross-entropy (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=train("seed"),
+                       help="initialisation and sampling seed (default: %(default)s)")
     group = parser.add_argument_group("processes")
     group.add_argument("--nproc", type=int, metavar="N",
                        help="local worker processes (default: one per GPU on CUDA, 2 on CPU; torchrun's under it)")
-    group.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction, default=True,
-                       help="shard AdamW's state over the processes (default: on)")
-    group.add_argument("--bucket-size-mb", type=float, default=25.0, help="DDP gradient bucket cap (default: 25)")
+    group.add_argument("--shard-optimizer", action=argparse.BooleanOptionalAction, default=par("shard_optimizer"),
+                       help="shard AdamW's state over the processes (default: on, off with --fsdp)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="fully sharded data parallel: parameters, gradients and AdamW state sharded")
+    group.add_argument("--bucket-size-mb", type=float, default=par("bucket_size_mb"),
+                       help="DDP gradient bucket cap (default: %(default)s)")
+    group.add_argument("--activation-checkpointing", default=par("activation_checkpointing"), metavar="POLICY",
+                       help="recompute activations in backward: none, full, every:K, selective (default: %(default)s)")
     group = parser.add_argument_group("data, output and checkpoints")
     group.add_argument("--data", metavar="FILE", help="training tokens, .npy or uint16 .bin (default: embedded corpus)")
     group.add_argument("--val-data", metavar="FILE", help="validation tokens (default: the corpus's split)")
-    group.add_argument("--eval-every", type=int, default=50, help="steps between evaluations, 0 = never (default: 50)")
-    group.add_argument("--eval-batches", type=int, default=4, help="global batches per evaluation (default: 4)")
-    group.add_argument("--log-every", type=int, default=10, help="steps between metrics records (default: 10)")
-    group.add_argument("--out-dir", default="outputs/train", help="config, metrics, plot and checkpoints go here")
-    group.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
-                       help="checkpoint every K steps and at the end, 0 = never (default: 0)")
-    group.add_argument("--keep-checkpoints", type=int, default=2, metavar="N", help="newest checkpoints kept (default: 2)")
+    group.add_argument("--eval-every", type=int, default=train("eval_every"),
+                       help="steps between evaluations, 0 = never (default: %(default)s)")
+    group.add_argument("--eval-batches", type=int, default=train("eval_batches"),
+                       help="global batches per evaluation (default: %(default)s)")
+    group.add_argument("--log-every", type=int, default=train("log_every"),
+                       help="steps between metrics records (default: %(default)s)")
+    group.add_argument("--out-dir", default=train("out_dir"), help="config, metrics, plot and checkpoints go here")
+    group.add_argument("--checkpoint-every", type=int, default=ckpt("every"), metavar="K",
+                       help="checkpoint every K steps and at the end, 0 = never (default: %(default)s)")
+    group.add_argument("--keep-checkpoints", type=int, default=ckpt("keep"), metavar="N",
+                       help="newest checkpoints kept (default: %(default)s)")
     group.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint, if any")
     group.add_argument("--wandb", metavar="PROJECT", help="also log to this Weights & Biases project")
     group.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -233,13 +291,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model=model_config_from_args(args, context_length=args.context_length),
         data=DataConfig(data=args.data, val_data=args.val_data),
         optimizer=OptimizerConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
-                                  weight_decay=args.weight_decay, grad_clip=args.grad_clip),
+                                  weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                                  implementation=args.optimizer),
         runtime=runtime_config_from_args(args),
-        parallel=ParallelConfig(nproc=args.nproc, shard_optimizer=args.shard_optimizer,
-                                bucket_size_mb=args.bucket_size_mb),
+        parallel=ParallelConfig(nproc=args.nproc, shard_optimizer=args.shard_optimizer, fsdp=args.fsdp,
+                                bucket_size_mb=args.bucket_size_mb,
+                                activation_checkpointing=args.activation_checkpointing),
         checkpoint=CheckpointConfig(every=args.checkpoint_every, resume=args.resume, keep=args.keep_checkpoints),
         steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,
         context_length=args.context_length, eval_every=args.eval_every, eval_batches=args.eval_batches,
         log_every=args.log_every, seed=args.seed, out_dir=args.out_dir or None, progress=not args.no_progress,
-        wandb_project=args.wandb,
+        wandb_project=args.wandb, loss=args.loss,
     )

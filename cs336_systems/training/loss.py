@@ -9,10 +9,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+LOSS_IMPLEMENTATIONS = ("fused", "unfused")
+"""`fused`: the model's fused LM head + cross-entropy (ops/linear_cross_entropy: never holds the
+logits); `unfused`: logits, then cs336_basics' cross_entropy (the CS336 path, for comparison)."""
 
-def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of `model` (any wrapper of a BasicsTransformerLM) on token ids
-    `inputs` (B, T) against `targets` (B, T); a float32 scalar."""
+
+def lm_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, loss: str = "fused") -> torch.Tensor:
+    """Mean next-token cross-entropy of `model` (a BasicsTransformerLM, or any wrapper whose forward
+    passes keyword arguments through: DDP, FSDP, compiled) on token ids `inputs` (B, T) against
+    `targets` (B, T); a float32 scalar."""
+    if loss == "fused":
+        return model(inputs, targets=targets)
+    if loss != "unfused":
+        raise ValueError(f"loss must be one of {LOSS_IMPLEMENTATIONS}, got {loss!r}")
     from cs336_basics.nn_utils import cross_entropy
 
     logits = model(inputs)  # (B, T, V)

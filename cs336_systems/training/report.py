@@ -5,8 +5,9 @@ OUT_DIR/metrics.jsonl   one JSON object per record: {"kind": "train", "step", "l
                         "train_seconds", "comm_seconds" (rank 0's)[, "mfu"]} or {"kind": "eval", "step", "val_loss"}
 OUT_DIR/loss.png        train and validation loss against step, drawn from metrics.jsonl at the end
 
-MFU (CUDA only) counts 6 N + 12 L T d FLOPs per token (N: parameters without the embedding table;
-the second term is attention's two score matmuls, PaLM appendix B) against the GPU's dense bf16 peak.
+MFU (CUDA only) counts 6 N + 6 L T d FLOPs per token (N: parameters without the embedding table;
+the second term is attention's two score matmuls, PaLM appendix B, halved for the causal mask as the
+CS336 leaderboard counts them; `training_flops`) against the GPU's dense bf16 peak.
 """
 
 from __future__ import annotations
@@ -35,10 +36,23 @@ def peak_flops(device: torch.device) -> float | None:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
+def training_flops(matmul_params: int, num_layers: int, d_model: int, batch_size: int, context_length: int,
+                   causal: bool = True) -> float:
+    """Model FLOPs of one training step (forward + backward, no recomputation counted).
+
+    6 N per token for the weight matmuls (N = `matmul_params`: parameters without the embedding
+    table, which is a lookup), plus attention's two score matmuls, 4 B T^2 d per layer forward,
+    times 3 for forward + backward, halved when causal (only the lower triangle is computed).
+    """
+    tokens = batch_size * context_length
+    attention = 4 * batch_size * context_length**2 * d_model * num_layers * (0.5 if causal else 1.0)
+    return 6 * matmul_params * tokens + 3 * attention
+
+
 def flops_per_token(config: TrainConfig, num_params: int) -> float:
     """Training (forward + backward) matmul FLOPs per token; `num_params` without the embedding table."""
-    model = config.model
-    return 6 * num_params + 12 * model.num_layers * config.context_length * model.d_model
+    model, context = config.model, config.context_length
+    return training_flops(num_params, model.num_layers, model.d_model, 1, context) / context
 
 
 class Report:
@@ -156,8 +170,11 @@ def format_summary(config: TrainConfig, summary: dict[str, Any]) -> str:
     model, runtime, world_size = config.model, config.runtime, summary["world_size"]
     setup = f"{world_size} process{_es(world_size)} on {summary['device']}"
     if world_size > 1:
-        sharded = " + sharded AdamW" if config.parallel.shard_optimizer else ""
-        setup += f" ({summary['backend']}), DDP{sharded}"
+        if config.parallel.fsdp:
+            setup += f" ({summary['backend']}), FSDP"
+        else:
+            sharded = " + sharded AdamW" if config.parallel.shard_optimizer else ""
+            setup += f" ({summary['backend']}), DDP{sharded}"
     header = (f"{model.preset or 'custom'} model ({summary['num_params'] / 1e6:.2f}M params, {model.attention} "
               f"attention{', compiled' if runtime.compile else ''}{', bf16' if runtime.bf16 else ''}), {setup}\n"
               f"{config.steps} steps x {config.batch_size} sequences x {config.context_length} tokens "

@@ -38,7 +38,9 @@ from torch import nn
 
 from cs336_systems.distributed.collectives import reduce_mean
 from cs336_systems.distributed.world import World
+from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.ddp import DDPBucketed
+from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.parallelize import parallelize
 from cs336_systems.runtime import autocast
 from cs336_systems.timing import Clock, Stopwatch
@@ -50,6 +52,10 @@ from cs336_systems.training.optim import build_optimizer, learning_rate
 
 MetricsHook = Callable[[dict[str, Any]], None]
 """Called with every metrics record: {"kind": "train" | "eval", "step": ..., ...}."""
+
+OOM_ADVICE = ("less memory with --activation-checkpointing full (or selective, every:K), a smaller --batch-size "
+              "(or more --grad-accum-steps), a shorter --context-length, or --fsdp over several GPUs")
+"""What a step that runs out of device memory is told to try."""
 
 KILL_AT_STEP = "CS336_KILL_AT_STEP"
 """Test hook: set to K, the last rank SIGKILLs itself after step K on a job's first attempt."""
@@ -63,7 +69,7 @@ class Trainer:
     world: World
     model: nn.Module  # the plain model: checkpoints hold its state_dict
     forward: nn.Module  # what training calls: DDP wrapper around the (compiled) model, or the latter alone
-    ddp: DDPBucketed | None
+    ddp: DDPBucketed | FSDP | None  # FSDP: `model`'s parameters are its shards; checkpoints hold full tensors
     optimizer: torch.optim.Optimizer
     batches: TokenBatches
     val_batches: list[Batch] | None  # this rank's share (maybe empty); None: no evaluation at all
@@ -89,10 +95,13 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
     model = config.model.build().to(world.device)
     forward, ddp = parallelize(model, world.world_size, compile_model=config.runtime.compile,
                                compile_backend=config.runtime.compile_backend,
+                               activation_checkpointing=config.parallel.activation_checkpointing,
+                               fsdp=config.parallel.fsdp,
+                               fsdp_compute_dtype=torch.bfloat16 if config.runtime.bf16 else None,
                                bucket_size_mb=config.parallel.bucket_size_mb)
     comm = Stopwatch(world.device)
-    optimizer = build_optimizer(model.parameters(), config.optimizer,
-                                shard=config.parallel.shard_optimizer and world.world_size > 1, communication_timer=comm)
+    shard = config.parallel.shard_optimizer and world.world_size > 1
+    optimizer = build_optimizer(model.parameters(), config.optimizer, shard=shard, communication_timer=comm)
     batches = TokenBatches(tokens=train_tokens, batch_size=config.batch_size, context_length=config.context_length,
                            accumulation=config.grad_accum_steps, seed=config.seed, rank=world.rank,
                            world_size=world.world_size, device=world.device)
@@ -120,14 +129,17 @@ def train_step(trainer: Trainer) -> torch.Tensor:
         last = i == len(micro_batches) - 1
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
             with autocast(config.runtime):
-                loss = lm_loss(trainer.forward, inputs, targets) / len(micro_batches)
+                loss = lm_loss(trainer.forward, inputs, targets, loss=trainer.config.loss) / len(micro_batches)
             loss.backward()
         total += loss.detach()
     if ddp is not None:
         with trainer.comm:
             ddp.finish_gradient_synchronization()
     if config.optimizer.grad_clip:
-        clip_gradient(trainer.model.parameters(), config.optimizer.grad_clip)
+        if isinstance(ddp, FSDP):  # the norm of the full gradients: a collective over the shards
+            ddp.clip_grad_norm_(config.optimizer.grad_clip)
+        else:
+            clip_gradient(trainer.model.parameters(), config.optimizer.grad_clip)
     for group in trainer.optimizer.param_groups:
         group["lr"] = learning_rate(config.optimizer, trainer.step + 1, config.steps)
     trainer.optimizer.step()
@@ -143,7 +155,7 @@ def evaluate(trainer: Trainer) -> float:
     total = torch.zeros(2, device=trainer.world.device)  # (sum of per-window losses, windows)
     for inputs, targets in trainer.val_batches:
         with autocast(trainer.config.runtime):
-            total[0] += lm_loss(trainer.forward, inputs, targets) * len(inputs)
+            total[0] += lm_loss(trainer.forward, inputs, targets, loss=trainer.config.loss) * len(inputs)
         total[1] += len(inputs)
     trainer.model.train()
     if trainer.world.world_size > 1:
@@ -182,11 +194,16 @@ def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
                 emit({"kind": "eval", "step": step, "val_loss": evaluate(trainer)})
         if step == config.steps:
             break
-        loss = train_step(trainer)
+        try:
+            loss = train_step(trainer)
+        except torch.OutOfMemoryError:
+            # One line, as the CLI prints a ConfigError: the options that lower a step's memory.
+            raise ConfigError(f"{world.device} ran out of memory in step {step + 1}: {OOM_ADVICE}") from None
         if trainer.step % config.log_every == 0 or trainer.step in (1, config.steps):
             loss_value = reduce_mean(loss, world).item()  # the host sync of a logged step
             seconds = clock.read()
-            emit({"kind": "train", "step": trainer.step, "loss": loss_value, "lr": learning_rate(config.optimizer, trainer.step, config.steps),
+            lr = learning_rate(config.optimizer, trainer.step, config.steps)
+            emit({"kind": "train", "step": trainer.step, "loss": loss_value, "lr": lr,
                   "tokens_per_s": (trainer.step - last_step) * tokens_per_step / (seconds - last_seconds),
                   "train_seconds": seconds, "comm_seconds": trainer.comm.seconds})
             last_step, last_seconds = trainer.step, seconds

@@ -1,0 +1,363 @@
+"""The CS336 2026 leaderboard step on one GPU: our training step against the stock PyTorch recipe.
+
+    python -m cs336_systems bench step                                   # preset 8b-32k: the leaderboard
+    python -m cs336_systems bench step --layers 4 --steps 3              # the 8B widths, 4 layers
+    python -m cs336_systems bench step --preset tiny-step --device cpu   # CI: seconds
+
+One step is what the leaderboard times: zero_grad, forward, loss, backward and the AdamW step of
+BasicsTransformerLM with bf16 parameters (built in bf16, no autocast), causal attention. The
+contenders run one after another in one process, on the same model definition, seed and batch:
+
+  ours       attention "flash" (our op), training.loss.lm_loss, activation checkpointing --ac
+             (default selective: 10.89 s vs full's 11.95 at 8b-32k, 107 vs 76 GiB), regional compile
+             (parallelize), AdamW by training.optim (fused on CUDA)
+  stock      the recipe below, written plainly: SDPA, torch.utils.checkpoint around every block,
+             each block compiled with block.compile(), LM head + F.cross_entropy in checkpointed
+             chunks of 8192 tokens, torch.optim.AdamW(fused=True)
+  ours-sdpa  ours with SDPA attention
+
+A contender of ours may name its own checkpointing policy, `ours@selective`, `ours-sdpa@every:2`,
+so one run compares policies side by side; without one it takes --ac.
+
+Each contender: build (seeded, on the device), a first step from an empty compile cache (its
+seconds reported: compilation included), --warmup steps, then --steps steps each timed between
+device synchronizes; the median is reported with model TFLOP/s (training_flops: 6 N per token +
+causal attention), MFU against a bf16 matmul rate measured in this run (median of 8192^3 torch.mm;
+the datasheet's 989 TFLOP/s is not reached by any matmul), the peak allocated memory of the
+steps after the first, and the first step's loss (the contenders must agree). A contender that
+runs out of memory becomes an OOM row naming the options that reduce memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
+from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.activation_checkpointing import parse_policy
+from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
+from cs336_systems.presets import ModelConfig
+from cs336_systems.runtime import pick_device
+from cs336_systems.training.loss import lm_loss
+from cs336_systems.training.optim import adamw
+from cs336_systems.training.report import training_flops
+
+STEP_PRESETS: dict[str, dict[str, Any]] = {
+    # The CS336 2026 leaderboard: 8.1 B parameters, 64 Ki tokens per step.
+    "8b-32k": {"model": "8b", "vocab": 151_936, "ctx": 32_768, "batch": 2},
+    # CI: the same code paths in seconds on a CPU.
+    "tiny-step": {"model": "tiny", "vocab": 256, "ctx": 64, "batch": 2},
+}
+CONTENDERS = ("ours", "stock", "ours-sdpa")
+STOCK_LOSS_CHUNK = 8192
+"""Tokens per checkpointed LM-head + cross-entropy chunk of the stock recipe."""
+ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+OOM_ADVICE = "reduce memory: --ac full (or every:K), a smaller --batch or --ctx"
+
+
+@dataclass(kw_only=True)
+class StepBenchConfig:
+    """One `bench step` run."""
+
+    model: ModelConfig
+    """Model shape and vocabulary (attention is set per contender)."""
+    batch: int
+    """Sequences per step."""
+    ctx: int
+    """Tokens per sequence."""
+    contenders: tuple[str, ...] = CONTENDERS
+    """Which to run, in order; ours and ours-sdpa may carry a policy: `ours@selective`."""
+    ac: str = "selective"
+    """Activation checkpointing policy of ours and ours-sdpa."""
+    compile: bool = True
+    """Compile (ours: parallelize's regional compile; stock: block.compile())."""
+    compile_backend: str | None = None
+    """torch.compile backend; None: inductor on CUDA, aot_eager on CPU (inductor's C++ build is slow)."""
+    compile_mode: str = "regional"
+    """ours: "regional" (each block) or "model" (the whole model)."""
+    steps: int = 5
+    """Timed steps; the median is reported."""
+    warmup: int = 2
+    """Untimed steps after the first."""
+    device: str = "auto"
+    """Where to run."""
+    matmul_size: int | None = None
+    """n of the n^3 bf16 matmul whose rate MFU is measured against; None: 8192 on CUDA, 512 on CPU."""
+
+    def __post_init__(self) -> None:
+        self.device = str(pick_device(self.device))
+        for name in ("batch", "ctx", "steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        unknown = [name for name in self.contenders if contender_base(name) not in CONTENDERS]
+        if unknown or not self.contenders:
+            raise ConfigError(f"--contenders: unknown {unknown} (choose from {', '.join(CONTENDERS)}, "
+                              "ours and ours-sdpa with @POLICY)")
+        parse_policy(self.ac)
+        for name in self.contenders:
+            parse_policy(self.policy(name))
+            if "@" in name and contender_base(name) == "stock":
+                raise ConfigError(f"--contenders {name}: stock has its own checkpointing (every block)")
+        self.model.check_context(self.ctx)
+        if self.compile_backend is None:
+            self.compile_backend = "inductor" if self.device_type == "cuda" else "aot_eager"
+        if self.matmul_size is None:
+            self.matmul_size = 8192 if self.device_type == "cuda" else 512
+
+    def policy(self, contender: str) -> str:
+        """The checkpointing policy a contender of ours runs with: its own `@POLICY`, else --ac."""
+        return contender.split("@", 1)[1] if "@" in contender else self.ac
+
+    @property
+    def device_type(self) -> str:
+        return torch.device(self.device).type
+
+
+# ---------------------------------------------------------------- the stock recipe
+
+
+class StockCheckpointedBlock(nn.Module):
+    """torch.utils.checkpoint around one block (the stock recipe's activation checkpointing)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = hidden @ weight.T  # (chunk, V)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def stock_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy with the LM head and loss in checkpointed chunks of STOCK_LOSS_CHUNK tokens:
+    only one chunk's logits exist at a time, in forward and in backward."""
+    x = model.token_embeddings(inputs)  # (B, T, d)
+    for layer in model.layers:
+        x = layer(x)
+    hidden, targets = model.ln_final(x).flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
+    total = sum(checkpoint(_chunk_loss, hidden[i:i + STOCK_LOSS_CHUNK], model.lm_head.weight,
+                           targets[i:i + STOCK_LOSS_CHUNK], use_reentrant=False)
+                for i in range(0, len(targets), STOCK_LOSS_CHUNK))
+    return total / len(targets)
+
+
+def contender_base(name: str) -> str:
+    """`ours@selective` -> `ours`."""
+    return name.split("@", 1)[0]
+
+
+def stock_setup(model: nn.Module, config: StepBenchConfig) -> tuple[Callable, torch.optim.Optimizer]:
+    model.layers = nn.ModuleList(StockCheckpointedBlock(block) for block in model.layers)
+    if config.compile:
+        for layer in model.layers:
+            layer.compile(backend=config.compile_backend)
+    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True)
+    return (lambda x, y: stock_loss(model, x, y)), optimizer
+
+
+def ours_setup(model: nn.Module, config: StepBenchConfig, policy: str) -> tuple[Callable, torch.optim.Optimizer]:
+    forward, _ = parallelize(model, 1, compile_model=config.compile, compile_backend=config.compile_backend,
+                             compile_mode=config.compile_mode, activation_checkpointing=policy)
+    optimizer_cls, extra = adamw("auto", torch.device(config.device))
+    optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
+    return (lambda x, y: lm_loss(forward, x, y)), optimizer
+
+
+# ---------------------------------------------------------------- timing
+
+
+def matmul_tflops(n: int, device: str) -> float:
+    """Median TFLOP/s of an n x n x n bf16 torch.mm on `device` (random data). The warm-up is long: with
+    100 ms of it, the first H200 run read 683 TFLOP/s where 769 to 798 was measured before on such
+    machines, maybe clocks still rising; MFU is only as good as this reference."""
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    ms = time_ms(lambda: torch.mm(a, b), device, warmup_ms=1000, rep_ms=1000)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate: float) -> dict[str, Any]:
+    """Build, compile (first step), warm up and time one contender; its result row."""
+    torch.compiler.reset()  # the first step compiles from an empty cache
+    torch.manual_seed(0)
+    base = contender_base(name)
+    model_config = ModelConfig(**{**vars(config.model), "attention": "sdpa" if base != "ours" else "flash"})
+    with torch.device(config.device):  # initialised in place: an 8B model is slow to fill on a CPU
+        model = model_config.build()
+    model.to(torch.bfloat16)
+    if base == "stock":
+        loss_fn, optimizer = stock_setup(model, config)
+    else:
+        loss_fn, optimizer = ours_setup(model, config, config.policy(name))
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model_config.vocab_size, (config.batch, config.ctx + 1), generator=generator)
+    inputs, targets = tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(inputs, targets)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    first_s, loss = _timed(step, config.device)
+    first_loss = loss.item()
+    print(f"{name}: first step (compilation included) {first_s:.1f} s, loss {first_loss:.4f}", flush=True)
+    for _ in range(config.warmup):
+        step()
+    if config.device_type == "cuda":
+        torch.cuda.reset_peak_memory_stats(config.device)
+    seconds = statistics.median(_timed(step, config.device)[0] for _ in range(config.steps))
+    row = {"contender": name, "attention": model_config.attention,
+           "ac": "full (stock)" if base == "stock" else config.policy(name),
+           "ms_per_step": seconds * 1e3, "tflops": flops / seconds / 1e12,
+           "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss}
+    if config.device_type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
+    return row
+
+
+def matmul_params(model: ModelConfig) -> int:
+    """Weights that multiply activations: per block Q, K, V, O (4 d^2) and SwiGLU (3 d d_ff), plus the
+    LM head (V d). Not the embedding table (a lookup) nor the norm gains (elementwise)."""
+    d = model.d_model
+    return model.num_layers * (4 * d * d + 3 * d * model.d_ff) + model.vocab_size * d
+
+
+def step_flops(model: ModelConfig, batch: int, ctx: int) -> float:
+    """Model FLOPs of one leaderboard step (causal attention counted at half)."""
+    return training_flops(matmul_params(model), model.num_layers, model.d_model, batch, ctx, causal=True)
+
+
+def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
+        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every contender's row (an OOM row where one runs out of memory) and the run's numbers;
+    `on_row(rows, numbers)` after each contender (main writes the results so far: a long run that
+    is stopped keeps them)."""
+    flops = step_flops(config.model, config.batch, config.ctx)
+    rate = matmul_tflops(config.matmul_size, config.device)
+    print(f"{flops / 1e12:.4g} TFLOP per step; bf16 {config.matmul_size}^3 matmul: {rate:.4g} TFLOP/s", flush=True)
+    model = config.model
+    numbers = {"params": model.shape.num_params(model.vocab_size), "matmul_params": matmul_params(model),
+               "pflop_per_step": flops / 1e15, "matmul_tflops": rate}
+    rows: list[dict[str, Any]] = []
+    for name in config.contenders:
+        try:
+            row = run_contender(name, config, flops, rate)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_oom(error):
+                raise
+            row = {"contender": name, "ms_per_step": OOM, "note": OOM_ADVICE}
+        finally:
+            torch.compiler.reset()  # compiled code may hold the contender's module: drop it first
+            gc.collect()  # the contender's model, optimizer state and activations, before the next one
+            free_device_memory()
+        rows.append(row)
+        print(f"{name}: {row}", flush=True)
+        if on_row is not None:
+            on_row(rows, numbers)
+    return rows, numbers
+
+
+def _draw(rows: list[dict[str, Any]]):
+    def draw(plt: Any) -> None:
+        fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(rows), 3.5))
+        names = [row["contender"] for row in rows]
+        times = [row["ms_per_step"] / 1e3 if isinstance(row["ms_per_step"], float) else 0.0 for row in rows]
+        bars = ax.bar(names, times)
+        for bar, row in zip(bars, rows):
+            label = OOM if row["ms_per_step"] == OOM else f"{row['ms_per_step'] / 1e3:.2f} s"
+            ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
+        ax.set(ylabel="seconds per step (median)", title="training step")
+    return draw
+
+
+# ---------------------------------------------------------------- command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and batch (a preset, any field overridden)")
+    group.add_argument("--preset", default="8b-32k", choices=tuple(STEP_PRESETS),
+                       help="8b-32k (the leaderboard) or tiny-step (CI) (default: 8b-32k)")
+    for flag, text in (("--layers", "blocks"), ("--d-model", "residual width"), ("--d-ff", "feed-forward width"),
+                       ("--heads", "attention heads"), ("--vocab", "vocabulary"), ("--ctx", "tokens per sequence"),
+                       ("--batch", "sequences per step")):
+        group.add_argument(flag, type=int, metavar="N", help=f"{text} (default: the preset's)")
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--contenders", nargs="+", default=list(CONTENDERS), metavar="NAME",
+                       help=f"which to run, in order: {', '.join(CONTENDERS)} (default: all)")
+    group.add_argument("--ac", default=StepBenchConfig.__dataclass_fields__["ac"].default, metavar="POLICY",
+                       help="activation checkpointing of ours: none, full, every:K, selective (default: %(default)s)")
+    group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile (default: on)")
+    group.add_argument("--compile-backend", metavar="NAME", help="default: inductor on CUDA, aot_eager on CPU")
+    group.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional", help="ours (default: regional)")
+    group.add_argument("-n", "--steps", type=int, default=5, help="timed steps (default: 5)")
+    group.add_argument("-w", "--warmup", type=int, default=2, help="untimed steps after the first (default: 2)")
+    group.add_argument("--matmul-size", type=int, metavar="N", help="MFU's reference matmul (default: 8192 on CUDA)")
+    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    group.add_argument("--out-dir", default="outputs/bench/step", help="where step.{md,json,png} go")
+
+
+def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
+    preset = {key: value if getattr(args, key) is None else getattr(args, key)
+              for key, value in STEP_PRESETS[args.preset].items() if key != "model"}
+    ctx = max(preset["ctx"], 1)  # the model's RoPE table; a bad --ctx is reported by StepBenchConfig
+    model = ModelConfig(preset=STEP_PRESETS[args.preset]["model"], num_layers=args.layers, d_model=args.d_model,
+                        d_ff=args.d_ff, num_heads=args.heads, vocab_size=preset["vocab"], context_length=ctx)
+    return StepBenchConfig(model=model, batch=preset["batch"], ctx=preset["ctx"],
+                           contenders=tuple(args.contenders), ac=args.ac, compile=args.compile,
+                           compile_backend=args.compile_backend, compile_mode=args.compile_mode, steps=args.steps,
+                           warmup=args.warmup, device=args.device, matmul_size=args.matmul_size)
+
+
+def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str, Any]], numbers: dict) -> None:
+    model = config.model
+    meta = {**environment(config.device), "preset": args.preset, "layers": model.num_layers, "d_model": model.d_model,
+            "d_ff": model.d_ff, "heads": model.num_heads, "vocab": model.vocab_size, "ctx": config.ctx,
+            "batch": config.batch, "dtype": "bf16 parameters", "compile": config.compile_backend if config.compile
+            else None, "steps": config.steps, "warmup": config.warmup, **numbers}
+    results = Results("step", meta=meta, rows=rows)
+    columns = ["contender", "attention", "ac", "ms_per_step", "tflops", "mfu", "first_step_s", "first_loss"]
+    if config.device_type == "cuda":
+        columns.append("peak_gib")
+    if any("note" in row for row in rows):
+        columns.append("note")
+    results.write(args.out_dir, columns=columns)
+    results.plot(args.out_dir, _draw(rows))
+
+
+def main(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    run(config, on_row=lambda rows, numbers: write(args, config, rows, numbers))
+    return 0
+
+
+
+if __name__ == "__main__":  # python -m cs336_systems.bench.step [flags], until the CLI lists `bench step`
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    raise SystemExit(main(parser.parse_args()))

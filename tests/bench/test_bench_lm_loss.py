@@ -1,0 +1,46 @@
+"""`bench lm_loss` on CPU: a tiny run of every default contender, OOM rows, bad flags."""
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from cs336_systems.bench import lm_loss
+from cs336_systems.errors import ConfigError
+
+TINY = ["--device", "cpu", "--tokens", "64", "--vocab", "1000", "--d-model", "32", "--warmup-ms", "1", "--rep-ms", "5"]
+
+
+def run(tmp_path, *argv: str) -> list[dict]:
+    parser = argparse.ArgumentParser()
+    lm_loss.add_arguments(parser)
+    assert lm_loss.main(parser.parse_args([*TINY, *argv, "--out-dir", str(tmp_path)])) == 0
+    return json.loads((tmp_path / "lm_loss.json").read_text())["rows"]
+
+
+def test_tiny_run_times_every_contender(tmp_path):
+    rows = run(tmp_path, "--impls", "ours", "chunked-checkpoint", "torch")
+    assert [r["impl"] for r in rows] == ["ours", "chunked-checkpoint", "torch"]
+    for row in rows:
+        assert row["status"] == "ok" and math.isfinite(row["ms"]) and row["ms"] > 0
+        assert row["tflops"] == pytest.approx(lm_loss.lm_loss_flops(64, 32, 1000) / row["ms"] / 1e9)
+        assert row["loss_rel_err"] < 1e-5  # fp32: every contender computes the same loss
+    assert {p.name for p in tmp_path.iterdir()} == {"lm_loss.md", "lm_loss.json"}
+
+
+def test_out_of_memory_becomes_a_row(tmp_path, monkeypatch):
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 37.00 GiB")
+
+    monkeypatch.setitem(lm_loss.IMPLEMENTATIONS, "torch", out_of_memory)
+    ours, torch_row = run(tmp_path, "--impls", "ours", "torch")
+    assert (torch_row["status"], torch_row["ms"]) == ("OOM", None)
+    assert ours["status"] == "ok" and "loss_rel_err" not in ours
+
+
+@pytest.mark.parametrize("argv, message", [(["--impls", "liger"], "--impls"), (["--vocab", "0"], "--vocab")])
+def test_bad_flags_raise_config_error(tmp_path, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        run(tmp_path, *argv)

@@ -1,0 +1,124 @@
+"""`bench step` on a tiny CPU configuration: every contender runs and agrees on the first loss, the
+FLOP count matches a hand count and torch's FLOP counter, OOM becomes a row, bad input fails."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from cs336_systems.bench import step as step_bench
+from cs336_systems.errors import ConfigError
+from cs336_systems.presets import ModelConfig
+from cs336_systems.training.report import training_flops
+
+FAST = ["--preset", "tiny-step", "--device", "cpu", "--steps", "2", "--warmup", "0", "--matmul-size", "64"]
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    step_bench.add_arguments(parser)
+    return parser.parse_args([*FAST, *argv])
+
+
+def bench(tmp_path, *argv: str) -> dict:
+    assert step_bench.main(parse(*argv, "--out-dir", str(tmp_path))) == 0
+    return json.loads((tmp_path / "step.json").read_text())
+
+
+def test_every_contender_runs_and_agrees(tmp_path):
+    result = bench(tmp_path, "--no-compile", "--layers", "2", "--ctx", "32")
+    rows = {row["contender"]: row for row in result["rows"]}
+    assert list(rows) == ["ours", "stock", "ours-sdpa"]
+    for row in rows.values():
+        for key in ("ms_per_step", "tflops", "mfu", "first_step_s"):
+            assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, key
+    # Same model, seed and batch: the first losses agree up to bf16 rounding (about ln 256 at init).
+    losses = [row["first_loss"] for row in rows.values()]
+    assert max(losses) - min(losses) < 0.05 and abs(losses[0] - math.log(256)) < 1.0
+    assert (rows["ours"]["attention"], rows["stock"]["attention"], rows["ours-sdpa"]["attention"]) == \
+        ("flash", "sdpa", "sdpa")
+    meta = result["meta"]
+    assert (meta["layers"], meta["ctx"], meta["batch"], meta["vocab"]) == (2, 32, 2, 256)
+    assert {p.name for p in tmp_path.iterdir()} == {"step.md", "step.json", "step.png"}
+
+
+def test_compiled_ours_with_selective_checkpointing(tmp_path):
+    (row,) = bench(tmp_path, "--contenders", "ours", "--ac", "selective", "--layers", "2", "--ctx", "16")["rows"]
+    assert row["ac"] == "selective" and row["ms_per_step"] > 0
+
+
+def test_stock_loss_equals_the_plain_loss():
+    """The stock recipe's chunked LM head + cross-entropy is the same mean loss (fp32, chunk boundary inside)."""
+    from cs336_systems.training.loss import lm_loss
+
+    torch.manual_seed(0)
+    model = ModelConfig(preset="tiny", vocab_size=64, context_length=16).build()
+    tokens = torch.randint(0, 64, (2, 17))
+    old_chunk, step_bench.STOCK_LOSS_CHUNK = step_bench.STOCK_LOSS_CHUNK, 5
+    try:
+        stock = step_bench.stock_loss(model, tokens[:, :-1], tokens[:, 1:])
+    finally:
+        step_bench.STOCK_LOSS_CHUNK = old_chunk
+    torch.testing.assert_close(stock, lm_loss(model, tokens[:, :-1], tokens[:, 1:]))
+
+
+def test_flops_formula_hand_count():
+    """L=1, d=4, d_ff=8, V=10, B=1, T=2. Weights: 4*16 + 3*4*8 + 10*4 = 200; 6 * 200 * 2 tokens = 2400.
+    Attention: 4 B T^2 d L = 64, x3 (forward + backward) = 192, halved when causal = 96."""
+    assert training_flops(200, 1, 4, 1, 2, causal=False) == 2400 + 192
+    assert training_flops(200, 1, 4, 1, 2) == 2400 + 96
+    model = ModelConfig(preset=None, d_model=4, d_ff=8, num_layers=1, num_heads=2, vocab_size=10, context_length=2)
+    assert step_bench.matmul_params(model) == 200
+    assert step_bench.step_flops(model, 1, 2) == 2400 + 96
+
+
+def test_flops_formula_matches_torch_flop_counter():
+    """Non-causal (naive attention computes every score), torch counts the same forward + backward FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cs336_systems.training.loss import lm_loss
+
+    model_config = ModelConfig(preset=None, d_model=16, d_ff=32, num_layers=2, num_heads=2, vocab_size=40,
+                               context_length=8, attention="naive")
+    model = model_config.build()
+    tokens = torch.randint(0, 40, (3, 9))
+    with FlopCounterMode(display=False) as counter:
+        lm_loss(model, tokens[:, :-1], tokens[:, 1:], loss="unfused").backward()  # the model's FLOPs, unfused
+    expected = training_flops(step_bench.matmul_params(model_config), 2, 16, 3, 8, causal=False)
+    assert counter.get_total_flops() == expected
+
+
+def test_oom_becomes_a_row(tmp_path, monkeypatch):
+    def out_of_memory(model, config):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(step_bench, "stock_setup", out_of_memory)
+    rows = bench(tmp_path, "--no-compile", "--contenders", "stock", "ours", "--layers", "1", "--ctx", "16")["rows"]
+    assert rows[0]["contender"] == "stock" and rows[0]["ms_per_step"] == "OOM"
+    assert "--ac full" in rows[0]["note"] and "--batch" in rows[0]["note"]
+    assert rows[1]["ms_per_step"] > 0
+    assert "OOM" in (tmp_path / "step.md").read_text()
+
+
+def test_8b_32k_preset_resolves_without_building():
+    config = step_bench.config_from_args(parse("--preset", "8b-32k", "--layers", "4"))
+    model = config.model
+    assert (model.d_model, model.d_ff, model.num_heads, model.num_layers) == (4096, 11008, 32, 4)
+    assert (model.vocab_size, config.ctx, config.batch) == (151_936, 32_768, 2)
+    full = step_bench.config_from_args(parse("--preset", "8b-32k"))
+    assert full.model.shape.num_params(full.model.vocab_size) == pytest.approx(8.1e9, rel=0.01)
+    # 6 N tokens (N without the embedding) + causal attention: 4.74 PFLOP (5.0 with the embedding counted).
+    assert step_bench.step_flops(full.model, 2, 32_768) == pytest.approx(4.745e15, rel=1e-3)
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--ac", "sometimes"], "--activation-checkpointing"), (["--contenders", "fast"], "--contenders"),
+    (["--steps", "0"], "--steps"), (["--ctx", "0"], "--ctx"),
+])
+def test_bad_input_names_the_flag(argv, flag):
+    with pytest.raises(ConfigError, match=flag):
+        step_bench.config_from_args(parse(*argv))
