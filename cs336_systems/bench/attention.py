@@ -31,6 +31,7 @@ from cs336_systems.bench.common import (
     Results,
     check_flags,
     environment,
+    extra_peak_mib,
     free_device_memory,
     is_oom,
     time_ms,
@@ -163,18 +164,6 @@ def pass_functions(fn: AttentionFn, q, k, v, grad) -> dict[str, Callable[[], Any
         fn(q, k, v).backward(grad)
 
     return {"forward": lambda: fn(q, k, v), "backward": backward, "forward+backward": forward_backward}
-
-
-def extra_peak_mib(run: Callable[[], Any], device: str) -> float | None:
-    """Peak device memory of `run()` above what was allocated before it (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool, device: str,

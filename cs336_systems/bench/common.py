@@ -26,7 +26,7 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.timing import Stopwatch, synchronize
 
 __all__ = ["OOM", "UNSUPPORTED", "Results", "Stopwatch", "environment", "free_device_memory", "git_revision",
-           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags"]
+           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags", "extra_peak_mib"]
 
 OOM = "OOM"
 UNSUPPORTED = "unsupported"
@@ -154,3 +154,16 @@ def check_flags(impls: list[str], known: tuple[str, ...] | list[str], device: st
     for flag, values in positive.items():
         if any(value <= 0 for value in values):
             raise ConfigError(f"{flag} must be positive, got {values}")
+
+
+def extra_peak_mib(run: Callable[[], Any], device: str, kept_bytes: int = 0) -> float | None:
+    """Peak device memory of `run()` above what was allocated before it, less `kept_bytes` that it
+    leaves behind on purpose (the gradients it returns), in MiB; None off CUDA."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before - kept_bytes) / 2**20

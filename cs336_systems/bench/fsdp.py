@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from cs336_systems.bench.common import Results, environment, free_device_memory, synchronize
-from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, rss_mib, slowest
+from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, memory_rows, rss_mib, slowest
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.parallel.ddp import DDPBucketed
@@ -240,15 +240,7 @@ def _time_rows(variants: list[str], gathered: list[tuple]) -> list[dict[str, Any
 
 def _memory_rows(variants: list[str], gathered: list[tuple]) -> list[dict[str, Any]]:
     """One row per variant and point; each column the largest rank's value."""
-    rows = []
-    for variant in variants:
-        for point in POINTS:
-            per_rank = [rank[1][variant][point] for rank in gathered]
-            row: dict[str, Any] = {"variant": variant, "point": point}
-            for key in per_rank[0]:
-                values = [m[key] for m in per_rank if m[key] is not None]
-                row[key] = max(values) if values else None
-            rows.append(row)
+    rows = memory_rows(variants, gathered, POINTS)
     replicated = {r["point"]: r["tensors_MiB"] for r in rows if r["variant"] == "ddp"}
     for row in rows:
         if replicated.get(row["point"]):

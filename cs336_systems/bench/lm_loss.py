@@ -27,16 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from cs336_systems.bench.common import (
-    OOM,
-    UNSUPPORTED,
-    Results,
-    check_flags,
-    environment,
-    free_device_memory,
-    is_oom,
-    time_ms,
-)
+from cs336_systems.bench import common
+from cs336_systems.bench.common import OOM, UNSUPPORTED, Results
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -95,18 +87,6 @@ def make_inputs(tokens: int, d_model: int, vocab: int, dtype: torch.dtype, devic
     return x, weight, targets
 
 
-def extra_peak_mib(run: Callable[[], Any], device: str, grad_bytes: int) -> float | None:
-    """Peak memory of `run()` above what was allocated before it, less the gradients it leaves (CUDA only)."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before - grad_bytes) / 2**20
-
-
 def measure(impl: str, tokens: int, d_model: int, vocab: int, dtype: torch.dtype, args: argparse.Namespace):
     """One row for `impl` at one shape; the loss value (for the error column) or None on failure."""
     row: dict[str, Any] = dict(impl=impl, dtype=str(dtype).removeprefix("torch."), tokens=tokens, d_model=d_model,
@@ -120,23 +100,23 @@ def measure(impl: str, tokens: int, d_model: int, vocab: int, dtype: torch.dtype
             fn(x, weight, targets).backward()
 
         loss = fn(x, weight, targets).item()
-        ms = time_ms(forward_backward, args.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        ms = common.time_ms(forward_backward, args.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
         x.grad = weight.grad = None
         grad_bytes = (x.numel() + weight.numel()) * x.element_size()
         row.update(ms=ms, tflops=lm_loss_flops(tokens, d_model, vocab) / ms / 1e9,
-                   extra_peak_mib=extra_peak_mib(forward_backward, args.device, grad_bytes), status="ok")
+                   extra_peak_mib=common.extra_peak_mib(forward_backward, args.device, grad_bytes), status="ok")
         return row, loss
     except Exception as error:  # noqa: BLE001 - every failure is a result, never a crashed sweep
-        status = OOM if is_oom(error) else UNSUPPORTED
+        status = OOM if common.is_oom(error) else UNSUPPORTED
         reason = "" if status == OOM else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
         return dict(row, ms=None, tflops=None, extra_peak_mib=None, status=status, reason=reason), None
     finally:
-        free_device_memory()
+        common.free_device_memory()
 
 
 def sweep(args: argparse.Namespace) -> Results:
     dtype = DTYPES[args.dtype]
-    results = Results("lm_loss", meta={**environment(args.device), "warmup_ms": args.warmup_ms,
+    results = Results("lm_loss", meta={**common.environment(args.device), "warmup_ms": args.warmup_ms,
                                        "rep_ms": args.rep_ms})
     for vocab in args.vocab:
         for tokens in args.tokens:
@@ -168,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check(args: argparse.Namespace) -> None:
-    check_flags(args.impls, IMPLEMENTATIONS, args.device,
+    common.check_flags(args.impls, IMPLEMENTATIONS, args.device,
                 {"--tokens": args.tokens, "--vocab": args.vocab, "--d-model": [args.d_model]})
 
 

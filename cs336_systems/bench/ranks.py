@@ -92,3 +92,18 @@ def rss_mib() -> float | None:
 def slowest(per_rank: list[list[float]]) -> list[float]:
     """Each iteration at its slowest rank: a step with collectives is done when its last rank is."""
     return [max(times) for times in zip(*per_rank, strict=True)]
+
+
+def memory_rows(variants: list[str], gathered: list[tuple], points: tuple[str, ...]) -> list[dict]:
+    """One row per variant and point from every rank's `(times, memory, ...)` tuple, whose memory is
+    {variant: {point: {column: MiB or None}}}; each column the largest rank's value."""
+    rows = []
+    for variant in variants:
+        for point in points:
+            per_rank = [rank[1][variant][point] for rank in gathered]
+            row: dict = {"variant": variant, "point": point}
+            for key in per_rank[0]:
+                values = [m[key] for m in per_rank if m[key] is not None]
+                row[key] = max(values) if values else None
+            rows.append(row)
+    return rows

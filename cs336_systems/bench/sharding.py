@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from cs336_systems.bench.common import Results, environment, free_device_memory, synchronize
-from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, rss_mib, slowest
+from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, memory_rows, rss_mib, slowest
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError
@@ -202,15 +202,7 @@ def _time_rows(variants: list[str], gathered: list[tuple]) -> list[dict[str, Any
 
 def _memory_rows(variants: list[str], gathered: list[tuple]) -> list[dict[str, Any]]:
     """One row per variant and point; each column the largest rank's value."""
-    rows = []
-    for variant in variants:
-        for point in POINTS:
-            per_rank = [rank[1][variant][point] for rank in gathered]
-            row: dict[str, Any] = {"variant": variant, "point": point}
-            for key in per_rank[0]:
-                values = [m[key] for m in per_rank if m[key] is not None]
-                row[key] = max(values) if values else None
-            rows.append(row)
+    rows = memory_rows(variants, gathered, POINTS)
     unsharded = {r["point"]: r["state_MiB"] for r in rows if r["variant"] == "unsharded"}
     for row in rows:
         if unsharded.get(row["point"]):  # AdamW's state exists only after the first step
