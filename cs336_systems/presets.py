@@ -59,6 +59,14 @@ PRESETS: dict[str, ModelShape] = {
     # `8b-32k` preset of `bench step` and `train` adds its context and batch.
     "8b": ModelShape(d_model=4096, d_ff=11008, num_layers=34, num_heads=32),
 }
+JOB_PRESETS: dict[str, dict[str, Any]] = {
+    # The CS336 2026 leaderboard step: the 8b model at 2 x 32768 tokens with bf16 parameters, and the
+    # checkpointing that measured fastest within one H200's memory (docs/perf/train_step.md).
+    "8b-32k": {"preset": "8b", "vocab_size": 151_936, "context_length": 32_768, "batch_size": 2,
+               "param_dtype": "bf16", "activation_checkpointing": "selective"},
+}
+"""`train --preset NAME` for a whole job: these flags' values, where the command line leaves them at
+their defaults."""
 CS336_PRESETS = ("small", "medium", "large", "xl", "2.7B")
 """The sizes the CS336 handout benchmarks, in increasing order."""
 
@@ -157,7 +165,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
     """The model-shape flags shared by `train` and `bench model` (see ModelConfig)."""
     group = parser.add_argument_group("model")
     group.add_argument("--preset", default=default_preset, metavar="NAME",
-                       help=f"model size: {', '.join(PRESETS)} (default: {default_preset})")
+                       help=f"model size: {', '.join(PRESETS)} (default: {default_preset}); train also "
+                            f"takes a whole job: {', '.join(JOB_PRESETS)}")
     for name, text in (("d_model", "residual width"), ("d_ff", "feed-forward width"),
                        ("num_layers", "number of blocks"), ("num_heads", "attention heads")):
         group.add_argument(_flag(name), type=int, metavar="N", help=f"{text} (default: the preset's)")
@@ -178,3 +187,16 @@ def model_config_from_args(args: argparse.Namespace, *, context_length: int) -> 
         rope_theta=args.rope_theta, attention=args.attention,
         context_length=args.model_context_length or context_length,
     )
+
+
+def apply_job_preset(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
+    """`args` with a JOB_PRESETS name in `args.preset` expanded into the flags it sets that were not
+    given (None), so explicit flags win; then every flag of `defaults` still None takes its default."""
+    values = vars(args).copy()
+    for name, value in JOB_PRESETS.get(args.preset, {}).items():
+        if name == "preset" or values.get(name) is None:
+            values[name] = value
+    for name, value in defaults.items():
+        if values.get(name) is None:
+            values[name] = value
+    return argparse.Namespace(**values)

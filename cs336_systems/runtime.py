@@ -10,6 +10,8 @@ import torch
 
 from cs336_systems.errors import ConfigError
 
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
 
 @dataclass(kw_only=True)
 class RuntimeConfig:
@@ -23,11 +25,16 @@ class RuntimeConfig:
     """torch.compile backend; "aot_eager" compiles fast and is what the CPU tests use."""
     bf16: bool = False
     """Run forward and loss under bfloat16 autocast (parameters and optimizer stay fp32)."""
+    param_dtype: str = "fp32"
+    """Parameters (and so gradients and AdamW state) in "fp32" or "bf16": bf16 halves their memory,
+    what an 8B model needs on one GPU (the CS336 2026 leaderboard step); no autocast is needed then."""
 
     def __post_init__(self) -> None:
         self.device = str(pick_device(self.device))
         if self.compile is None:
             self.compile = torch.device(self.device).type == "cuda"
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ConfigError(f"--param-dtype must be one of {', '.join(PARAM_DTYPES)}, got {self.param_dtype!r}")
         if self.compile and self.compile_backend not in torch.compiler.list_backends(exclude_tags=()):
             raise ConfigError(f"--compile-backend: unknown backend {self.compile_backend!r}")
 
@@ -66,8 +73,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser, compile_default: bool
     group.add_argument("--compile-backend", default="inductor", metavar="NAME",
                        help="torch.compile backend (default: inductor; aot_eager compiles fast)")
     group.add_argument("--bf16", action="store_true", help="bfloat16 autocast for forward and loss")
+    group.add_argument("--param-dtype", choices=tuple(PARAM_DTYPES),
+                       help=f"parameter, gradient and optimizer-state dtype (default: {RuntimeConfig.param_dtype})")
 
 
 def runtime_config_from_args(args: argparse.Namespace) -> RuntimeConfig:
     return RuntimeConfig(device=args.device, compile=args.compile, compile_backend=args.compile_backend,
-                         bf16=args.bf16)
+                         bf16=args.bf16, param_dtype=getattr(args, "param_dtype", None) or RuntimeConfig.param_dtype)

@@ -47,7 +47,7 @@ from cs336_systems.bench.common import OOM, Results, environment, free_device_me
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
-from cs336_systems.presets import ModelConfig
+from cs336_systems.presets import JOB_PRESETS, ModelConfig
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.loss import lm_loss
 from cs336_systems.training.optim import adamw
@@ -55,7 +55,8 @@ from cs336_systems.training.report import training_flops
 
 STEP_PRESETS: dict[str, dict[str, Any]] = {
     # The CS336 2026 leaderboard: 8.1 B parameters, 64 Ki tokens per step.
-    "8b-32k": {"model": "8b", "vocab": 151_936, "ctx": 32_768, "batch": 2},
+    "8b-32k": {"model": JOB_PRESETS["8b-32k"]["preset"], "vocab": JOB_PRESETS["8b-32k"]["vocab_size"],
+               "ctx": JOB_PRESETS["8b-32k"]["context_length"], "batch": JOB_PRESETS["8b-32k"]["batch_size"]},
     # CI: the same code paths in seconds on a CPU.
     "tiny-step": {"model": "tiny", "vocab": 256, "ctx": 64, "batch": 2},
 }

@@ -17,7 +17,7 @@ import torch
 
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import parse_policy
-from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
+from cs336_systems.presets import ModelConfig, add_model_arguments, apply_job_preset, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
 from cs336_systems.training.corpus import CorpusConfig
 from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS
@@ -236,12 +236,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     par, ckpt = functools.partial(_default, ParallelConfig), functools.partial(_default, CheckpointConfig)
     group = parser.add_argument_group("training")
     group.add_argument("--steps", type=int, default=train("steps"), help="optimizer steps (default: %(default)s)")
-    group.add_argument("--batch-size", type=int, default=train("batch_size"),
-                       help="sequences per step over all processes (default: %(default)s)")
+    group.add_argument("--batch-size", type=int,
+                       help=f"sequences per step over all processes (default: {train('batch_size')})")
     group.add_argument("--grad-accum-steps", type=int, default=train("grad_accum_steps"),
                        help="micro-batches per step (default: %(default)s)")
-    group.add_argument("--context-length", type=int, default=train("context_length"),
-                       help="tokens per sequence (default: %(default)s)")
+    group.add_argument("--context-length", type=int,
+                       help=f"tokens per sequence (default: {train('context_length')})")
     group.add_argument("--lr", type=float, default=opt("lr"), help="peak learning rate (default: %(default)s)")
     group.add_argument("--min-lr", type=float, help="final learning rate (default: lr/10)")
     group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 10%% of --steps)")
@@ -264,8 +264,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="fully sharded data parallel: parameters, gradients and AdamW state sharded")
     group.add_argument("--bucket-size-mb", type=float, default=par("bucket_size_mb"),
                        help="DDP gradient bucket cap (default: %(default)s)")
-    group.add_argument("--activation-checkpointing", default=par("activation_checkpointing"), metavar="POLICY",
-                       help="recompute activations in backward: none, full, every:K, selective (default: %(default)s)")
+    group.add_argument("--activation-checkpointing", metavar="POLICY",
+                       help="recompute activations in backward: none, full, every:K, selective "
+                            f"(default: {par('activation_checkpointing')})")
     group = parser.add_argument_group("data, output and checkpoints")
     group.add_argument("--data", metavar="FILE", help="training tokens, .npy or uint16 .bin (default: embedded corpus)")
     group.add_argument("--val-data", metavar="FILE", help="validation tokens (default: the corpus's split)")
@@ -287,6 +288,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    # Flags a job preset may set default to None ("not given"): the preset's value, else the field's.
+    args = apply_job_preset(args, {"context_length": _default(TrainConfig, "context_length"),
+                                   "batch_size": _default(TrainConfig, "batch_size"),
+                                   "param_dtype": RuntimeConfig.param_dtype,
+                                   "activation_checkpointing": _default(ParallelConfig, "activation_checkpointing")})
     return TrainConfig(
         model=model_config_from_args(args, context_length=args.context_length),
         data=DataConfig(data=args.data, val_data=args.val_data),

@@ -42,7 +42,7 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.parallelize import parallelize
-from cs336_systems.runtime import autocast
+from cs336_systems.runtime import PARAM_DTYPES, autocast
 from cs336_systems.timing import Clock, Stopwatch
 from cs336_systems.training import checkpoint
 from cs336_systems.training.config import TrainConfig
@@ -92,7 +92,7 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
     train_tokens, val_tokens, _ = load_splits(config.data.data, config.data.val_data, config.data.corpus,
                                               config.context_length)
     seed_everything(config.seed)
-    model = config.model.build().to(world.device)
+    model = config.model.build().to(world.device, PARAM_DTYPES[config.runtime.param_dtype])
     forward, ddp = parallelize(model, world.world_size, compile_model=config.runtime.compile,
                                compile_backend=config.runtime.compile_backend,
                                activation_checkpointing=config.parallel.activation_checkpointing,

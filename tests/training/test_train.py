@@ -247,7 +247,32 @@ def test_flag_defaults_are_the_config_defaults():
 
     args = cli.build_parser().parse_args(["train"])
     defaults, optimizer, ckpt = TrainConfig.__dataclass_fields__, OptimizerConfig(), CheckpointConfig()
-    for name in ("steps", "batch_size", "grad_accum_steps", "context_length", "eval_every", "log_every", "seed"):
+    for name in ("steps", "grad_accum_steps", "eval_every", "log_every", "seed"):
         assert getattr(args, name) == defaults[name].default, name
+    config = config_from_args(args)  # flags a job preset may fill parse as None, then take the field's default
+    assert (config.batch_size, config.context_length) == (defaults["batch_size"].default,
+                                                        defaults["context_length"].default)
     assert (args.lr, args.weight_decay, args.grad_clip) == (optimizer.lr, optimizer.weight_decay, optimizer.grad_clip)
     assert (args.checkpoint_every, args.keep_checkpoints) == (ckpt.every, ckpt.keep)
+
+
+def test_job_preset_fills_the_leaderboard_job_and_explicit_flags_win():
+    """`train --preset 8b-32k` is the CS336 2026 leaderboard job: the 8b model, 2 x 32768 tokens,
+    bf16 parameters, selective checkpointing; a flag given on the command line keeps its value."""
+    def job(*flags: str):
+        argv = ["train", "--preset", "8b-32k", "--device", "cpu", "--nproc", "1", *flags]
+        return config_from_args(cli.build_parser(argv).parse_args(argv))
+
+    config = job()
+    assert (config.model.d_model, config.model.num_layers, config.model.vocab_size) == (4096, 34, 151_936)
+    assert (config.context_length, config.batch_size, config.runtime.param_dtype) == (32_768, 2, "bf16")
+    assert config.parallel.activation_checkpointing == "selective"
+    config = job("--context-length", "1024", "--param-dtype", "fp32", "--activation-checkpointing", "full")
+    assert (config.context_length, config.runtime.param_dtype, config.parallel.activation_checkpointing) == (
+        1024, "fp32", "full")
+
+
+def test_bf16_parameters_train(tmp_path):
+    """--param-dtype bf16: parameters, gradients and AdamW state in bf16 (the 8B job's memory); it learns."""
+    summary = train.train(parse("--nproc", "1", "--param-dtype", "bf16", "--out-dir", str(tmp_path)))
+    assert summary["last_loss"] < summary["first_loss"]
