@@ -43,17 +43,23 @@ def _ours() -> LossFn:
     return linear_cross_entropy
 
 
-def _chunk_loss(x_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(x_c @ weight.T, t_c, reduction="sum")
+def _chunk_loss(x_c: torch.Tensor, weight: torch.Tensor, t_c: torch.Tensor, upcast: bool) -> torch.Tensor:
+    logits = x_c @ weight.T  # (chunk, V)
+    return F.cross_entropy(logits.float() if upcast else logits, t_c, reduction="sum")
+
+
+def checkpointed_chunks_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk: int = CHECKPOINT_CHUNK, upcast: bool = False) -> torch.Tensor:
+    """The plain-PyTorch memory-lean recipe: mean cross-entropy of x (N, D) @ weight.T against targets
+    (N,), the LM head + F.cross_entropy of `chunk` tokens at a time under torch.utils.checkpoint, so
+    one chunk's logits exist at a time in forward and in backward (`upcast`: their fp32 copy too)."""
+    total = sum(checkpoint(_chunk_loss, x[i:i + chunk], weight, targets[i:i + chunk], upcast, use_reentrant=False)
+                for i in range(0, x.shape[0], chunk))
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 def _chunked_checkpoint() -> LossFn:
-    def loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = sum(checkpoint(_chunk_loss, x[i:i + CHECKPOINT_CHUNK], weight, targets[i:i + CHECKPOINT_CHUNK],
-                               use_reentrant=False) for i in range(0, x.shape[0], CHECKPOINT_CHUNK))
-        return total / (targets != -100).sum().clamp(min=1)
-
-    return loss
+    return checkpointed_chunks_loss
 
 
 def _torch() -> LossFn:

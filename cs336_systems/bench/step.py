@@ -39,11 +39,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
+from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
@@ -141,11 +141,6 @@ class StockCheckpointedBlock(nn.Module):
         return checkpoint(self.block, x, use_reentrant=False)
 
 
-def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = hidden @ weight.T  # (chunk, V)
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
-
-
 def stock_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy with the LM head and loss in checkpointed chunks of STOCK_LOSS_CHUNK tokens:
     only one chunk's logits exist at a time, in forward and in backward."""
@@ -153,10 +148,7 @@ def stock_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) ->
     for layer in model.layers:
         x = layer(x)
     hidden, targets = model.ln_final(x).flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
-    total = sum(checkpoint(_chunk_loss, hidden[i:i + STOCK_LOSS_CHUNK], model.lm_head.weight,
-                           targets[i:i + STOCK_LOSS_CHUNK], use_reentrant=False)
-                for i in range(0, len(targets), STOCK_LOSS_CHUNK))
-    return total / len(targets)
+    return checkpointed_chunks_loss(hidden, model.lm_head.weight, targets, STOCK_LOSS_CHUNK, upcast=True)
 
 
 def contender_base(name: str) -> str:

@@ -33,8 +33,7 @@ def check_same_parameters(module: nn.Module, what: str) -> None:
     """
     local = [(name, tuple(t.shape), str(t.dtype), t.requires_grad)
              for name, t in [*module.named_parameters(), *module.named_buffers()]]
-    gathered: list[list | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local)
+    gathered = gather_from_ranks(local)
     for rank, theirs in enumerate(gathered):
         if theirs != gathered[0]:
             raise ValueError(

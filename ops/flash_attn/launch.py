@@ -13,7 +13,7 @@ import torch
 from ops.flash_attn.kernels import LOG2E, flash_fwd_kernel
 from ops.flash_attn.kernels_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel
 from ops.flash_attn.tiles import Blocks, KernelConfigs, block_d_for, kernel_configs, precision
-from ops.triton_utils import ReplayLauncher
+from ops.triton_utils.replay import ReplayLauncher
 
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y, where batch*heads goes
 # The kernels small calls spend their host time on: launched without Triton's per-call bookkeeping.

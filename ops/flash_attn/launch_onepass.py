@@ -17,7 +17,7 @@ from ops.flash_attn.kernels_bwd_onepass import (
 from ops.flash_attn.launch import as_bhnd, backward_outputs, batch_heads, kernel_meta, launch_grid
 from ops.flash_attn.launch_tma import descriptor, tma_aligned
 from ops.flash_attn.tiles import Blocks, block_d_for, kernel_configs
-from ops.triton_utils import ReplayLauncher
+from ops.triton_utils.replay import ReplayLauncher
 
 ROW_BLOCK = 64  # query rows per program of the preprocess and conversion kernels (memory-bound)
 # Launched without Triton's per-call bookkeeping, as launch.forward_kernel is.

@@ -19,7 +19,8 @@ from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
 from ops.flash_attn.launch import as_bhnd, flash_forward, forward_outputs, launch_grid
 from ops.flash_attn.tiles import Blocks, kernel_configs, precision
-from ops.triton_utils import ReplayLauncher, device_capability, interpreting
+from ops.triton_utils import device_capability, interpreting
+from ops.triton_utils.replay import ReplayLauncher
 
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor

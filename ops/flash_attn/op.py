@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ops.flash_attn.reference import default_scale
 from ops.flash_attn.tiled import tiled_backward, tiled_forward
-from ops.triton_utils.device import use_triton
+from ops.triton_utils.device import eager, use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 256
@@ -104,17 +104,6 @@ def _(grad_out, q, k, v, out, lse, is_causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """True when plain tensors are used outside torch.compile tracing.
-
-    Then the Functions call the implementations directly: the custom-op dispatch costs tens of
-    microseconds a call, as much as a whole small attention on the GPU. Traced code (dynamo,
-    AOTAutograd's fake and functional tensors) and tensor subclasses go through the ops, so that
-    graphs record them and their fakes answer for them.
-    """
-    return not torch.compiler.is_compiling() and all(type(t) is Tensor for t in tensors)
-
-
 class FlashAttention2Triton(torch.autograd.Function):
     """FlashAttention-2 through the `cs336` ops (Triton on CUDA). `.apply(q, k, v, is_causal=False, scale=None)`."""
 
@@ -122,7 +111,7 @@ class FlashAttention2Triton(torch.autograd.Function):
     def forward(ctx, q, k, v, is_causal=False, scale=None):
         check_inputs(q, k, v)
         scale = _resolve_scale(q, scale)
-        forward = _forward_checked if _eager(q, k, v) else torch.ops.cs336.flash_attn_fwd
+        forward = _forward_checked if eager(q, k, v) else torch.ops.cs336.flash_attn_fwd
         out, lse = forward(q, k, v, is_causal, scale)
         ctx.save_for_backward(q, k, v, out, lse)  # lse (..., Nq) is the only (..., Nq)-shaped tensor
         ctx.is_causal, ctx.scale = is_causal, scale
@@ -131,7 +120,7 @@ class FlashAttention2Triton(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        backward = backward_impl if _eager(grad_out, q) else torch.ops.cs336.flash_attn_bwd
+        backward = backward_impl if eager(grad_out, q) else torch.ops.cs336.flash_attn_bwd
         dq, dk, dv = backward(grad_out, q, k, v, out, lse, ctx.is_causal, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -169,8 +158,8 @@ _lib.impl("flash_attn", _flash_attn_composite, "CompositeImplicitAutograd")
 def flash_attn(q: Tensor, k: Tensor, v: Tensor, is_causal: bool = False, scale: float | None = None) -> Tensor:
     """softmax(q k^T * scale [+ causal mask]) v for q (..., Nq, D), k/v (..., Nk, D); differentiable.
 
-    The same as `torch.ops.cs336.flash_attn`; in eager mode it skips the op dispatch (see _eager).
+    The same as `torch.ops.cs336.flash_attn`; in eager mode it skips the op dispatch (see ops.triton_utils.eager).
     """
-    if _eager(q, k, v):
+    if eager(q, k, v):
         return FlashAttention2Triton.apply(q, k, v, is_causal, scale)
     return torch.ops.cs336.flash_attn(q, k, v, is_causal, scale)

@@ -26,7 +26,8 @@ import triton
 from torch import Tensor
 
 from ops.linear_cross_entropy.kernels import lce_rows_kernel
-from ops.triton_utils import ReplayLauncher, interpreting
+from ops.triton_utils import interpreting
+from ops.triton_utils.replay import ReplayLauncher
 
 # Chunk and group budgets, measured on an H200 at N = 65536, D = 4096, V = 151936 bf16 (fwd + bwd,
 # docs/lm_loss.md): 512 MiB / 1 GiB 434.7 ms, 1 GiB / 1 GiB 412.4 ms (3.4 GiB peak), 1 GiB / 2 GiB

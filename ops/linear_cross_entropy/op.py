@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ops.linear_cross_entropy import chunked
 from ops.linear_cross_entropy.reference import REDUCTIONS
-from ops.triton_utils.device import use_triton
+from ops.triton_utils.device import eager, use_triton
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Range-check targets on CUDA too (a host sync per call); also on with CS336_CHECK_TARGETS=1.
@@ -169,12 +169,6 @@ def _(grad_loss, x, weight, targets, ignore_index, reduction, grad_x, grad_weigh
     return x.new_empty(x.shape if grad_x else 0), weight.new_empty(weight.shape if grad_weight else 0)
 
 
-def _eager(*tensors: Tensor) -> bool:
-    """True outside torch.compile tracing with plain tensors (parameters included): then the Function
-    calls the implementations directly, skipping the op dispatch (tens of microseconds a call)."""
-    return not torch.compiler.is_compiling() and all(type(t) in (Tensor, torch.nn.Parameter) for t in tensors)
-
-
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """`.apply(x, weight, targets, ignore_index=-100, reduction="mean")`: the loss, differentiable in x, weight.
 
@@ -189,7 +183,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # mean/sum: the upstream gradient is one scalar, so the gradients can be made now, while each
         # chunk's logits exist. none: a gradient per token, known only in backward (recompute there).
         ctx.fused = reduction != "none"
-        forward = _forward_checked if _eager(x, weight, targets) else torch.ops.cs336.linear_cross_entropy_fwd
+        forward = _forward_checked if eager(x, weight, targets) else torch.ops.cs336.linear_cross_entropy_fwd
         loss, dx, dw = forward(x, weight, targets, ignore_index, reduction,
                                ctx.fused and grad_x, ctx.fused and grad_weight)
         ctx.save_for_backward(*((dx, dw) if ctx.fused else (x, weight, targets)))
@@ -203,7 +197,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             dx, dw = ctx.saved_tensors
             return dx * grad_loss if grad_x else None, dw * grad_loss if grad_weight else None, None, None, None
         x, weight, targets = ctx.saved_tensors
-        backward = backward_impl if _eager(grad_loss, x, weight) else torch.ops.cs336.linear_cross_entropy_bwd
+        backward = backward_impl if eager(grad_loss, x, weight) else torch.ops.cs336.linear_cross_entropy_bwd
         dx, dw = backward(grad_loss, x, weight, targets, ctx.ignore_index, ctx.reduction, grad_x, grad_weight)
         return dx if grad_x else None, dw if grad_weight else None, None, None, None
 
@@ -219,7 +213,7 @@ def _loss(x: Tensor, weight: Tensor, targets: Tensor, ignore_index: int = -100, 
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return LinearCrossEntropyFunction.apply(x, weight, targets, ignore_index, reduction)
     check_inputs(x, weight, targets, reduction)
-    forward = _forward_checked if _eager(x, weight, targets) else torch.ops.cs336.linear_cross_entropy_fwd
+    forward = _forward_checked if eager(x, weight, targets) else torch.ops.cs336.linear_cross_entropy_fwd
     return forward(x, weight, targets, ignore_index, reduction, False, False)[0]
 
 
@@ -234,7 +228,7 @@ def linear_cross_entropy(x: Tensor, weight: Tensor, targets: Tensor, ignore_inde
     non-ignored targets; 0 if there are none) and `sum`, per-token losses (...) for `none`. The same
     as `torch.ops.cs336.linear_cross_entropy`; in eager mode it skips the op dispatch.
     """
-    if _eager(x, weight, targets):
+    if eager(x, weight, targets):
         return _loss(x, weight, targets, ignore_index, reduction)
     check_inputs(x, weight, targets, reduction)  # our messages before the dispatcher's schema errors
     return torch.ops.cs336.linear_cross_entropy(x, weight, targets, ignore_index, reduction)

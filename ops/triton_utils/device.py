@@ -19,6 +19,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def eager(*tensors: torch.Tensor) -> bool:
+    """True when plain tensors (parameters included) are used outside torch.compile tracing.
+
+    Then an op's autograd Function calls its implementations directly: the custom-op dispatch costs
+    tens of microseconds a call, as much as a whole small attention on the GPU. Traced code
+    (dynamo, AOTAutograd's fake and functional tensors) and tensor subclasses go through the ops,
+    so that graphs record them and their fakes answer for them.
+    """
+    return not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """True when Triton kernels can run on x: a CUDA tensor, or a CPU tensor under the interpreter."""
     return x.is_cuda or (x.device.type == "cpu" and interpreting())
