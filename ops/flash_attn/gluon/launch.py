@@ -26,8 +26,8 @@ NUM_WARPS = 4  # the default partition: consumer warpgroup 0
 # file at launch; setmaxnreg then moves the load warpgroup to 24 and both consumers to 240.
 MAXNREG = 168
 CONSUMER_REGS = 240
-_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
-_SIG_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
+_SIG_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 @dataclass(frozen=True)
@@ -44,14 +44,19 @@ class GluonTiles:
 FORWARD_TILES = {64: GluonTiles(64, 128, 2), 128: GluonTiles(64, 128, 2)}
 
 
-def _layout(block_shape: list[int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+def layout(block_shape: list[int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
     return gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[dtype])
 
 
-def _descriptor(x3: torch.Tensor, rows: int) -> TensorDescriptor:
+def descriptor(x3: torch.Tensor, rows: int) -> TensorDescriptor:
     """Descriptor over the (BH, N, D) view x3, one (1, rows, D) tile per copy."""
     block = [1, rows, x3.shape[-1]]
-    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, _layout(block, x3.dtype))
+    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, layout(block, x3.dtype))
+
+
+def descriptor_type(block: list[int], dtype: torch.dtype) -> str:
+    """The signature type of a host descriptor with this block, as a launch specialises it."""
+    return f"tensordesc<{_SIG_DTYPES[dtype]}[{','.join(map(str, block))}],{layout(block, dtype)!r}>"
 
 
 def _meta(head_dim: int, is_causal: bool, tiles: GluonTiles) -> dict:
@@ -71,8 +76,8 @@ def flash_forward_gluon(q, k, v, is_causal: bool, scale: float,
     tiles = tiles or FORWARD_TILES[head_dim]
     grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, bh)
     flash_fwd_ws_kernel[grid](
-        _descriptor(q3, tiles.block_m), _descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
-        _descriptor(v3, tiles.block_n), _descriptor(o3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        descriptor(q3, tiles.block_m), descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
+        descriptor(v3, tiles.block_n), descriptor(o3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
         n_q, k3.shape[1], scale * LOG2E,
         **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS, maxnreg=MAXNREG)
@@ -84,11 +89,9 @@ def compile_forward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.b
     """Compile the forward for `target` without a GPU (ptxas ships with Triton): the CompiledKernel,
     whose .asm holds "ttgir", "ptx" and "cubin". The signature is the one a launch specialises to."""
     tiles = tiles or FORWARD_TILES[head_dim]
-    ty = _SIG_DTYPES[dtype]
 
     def desc(rows: int) -> str:
-        block = [1, rows, head_dim]
-        return f"tensordesc<{ty}[{','.join(map(str, block))}],{_layout(block, dtype)!r}>"
+        return descriptor_type([1, rows, head_dim], dtype)
 
     meta = _meta(head_dim, is_causal, tiles)
     signature = {"q_desc": desc(tiles.block_m), "k_desc": desc(tiles.block_n), "v_desc": desc(tiles.block_n),

@@ -1,0 +1,210 @@
+"""One-pass FlashAttention backward for Hopper (sm_90), written in Gluon.
+
+Same math as `ops.flash_attn.kernels_bwd_onepass` (5 matmuls and one exp per score; dQ summed
+across CTAs, so its last bits vary from run to run): one CTA owns BLOCK_N = 128 keys of one head
+and walks the query tiles that see them, BLOCK_M = 64 rows at a time. Per query tile, in log2
+units (qk_scale = scale * log2 e, L2 = L * log2 e):
+
+    S^T  = K Q^T            P^T = exp2(qk_scale S^T - L2)     dP^T = V dO^T
+    dV  += P^T dO           dS^T = P^T * (dP^T - Delta)        dK  += dS^T Q
+    dQ_tile = dS K  -> added into a float32 (BH, Nq, D) buffer by one TMA bulk reduction
+
+What Gluon lets us write that `tl` (triton 3.6) did not:
+  - every matmul is an async wgmma whose wait we place: dP^T runs while the exp of S^T is taken,
+    dV while dS^T is formed, dK and dQ while the next tile's copies land;
+  - P^T feeds the dV wgmma from registers; dS^T goes to shared memory once and is the A operand
+    of dK, and through its transposed view of dQ (no register transpose);
+  - Q and dO tiles stream through a NUM_STAGES-deep TMA ring on mbarriers, and each dQ tile leaves
+    as one `cp.reduce.async.bulk.tensor` (Gluon 3.6 has the op in its builder but no wrapper:
+    `_reduce_add` below).
+
+Two warpgroups (num_warps = 8) split the key rows: each owns 64 keys of S^T, dP^T, dK and dV (one
+wgmma M extent), and half of dQ's head-dim columns. They meet at thread barriers where dS^T and
+the dQ tile cross between them.
+
+Tensors arrive as 3-D (BH, N, D) host descriptors: rows past a head's end read as zero and stores
+or reductions past it are dropped. Zero query rows contribute nothing (dO = 0 there, and L = 0
+keeps P finite); keys past Nk would have P = exp2(-L2), so the ragged key tile is masked.
+"""
+
+
+from triton._C.libtriton import ir
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language._core import builtin
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+
+LOG2E_C = gl.constexpr(1.4426950408889634)
+
+
+@builtin
+def _reduce_add(tensor_desc, coord, src, _semantic=None):
+    """global[desc at coord] += src (shared memory), by the TMA unit: `cp.reduce.async.bulk.tensor`.
+    Completes like a TMA store: `tma.store_wait` before src is written again."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+@gluon.jit
+def _query_tiles(start_n, n_queries, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """(first query tile, number of query tiles) that see keys from start_n on."""
+    first = 0
+    if IS_CAUSAL:
+        first = start_n // BLOCK_M  # top-left aligned: row r sees keys <= r
+    return first, gl.maximum(gl.cdiv(n_queries, BLOCK_M) - first, 0)
+
+
+@gluon.jit
+def _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh, tile, stage):
+    """TMA copies of query tile `tile` (Q, dO, and its rows of L and Delta) into ring slot `stage`."""
+    rows: gl.constexpr = q_desc.block_type.shape[1]
+    nbytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
+              + delta_desc.block_type.nbytes)
+    bar = ready.index(stage)
+    mbarrier.expect(bar, nbytes)
+    tma.async_copy_global_to_shared(q_desc, [bh, tile * rows, 0], bar, q_smem.index(stage))
+    tma.async_copy_global_to_shared(do_desc, [bh, tile * rows, 0], bar, do_smem.index(stage))
+    tma.async_copy_global_to_shared(lse_desc, [bh, tile * rows], bar, lse_smem.index(stage))
+    tma.async_copy_global_to_shared(delta_desc, [bh, tile * rows], bar, delta_smem.index(stage))
+
+
+@gluon.jit
+def _probabilities(s_t, lse_smem, start_n, start_m, n_keys, qk_scale,
+                   st_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """P^T = exp2(qk_scale S^T - L2) for one tile, zero where a key is past Nk or, causal, after
+    the query. Rows past Nq have L = 0 (TMA fills zeros): P stays finite, and dO = 0 there."""
+    lse2 = _row_vector(lse_smem, st_layout) * LOG2E_C
+    p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
+    ragged = start_n + BLOCK_N > n_keys
+    diagonal = IS_CAUSAL and start_m < start_n + BLOCK_N
+    if ragged or diagonal:
+        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+        keep = gl.expand_dims(keys, 1) < n_keys
+        if IS_CAUSAL:
+            rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+            keep = keep & (gl.expand_dims(keys, 1) <= gl.expand_dims(rows, 0))
+        p_t = gl.where(keep, p_t, 0.0)
+    return p_t
+
+
+@gluon.jit
+def _row_vector(smem, st_layout: gl.constexpr):
+    """A (1, BLOCK_M) float32 tile in shared memory as a vector along S^T's columns."""
+    return smem.reshape([smem.shape[1]]).load(gl.SliceLayout(0, st_layout))
+
+
+@gluon.jit
+def flash_bwd_gluon_kernel(
+    q_desc, k_desc, v_desc, do_desc,  # (BH, Nq, D), (BH, Nk, D) x2, (BH, Nq, D); blocks [1, rows, D]
+    dk_desc, dv_desc, dq_desc,  # (BH, Nk, D) x2 in the input dtype; (BH, Nq, D) float32 accumulator
+    lse_desc, delta_desc,  # (BH, Nq) float32 each, blocks [1, rows]: L (natural log) and rowsum(O * dO)
+    n_queries, n_keys, qk_scale, sm_scale,  # qk_scale = sm_scale * log2(e)
+    HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr,
+):
+    """dK, dV of BLOCK_N keys of one head; dQ_acc += dS K (unscaled) for each query tile they meet.
+    dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
+    dtype: gl.constexpr = q_desc.dtype
+    bh = gl.program_id(1)
+    start_n = gl.program_id(0) * BLOCK_N
+
+    # Two warpgroups stacked along the key rows for S^T, dP^T, dK, dV; along D for the dQ tile.
+    st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                        instr_shape=[16, BLOCK_M, 16])
+    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                        instr_shape=[16, HEAD_DIM, 16])
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2],
+                                                        instr_shape=[16, HEAD_DIM // 2, 16])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
+
+    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
+    ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+    ds_smem = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], ds_layout)
+    lse_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + lse_desc.block_type.shape, lse_desc.layout)
+    delta_smem = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + delta_desc.block_type.shape, delta_desc.layout)
+    dq_smem = gl.allocate_shared_memory(gl.float32, dq_desc.block_type.shape, dq_desc.layout)
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(NUM_STAGES):
+        mbarrier.init(ready.index(i), count=1)
+    fence_async_shared()  # barrier inits visible to the TMA unit
+
+    mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [bh, start_n, 0], kv_ready, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [bh, start_n, 0], kv_ready, v_smem)
+    first, n_tiles = _query_tiles(start_n, n_queries, BLOCK_M, IS_CAUSAL)
+    for i in gl.static_range(NUM_STAGES):
+        if i < n_tiles:
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
+                       first + i, i)
+
+    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
+    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
+    mbarrier.wait(kv_ready, 0)
+
+    for it in range(n_tiles):
+        stage = it % NUM_STAGES
+        start_m = (first + it) * BLOCK_M
+        mbarrier.wait(ready.index(stage), (it // NUM_STAGES) & 1)
+        q2 = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        do2 = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+
+        # EARLY_DP: S^T and dP^T issued together, so the exp of S^T runs while dP^T is on the tensor
+        # cores; otherwise dP^T after P (32 fewer live registers at the exp: no spills at D = 128).
+        # (Zero accumulators are made where used: hoisted, they would hold registers across the loop.)
+        zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
+        st_tok = warpgroup_mma(k2, q2.permute((1, 0)), zero_st, use_acc=False, is_async=True)
+        if EARLY_DP:
+            dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), zero_st, use_acc=False, is_async=True)
+            s_t = warpgroup_mma_wait(1, deps=(st_tok,))
+        else:
+            s_t = warpgroup_mma_wait(0, deps=(st_tok,))
+        p_t = _probabilities(s_t, lse_smem.index(stage), start_n, start_m, n_keys, qk_scale,
+                             st_layout, BLOCK_N, BLOCK_M, IS_CAUSAL)
+        p_op = gl.convert_layout(p_t.to(dtype), a_layout)
+        if not EARLY_DP:
+            dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
+                                    use_acc=False, is_async=True)
+        dv_tok = warpgroup_mma(p_op, do2, dv, is_async=True)
+        delta = _row_vector(delta_smem.index(stage), st_layout)  # read late: fewer live registers
+        dp_t = warpgroup_mma_wait(1, deps=(dpt_tok,))
+
+        # dS^T while dV runs, into shared memory: the A operand of dK, and transposed, of dQ.
+        ds_smem.store((p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        dk_tok = warpgroup_mma(ds_smem, q2, dk, is_async=True)
+        zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
+        dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k2, zero_dq, use_acc=False, is_async=True)
+        dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
+
+        tma.store_wait(0)  # the previous tile's reduction has read dq_smem
+        gl.thread_barrier()  # ...and both warpgroups are done with this stage and ds_smem
+        if it + NUM_STAGES < n_tiles:
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
+                       first + it + NUM_STAGES, stage)
+        dq_smem.reshape([BLOCK_M, HEAD_DIM]).store(dq)
+        fence_async_shared()
+        gl.thread_barrier()
+        _reduce_add(dq_desc, [bh, start_m, 0], dq_smem)  # rows past Nq dropped
+
+    # dK, dV out through the K and V buffers (their last readers were waited for above).
+    k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))
+    v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+    fence_async_shared()
+    gl.thread_barrier()
+    tma.async_copy_shared_to_global(dk_desc, [bh, start_n, 0], k_smem)  # clipped at Nk
+    tma.async_copy_shared_to_global(dv_desc, [bh, start_n, 0], v_smem)
+    tma.store_wait(0)

@@ -1,0 +1,94 @@
+"""Launcher of the Gluon one-pass backward (kernels_bwd.flash_bwd_gluon_kernel) and its ahead-of-time compile.
+
+Same contract as ops.flash_attn.launch.flash_backward: gradients (dQ, dK, dV) in the input dtypes.
+Three launches, as in the tl one-pass backward (launch_onepass.py), whose preprocess (Delta, and
+zeros into the float32 dQ accumulator) and conversion (dQ = scale * accumulator) kernels are reused:
+only the middle, matmul-bound launch is Gluon. Callers check `gluon_backward_supported` first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ops.flash_attn.gluon.kernels_bwd import flash_bwd_gluon_kernel
+from ops.flash_attn.gluon.launch import SM90, descriptor, descriptor_type, layout
+from ops.flash_attn.kernels import LOG2E
+from ops.flash_attn.launch import as_bhnd, backward_outputs, launch_grid
+from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
+from ops.flash_attn.launch_tma import tma_aligned
+
+NUM_WARPS = 8  # two warpgroups: 64 key rows each (kernels_bwd.py)
+
+
+@dataclass(frozen=True)
+class GluonBackwardTiles:
+    block_m: int  # query rows per step (one wgmma M extent for the dQ tile)
+    block_n: int  # key rows per CTA (64 per warpgroup)
+    num_stages: int  # Q / dO ring depth in shared memory
+    early_dp: bool = True  # issue dP^T with S^T (more overlap, more live registers; kernels_bwd.py)
+
+
+# Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO) 32 KB + dS^T 16 KB + dQ tile 32 KB.
+BACKWARD_TILES = {64: GluonBackwardTiles(64, 128, 2), 128: GluonBackwardTiles(64, 128, 2)}
+
+
+def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
+                IS_CAUSAL=is_causal, EARLY_DP=tiles.early_dp)
+
+
+def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
+                         tiles: GluonBackwardTiles | None = None):
+    """(dQ, dK, dV) in the input dtypes; dO may have any strides (it is copied if TMA cannot read it).
+
+    `tiles` overrides the table (gpu_check.py times variants with it).
+    """
+    (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
+    q3, k3, v3, o3, do3, dq3, dk3, dv3 = (as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
+    bh, n_q, head_dim = q3.shape
+    n_k = k3.shape[1]
+    if bh == 0 or n_q == 0 or n_k == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    if not tma_aligned(do3):
+        do3 = do3.contiguous()  # e.g. the all-zero strides of the gradient of .sum()
+    tiles = tiles or BACKWARD_TILES[head_dim]
+    dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
+    row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
+    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
+        o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
+    flash_bwd_gluon_kernel[launch_grid(n_k, tiles.block_n, bh)](
+        descriptor(q3, tiles.block_m), descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
+        descriptor(v3, tiles.block_n), descriptor(do3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        descriptor(dk3, tiles.block_n), descriptor(dv3, tiles.block_n),  # (BH, Nk, D) x2
+        descriptor(dq_acc, tiles.block_m),  # (BH, Nq, D) float32
+        _row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
+        _row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
+        n_q, n_k, scale * LOG2E, scale, **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS)
+    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
+    return dq, dk, dv
+
+
+def _row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
+    """Descriptor over a (BH, Nq) float32 array, one (1, rows) block per copy."""
+    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [1, rows], layout([1, rows], x2.dtype))
+
+
+def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
+                     tiles: GluonBackwardTiles | None = None, target=SM90):
+    """Compile the backward's Gluon kernel for `target` without a GPU (see launch.compile_forward)."""
+    tiles = tiles or BACKWARD_TILES[head_dim]
+    meta = _meta(head_dim, is_causal, tiles)
+    q_type = descriptor_type([1, tiles.block_m, head_dim], dtype)
+    k_type = descriptor_type([1, tiles.block_n, head_dim], dtype)
+    signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": k_type,
+                 "dv_desc": k_type, "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32),
+                 "lse_desc": descriptor_type([1, tiles.block_m], torch.float32),
+                 "delta_desc": descriptor_type([1, tiles.block_m], torch.float32), "n_queries": "i32", "n_keys": "i32", "qk_scale": "fp32",
+                 "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
+    source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=meta)
+    return triton.compile(source, target=target, options={"num_warps": NUM_WARPS})
