@@ -5,7 +5,9 @@ Gluon kernel (gluon/; off with CS336_GLUON=0). Otherwise the pointer-arithmetic 
 for head dim 128 and long sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured
 4-7 % faster there on an H100 and no faster elsewhere.
 
-Backward: the two-pass kernels (launch.flash_backward: 7 matmuls and two exps per score, no
+Backward: on sm_90 at head dim 128 with enough work, the Gluon one-pass backward (gluon/kernels_bwd.py;
+same rule and switch as the Gluon forward, and like the tl one-pass backward not under
+`torch.use_deterministic_algorithms(True)`). Otherwise the two-pass kernels (launch.flash_backward: 7 matmuls and two exps per score, no
 atomics, bitwise deterministic), or the one-pass backward with dQ summed by bulk (TMA) reductions
 (launch_onepass: 5 matmuls and one exp per score; dQ's last bits depend on the order of the additions).
 The one-pass backward wins for head dim 64 once there are enough keys; the numbers are in
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ops.flash_attn.gluon import use_gluon_forward
+from ops.flash_attn.gluon import use_gluon_backward, use_gluon_forward
 from ops.flash_attn.launch import batch_heads, flash_backward, flash_forward
 from ops.flash_attn.launch_onepass import flash_backward_onepass
 from ops.flash_attn.launch_tma import flash_forward_tma, tma_supported
@@ -57,6 +59,10 @@ def attention_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Ten
 
 def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
     """(dQ, dK, dV) from the fastest backward kernels allowed for these inputs."""
+    if use_gluon_backward(q, k, v):
+        from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon  # imports Gluon only where it runs
+
+        return flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal, scale)
     if use_onepass_backward(q, k, v):
         return flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True)
     return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale)

@@ -1,8 +1,9 @@
 """Gluon (`triton.experimental.gluon`) FlashAttention kernels for Hopper, and when to use them.
 
-Files: kernels_fwd.py (the warp-specialised forward), launch.py (descriptors, tiles, launch, and
-`compile_forward`, the ahead-of-time sm_90 compile CI runs on CPU), gpu_check.py (the GPU
-correctness and timing script). This module imports no Gluon: it only decides.
+Files: kernels_fwd.py (the warp-specialised forward), kernels_bwd.py (the one-pass backward),
+launch.py / launch_bwd.py (descriptors, tiles, launch, and `compile_forward` / `compile_backward`, the
+ahead-of-time sm_90 compiles CI runs on CPU), gpu_check.py (the GPU correctness and timing script).
+This module imports no Gluon: it only decides.
 
 Gluon is experimental and its API moves between Triton releases, so the kernels are used only with
 the Triton minor version they were written and measured against (TESTED_TRITON). With any other
@@ -33,6 +34,10 @@ GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has 
 # took 0.201 vs 0.073 ms; from 2**35 it won (16 x 4096 x 128: 0.143 vs 0.176; 1 x 16384 x 128: 0.204
 # vs 0.218) or tied (64 x 4096 x 64, 2**36: 0.355 vs 0.360).
 GLUON_MIN_WORK = 2**35
+# The backward where it measured faster than the tl backward dispatch.py would pick otherwise
+# (H200, v12 in docs/perf/flash_attention.md): at D = 128 against the two-pass tl kernels. At D = 64
+# the tl one-pass backward stayed ahead.
+GLUON_BACKWARD_HEAD_DIMS = (128,)
 
 
 @functools.cache
@@ -73,12 +78,24 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
     return gluon_enabled() and gluon_available()
 
 
+def _large(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """B*H * Nq * Nk * D >= GLUON_MIN_WORK: large enough for GPU time, not host time, to decide."""
+    return q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1] >= GLUON_MIN_WORK
+
+
 def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The dispatch rule: the Gluon forward where it runs and the problem is large enough for its GPU
     time to decide (measured faster there, docs/perf/flash_attention.md, v11), unless CS336_GLUON=0."""
-    work = q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1]
-    return work >= GLUON_MIN_WORK and gluon_forward_supported(q, k, v)
+    return _large(q, k) and gluon_forward_supported(q, k, v)
 
 
-__all__ = ["GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available", "gluon_enabled",
-           "gluon_forward_supported", "use_gluon_forward"]
+def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The Gluon one-pass backward: where the forward's rule holds, at the head dims where it
+    measured faster, unless torch is asked for deterministic algorithms (its dQ is summed by
+    reductions in the order CTAs finish, as in the tl one-pass backward)."""
+    return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
+            and use_gluon_forward(q, k, v))
+
+
+__all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available",
+           "gluon_enabled", "gluon_forward_supported", "use_gluon_backward", "use_gluon_forward"]

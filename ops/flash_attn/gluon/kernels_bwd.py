@@ -123,8 +123,8 @@ def flash_bwd_gluon_kernel(
                                                         instr_shape=[16, HEAD_DIM // 2, 16])
     a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
 
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [1] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [1] + v_desc.block_type.shape, v_desc.layout)
     q_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
     do_smem = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
     ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
@@ -140,16 +140,15 @@ def flash_bwd_gluon_kernel(
     fence_async_shared()  # barrier inits visible to the TMA unit
 
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [bh, start_n, 0], kv_ready, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [bh, start_n, 0], kv_ready, v_smem)
+    tma.async_copy_global_to_shared(k_desc, [bh, start_n, 0], kv_ready, k_smem.index(0))
+    tma.async_copy_global_to_shared(v_desc, [bh, start_n, 0], kv_ready, v_smem.index(0))
     first, n_tiles = _query_tiles(start_n, n_queries, BLOCK_M, IS_CAUSAL)
     for i in gl.static_range(NUM_STAGES):
         if i < n_tiles:
             _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
                        first + i, i)
 
-    k2 = k_smem.reshape([BLOCK_N, HEAD_DIM])
-    v2 = v_smem.reshape([BLOCK_N, HEAD_DIM])
+    kv_slot = 0
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     mbarrier.wait(kv_ready, 0)
@@ -159,10 +158,15 @@ def flash_bwd_gluon_kernel(
         start_m = (first + it) * BLOCK_M
         mbarrier.wait(ready.index(stage), (it // NUM_STAGES) & 1)
         q2 = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
+        # Always 0, but not provably so: the wgmma descriptors of K and V are then rebuilt per tile
+        # (a few integer adds) instead of hoisted out of the loop, which spilled them at D = 128.
+        kv_slot = (kv_slot + n_keys) % n_keys
+        k2 = k_smem.index(kv_slot).reshape([BLOCK_N, HEAD_DIM])
+        v2 = v_smem.index(kv_slot).reshape([BLOCK_N, HEAD_DIM])
         do2 = do_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
 
         # EARLY_DP: S^T and dP^T issued together, so the exp of S^T runs while dP^T is on the tensor
-        # cores; otherwise dP^T after P (32 fewer live registers at the exp: no spills at D = 128).
+        # cores; otherwise dP^T after P (32 fewer live registers at the exp; fewer spills at D = 128).
         # (Zero accumulators are made where used: hoisted, they would hold registers across the loop.)
         zero_st = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout)
         st_tok = warpgroup_mma(k2, q2.permute((1, 0)), zero_st, use_acc=False, is_async=True)
@@ -183,28 +187,28 @@ def flash_bwd_gluon_kernel(
 
         # dS^T while dV runs, into shared memory: the A operand of dK, and transposed, of dQ.
         ds_smem.store((p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype))
+        tma.store_wait(0)  # (the issuing thread) the previous tile's dQ reduction has read dq_smem
         fence_async_shared()
-        gl.thread_barrier()  # both warpgroups' halves of dS^T are in shared memory
+        gl.thread_barrier()  # dS^T complete in shared memory; dq_smem free for every thread
         dk_tok = warpgroup_mma(ds_smem, q2, dk, is_async=True)
         zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
         dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k2, zero_dq, use_acc=False, is_async=True)
         dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
-
-        tma.store_wait(0)  # the previous tile's reduction has read dq_smem
-        gl.thread_barrier()  # ...and both warpgroups are done with this stage and ds_smem
+        dq_smem.reshape([BLOCK_M, HEAD_DIM]).store(dq)
+        fence_async_shared()
+        # Both warpgroups are past their last wgmma of this tile: stage and dS^T are free, and the
+        # dQ tile is complete in shared memory.
+        gl.thread_barrier()
         if it + NUM_STAGES < n_tiles:
             _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
                        first + it + NUM_STAGES, stage)
-        dq_smem.reshape([BLOCK_M, HEAD_DIM]).store(dq)
-        fence_async_shared()
-        gl.thread_barrier()
         _reduce_add(dq_desc, [bh, start_m, 0], dq_smem)  # rows past Nq dropped
 
     # dK, dV out through the K and V buffers (their last readers were waited for above).
-    k_smem.reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))
-    v_smem.reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
+    k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))
+    v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
     fence_async_shared()
     gl.thread_barrier()
-    tma.async_copy_shared_to_global(dk_desc, [bh, start_n, 0], k_smem)  # clipped at Nk
-    tma.async_copy_shared_to_global(dv_desc, [bh, start_n, 0], v_smem)
+    tma.async_copy_shared_to_global(dk_desc, [bh, start_n, 0], k_smem.index(0))  # clipped at Nk
+    tma.async_copy_shared_to_global(dv_desc, [bh, start_n, 0], v_smem.index(0))
     tma.store_wait(0)

@@ -74,7 +74,12 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
 
 
 def _row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
-    """Descriptor over a (BH, Nq) float32 array, one (1, rows) block per copy."""
+    """Descriptor over a (BH, Nq) float32 array, one (1, rows) block per copy. TMA needs 16-byte
+    row strides: for Nq not a multiple of 4 the rows are copied into a wider buffer first (the
+    descriptor keeps the logical width, so columns past Nq still read as zero)."""
+    n = x2.shape[1]
+    if n % 4:
+        x2 = torch.nn.functional.pad(x2, (0, 4 - n % 4))[:, :n]  # (BH, Nq) view, row stride a multiple of 4
     return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [1, rows], layout([1, rows], x2.dtype))
 
 

@@ -1,4 +1,4 @@
-"""The Gluon forward on an sm_90 GPU against float64: O, L, and gradients through the op.
+"""The Gluon kernels on an sm_90 GPU against float64: O, L, the backward's gradients, and the op.
 
 Low-precision oracle as in the other FlashAttention tests: our error against float64 may be at most
 2x the error of the same math done in the input dtype (plus a floor). L is float32 from exact
@@ -13,6 +13,7 @@ from flash_helpers import assert_close_to_reference, make_inputs, max_error, run
 
 import ops.flash_attn.gluon as gluon
 from ops.flash_attn import attention_reference, flash_attn
+from ops.flash_attn.dispatch import attention_forward
 
 pytestmark = [
     pytest.mark.cuda,
@@ -72,6 +73,7 @@ def test_op_with_gluon_forward_matches_float64_with_gradients(head_dim, causal, 
     monkeypatch.setattr(gluon, "GLUON_MIN_WORK", 0)  # route this small problem through Gluon too
     q, k, v = make_inputs((2, 2), 333, 517, head_dim, dtype, "cuda", gen)
     assert gluon.use_gluon_forward(q, k, v)
+    assert gluon.use_gluon_backward(q, k, v) == (head_dim in gluon.GLUON_BACKWARD_HEAD_DIMS)
     grad_out = torch.randn(q.shape, generator=gen).to("cuda", dtype)
     ours = run_with_grads(lambda q, k, v, c: flash_attn(q, k, v, c), q, k, v, causal, grad_out)
     assert_close_to_reference(ours, q, k, v, causal, grad_out)
@@ -86,3 +88,46 @@ def test_gluon_forward_on_non_contiguous_inputs(gen):
     out, lse = flash_forward_gluon(q, k, v, True, 0.125)
     exact, exact_lse = attention_reference(q.double(), k.double(), v.double(), True, 0.125)
     assert max_error(out, exact) <= 2e-2 and max_error(lse, exact_lse) <= LSE_ATOL
+
+
+def _backward_case(shape, head_dim, causal, dtype, gen, tiles=None):
+    """(O, dQ, dK, dV) with the Gluon backward, and what the float64 oracle needs."""
+    from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon
+
+    q, k, v = (x.detach() for x in make_inputs(*shape, head_dim, dtype, "cuda", gen))
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda", dtype)
+    scale = head_dim ** -0.5
+    out, lse = attention_forward(q, k, v, causal, scale)
+    grads = flash_backward_gluon(grad_out, q, k, v, out, lse, causal, scale, tiles)
+    return (out, *grads), (q, k, v, causal, grad_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", SHAPES + [((2,), 1031, 1031)], ids=str)
+def test_gluon_backward_matches_float64(shape, head_dim, causal, dtype, gen):
+    ours, inputs = _backward_case(shape, head_dim, causal, dtype, gen)
+    assert all(g.dtype == dtype and g.shape == x.shape for g, x in zip(ours[1:], inputs[:3]))
+    assert_close_to_reference(ours, *inputs)
+
+
+@pytest.mark.parametrize("variant", [dict(early_dp=False), dict(num_stages=3)], ids=str)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gluon_backward_tile_variants_match_float64(variant, head_dim, gen):
+    from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES
+
+    tiles = dataclasses.replace(BACKWARD_TILES[head_dim], **variant)
+    ours, inputs = _backward_case(((2,), 1030, 777), head_dim, True, torch.bfloat16, gen, tiles)
+    assert_close_to_reference(ours, *inputs)
+
+
+def test_gluon_backward_with_zero_stride_grad(gen):
+    """dO from out.sum(): all-zero strides, which TMA cannot read; the launcher copies it."""
+    from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon
+
+    q, k, v = (x.detach() for x in make_inputs((1, 2), 300, 300, 128, torch.bfloat16, "cuda", gen))
+    out, lse = attention_forward(q, k, v, True, 128 ** -0.5)
+    grad_out = torch.ones((), device="cuda", dtype=torch.bfloat16).expand_as(out)
+    ours = (out, *flash_backward_gluon(grad_out, q, k, v, out, lse, True, 128 ** -0.5))
+    assert_close_to_reference(ours, q, k, v, True, grad_out.contiguous())

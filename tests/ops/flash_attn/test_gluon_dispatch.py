@@ -120,3 +120,37 @@ def test_attention_forward_routes_by_the_rule(monkeypatch, use_gluon):
     x = torch.zeros(1, 16, 64)
     assert dispatch.attention_forward(x, x, x, True, 0.125) == ("gluon" if use_gluon else "tl")
     assert calls == ["gluon" if use_gluon else "tl"]
+
+
+def test_gluon_backward_at_head_dim_128_only(hopper):
+    assert gluon.use_gluon_backward(*qkv(d=128))
+    assert gluon.use_gluon_backward(*qkv(d=128, dtype=torch.float16))
+    assert not gluon.use_gluon_backward(*qkv(d=64))  # the tl one-pass backward measured faster there
+
+
+@pytest.mark.parametrize("case", [dict(n=2048, d=128), dict(d=128, dtype=torch.float32), dict(d=128, aligned=False)],
+                         ids=str)
+def test_gluon_backward_follows_the_forward_rule(hopper, case):
+    assert not gluon.use_gluon_backward(*qkv(**case))
+
+
+def test_deterministic_mode_keeps_the_tl_backward(hopper):
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert not gluon.use_gluon_backward(*qkv(d=128))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert gluon.use_gluon_backward(*qkv(d=128))
+
+
+@pytest.mark.parametrize("use_gluon", [True, False])
+def test_attention_backward_routes_by_the_rule(monkeypatch, use_gluon):
+    launch_bwd = pytest.importorskip("ops.flash_attn.gluon.launch_bwd")
+    calls = []
+    monkeypatch.setattr(dispatch, "use_gluon_backward", lambda q, k, v: use_gluon)
+    monkeypatch.setattr(dispatch, "use_onepass_backward", lambda q, k, v: False)
+    monkeypatch.setattr(launch_bwd, "flash_backward_gluon", lambda *args: calls.append("gluon") or "gluon")
+    monkeypatch.setattr(dispatch, "flash_backward", lambda *args: calls.append("tl") or "tl")
+    x = torch.zeros(1, 16, 128)
+    assert dispatch.attention_backward(x, x, x, x, x, x[..., 0], True, 0.125) == ("gluon" if use_gluon else "tl")
+    assert calls == ["gluon" if use_gluon else "tl"]
