@@ -90,10 +90,10 @@ def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.
     meta = _meta(head_dim, is_causal, tiles)
     q_type = descriptor_type([1, tiles.block_m, head_dim], dtype)
     k_type = descriptor_type([1, tiles.block_n, head_dim], dtype)
+    row_type = descriptor_type([1, tiles.block_m], torch.float32)
     signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": k_type,
                  "dv_desc": k_type, "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32),
-                 "lse_desc": descriptor_type([1, tiles.block_m], torch.float32),
-                 "delta_desc": descriptor_type([1, tiles.block_m], torch.float32), "n_queries": "i32", "n_keys": "i32", "qk_scale": "fp32",
-                 "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
+                 "lse_desc": row_type, "delta_desc": row_type, "n_queries": "i32", "n_keys": "i32",
+                 "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
     source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=meta)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS})

@@ -3,7 +3,8 @@
 triton.compile takes the kernel's Gluon source, a signature (the host descriptors' types, as a launch
 specialises them) and an explicit GPUTarget; ptxas ships inside the triton wheel, so this runs the
 whole pipeline down to a cubin. The assertions pin what makes the kernel a Hopper kernel: wgmma,
-TMA copies completing on mbarriers, setmaxnreg for the warp-specialised partitions, no spills (ptxas -v on the PTX, for the backward).
+TMA copies completing on mbarriers, setmaxnreg for the warp-specialised partitions, no spills
+(for the backward through ptxas -v, which sees the spills the PTX does not show).
 """
 
 import os
