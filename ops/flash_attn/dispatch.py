@@ -8,9 +8,10 @@ for head dim 128 and long sequences the tensor-descriptor (TMA) kernel (launch_t
 Backward: on sm_90 at head dim 128 with enough work, the Gluon one-pass backward
 (gluon/kernels_bwd.py; same rule and switch as the Gluon forward, and like the tl one-pass backward
 not under `torch.use_deterministic_algorithms(True)`). Otherwise the two-pass kernels
-(launch.flash_backward: 7 matmuls and two exps per score, no atomics, bitwise deterministic), or the one-pass backward with dQ summed by bulk (TMA) reductions
-(launch_onepass: 5 matmuls and one exp per score; dQ's last bits depend on the order of the additions).
-The one-pass backward wins for head dim 64 once there are enough keys; the numbers are in
+(launch.flash_backward: 7 matmuls and two exps per score, no atomics, bitwise deterministic), or
+the one-pass backward with dQ summed by bulk (TMA) reductions (launch_onepass: 5 matmuls and one
+exp per score; dQ's last bits depend on the order of the additions). The tl one-pass backward wins
+for head dim 64 once there are enough keys (over the Gluon one too); the numbers are in
 docs/perf/flash_attention.md. Like torch's own attention backends, the faster nondeterministic
 backward is the default and `torch.use_deterministic_algorithms(True)` selects the deterministic one.
 """
