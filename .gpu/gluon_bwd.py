@@ -96,11 +96,8 @@ if __name__ == "__main__":
         ok &= check(1, 2, 1030, 1030, 128, True, None, torch.float16)
         print("ALL CHECKS", "OK" if ok else "FAILED", flush=True)
     if mode in ("all", "bench"):
-        v128 = [("gl_early_2", GluonBackwardTiles(64, 128, 2, True)),
-                ("gl_late_2", GluonBackwardTiles(64, 128, 2, False)),
-                ("gl_early_3", GluonBackwardTiles(64, 128, 3, True))]
-        v64 = v128
-        rows = [bench("8B B2H32N32768D128", 2, 32, 32768, 128, v128),
-                bench("leaderboard 16x16384x64", 1, 16, 16384, 64, v64)]
+        v128 = [("gl", GluonBackwardTiles(64, 128, 2, True))]
+        rows = [bench(f"{b}x{h}x{n}x128", b, h, n, 128, v128)
+                for b, h, n in ((1, 16, 4096), (1, 1, 16384), (1, 4, 4096), (4, 32, 8192))]
         for r in rows:
             print(" | ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
