@@ -22,6 +22,7 @@ import triton
 
 from ops.flash_attn.launch import as_bhnd
 from ops.flash_attn.launch_tma import tma_aligned
+from ops.flash_attn.tiles import small_grid
 from ops.triton_utils import device_capability
 
 TESTED_TRITON = "3.6"  # major.minor of the Gluon API the kernels were written and measured against
@@ -35,8 +36,9 @@ GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has 
 # vs 0.218) or tied (64 x 4096 x 64, 2**36: 0.355 vs 0.360).
 GLUON_MIN_WORK = 2**35
 # The backward where it measured faster than the tl backward dispatch.py would pick otherwise
-# (H200, v12 in docs/perf/flash_attention.md): at D = 128 against the two-pass tl kernels. At D = 64
-# the tl one-pass backward stayed ahead.
+# (H200, v12 in docs/perf/flash_attention.md): at D = 128 against the two-pass tl kernels (8B layer
+# 92 vs 114 ms, 16 x 4096: 0.50 vs 0.61 ms), except with few rows, where the tl small-grid tiles
+# keep more SMs busy (1 x 16384: 0.71 vs 0.68 ms). At D = 64 the tl one-pass backward stayed ahead.
 GLUON_BACKWARD_HEAD_DIMS = (128,)
 
 
@@ -91,10 +93,10 @@ def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool
 
 def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The Gluon one-pass backward: where the forward's rule holds, at the head dims where it
-    measured faster, unless torch is asked for deterministic algorithms (its dQ is summed by
+    measured faster and with enough query rows, unless torch is asked for deterministic algorithms (its dQ is summed by
     reductions in the order CTAs finish, as in the tl one-pass backward)."""
     return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and use_gluon_forward(q, k, v))
+            and not small_grid(q.shape[:-2].numel(), q.shape[-2], q.shape[-1]) and use_gluon_forward(q, k, v))
 
 
 __all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available",
