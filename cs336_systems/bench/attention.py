@@ -5,12 +5,15 @@
     python -m cs336_systems bench attention --leaderboard    # 16 x 16384 x 64 bf16 causal: ours vs SDPA
     python -m cs336_systems bench attention --leaderboard --repeats 3 --rep-ms 1000   # interleaved rounds
     python -m cs336_systems bench attention --impls ours sdpa-flash --seq-lens 1024 --repeats 5   # idem, sweep
+    python -m cs336_systems bench attention --preset 8b --impls ours sdpa-cudnn   # the 8B model's attention layer
 
 Sweep (CS336 flash_benchmarking): batch 1, one head, causal, every (sequence length, head dim,
 dtype); forward, backward and forward+backward latency (median of triton.testing.do_bench on
 CUDA), inputs made before timing. The forward runs with inputs that require grad, as in training.
 TFLOP/s counts 4·N²·D per forward (halved when causal) and 2.5x that for the backward. Failures are
 rows too: "OOM", or "unsupported" with the reason (e.g. a SDPA backend that rejects the shape).
+Presets fill the shape flags not given: `8b` is one attention layer of the CS336 2026 leaderboard step
+(batch 2, 32 heads, 32768 tokens, head dim 128, bf16, causal).
 Output: attention.md, attention.json and attention.png (latency vs N, a panel per head dim).
 """
 
@@ -23,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import torch
+import torch._functorch.config  # noqa: F401 - sweep() patches it; not loaded by `import torch` alone
 import torch.nn.functional as F
 
 from cs336_systems.bench.common import (
@@ -45,6 +49,8 @@ PASSES = ("forward", "backward", "forward+backward")
 # FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
 PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 LEADERBOARD_SHAPE = (16, 16384, 64)  # (heads, sequence length, head dim), bf16, causal
+# Shape flags a preset fills when they are not given (`--preset`).
+PRESETS = {"8b": {"batch": 2, "heads": 32, "seq_lens": [32768], "head_dims": [128], "dtypes": ["bf16"]}}
 
 
 class Unsupported(Exception):
@@ -345,19 +351,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--impls", nargs="+", metavar="NAME",
                         default=list(IMPLEMENTATIONS) if cuda else ["ours", "naive", "sdpa-math", "sdpa-flash"],
                         help=f"implementations: {', '.join(IMPLEMENTATIONS)}")
-    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["bf16", "fp32"] if cuda else ["fp32"])
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="a named shape: 8b = B2 H32 N32768 D128 bf16 (explicit shape flags win)")
+    parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
+                        help="default: bf16 fp32 on CUDA, fp32 on CPU")
     parser.add_argument("--seq-lens", nargs="+", type=int, metavar="N",
-                        default=[2**i for i in range(7, 17)] if cuda else [64, 128, 256])
-    parser.add_argument("--head-dims", nargs="+", type=int, metavar="D",
-                        default=[16, 32, 64, 128] if cuda else [16, 32])
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default: 1)")
-    parser.add_argument("--heads", type=int, default=1, help="heads (default: 1)")
+                        help="default: 128 ... 65536 (powers of two) on CUDA, 64 128 256 on CPU")
+    parser.add_argument("--head-dims", nargs="+", type=int, metavar="D", help="default: 16 32 64 128 (CPU: 16 32)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 1)")
+    parser.add_argument("--heads", type=int, help="heads (default: 1)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--warmup-ms", type=float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
     parser.add_argument("--rep-ms", type=float, help="do_bench repetition time (default: 100; leaderboard: 10000)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out-dir", default="outputs/bench/attention", help="where .md/.json/.png go")
+
+
+def _sweep_defaults(device: str) -> dict[str, Any]:
+    cuda = device == "cuda"
+    return {"dtypes": ["bf16", "fp32"] if cuda else ["fp32"],
+            "seq_lens": [2**i for i in range(7, 17)] if cuda else [64, 128, 256],
+            "head_dims": [16, 32, 64, 128] if cuda else [16, 32], "batch": 1, "heads": 1}
+
+
+def fill_shape(args: argparse.Namespace) -> argparse.Namespace:
+    """Shape flags not given: the preset's value, else the sweep's default."""
+    preset = PRESETS.get(args.preset, {})
+    for key, default in _sweep_defaults(args.device).items():
+        if getattr(args, key) is None:
+            setattr(args, key, preset.get(key, default))
+    return args
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -369,7 +393,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    _check(args)
+    _check(fill_shape(args))
     defaults = (1000.0, 10000.0) if args.leaderboard else (25.0, 100.0)
     args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
     args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms

@@ -90,3 +90,19 @@ def test_leaderboard_compares_ours_with_sdpa(tmp_path):
 def test_bad_input_is_one_line(tmp_path, capsys, argv, flag):
     assert run(tmp_path, *argv) == 2
     assert_cli_error(capsys, flag)
+
+
+def _parsed(*argv: str):
+    return attention.fill_shape(cli.build_parser().parse_args(["bench", "attention", *argv]))
+
+
+def test_preset_8b_is_the_leaderboard_steps_attention_layer():
+    args = _parsed("--preset", "8b", "--device", "cpu")
+    assert (args.batch, args.heads, args.seq_lens, args.head_dims, args.dtypes) == (2, 32, [32768], [128], ["bf16"])
+
+
+def test_explicit_shape_flags_win_over_the_preset_and_defaults_fill_the_rest():
+    args = _parsed("--preset", "8b", "--device", "cpu", "--seq-lens", "64", "--dtypes", "fp32")
+    assert (args.batch, args.heads, args.seq_lens, args.head_dims, args.dtypes) == (2, 32, [64], [128], ["fp32"])
+    plain = _parsed("--device", "cpu")
+    assert (plain.batch, plain.heads, plain.seq_lens, plain.head_dims) == (1, 1, [64, 128, 256], [16, 32])
