@@ -304,7 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contenders", nargs="+", default=list(CONTENDERS), metavar="NAME",
                        help=f"which to run, in order: {', '.join(CONTENDERS)} (default: all)")
     group.add_argument("--ac", default=StepBenchConfig.__dataclass_fields__["ac"].default, metavar="POLICY",
-                       help="activation checkpointing of ours: none, full, every:K, selective (default: %(default)s)")
+                       help="activation checkpointing of ours: none, full, every:K, selective[:NAMES] "
+                            "(default: %(default)s)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile (default: on)")
     group.add_argument("--compile-backend", metavar="NAME", help="default: inductor on CUDA, aot_eager on CPU")
     group.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional", help="ours (default: regional)")

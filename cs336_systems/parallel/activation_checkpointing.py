@@ -13,6 +13,9 @@ Policies (the `--activation-checkpointing` flag):
              attention output and its logsumexp (O, L: the outputs of `cs336::flash_attn_fwd` or of
              torch's SDPA op) and the output projection's matmul (SELECTIVE_SAVED_MATMULS); norms,
              RoPE, SwiGLU's pointwise work and the other matmuls are recomputed
+  selective:NAMES   the same, keeping the outputs of the block matmuls named (joined by "+", from
+             BLOCK_MATMULS) instead: e.g. `selective:output_proj+k_proj` spends one more d_model
+             per token and block to skip one more projection's recomputation
 
 Memory per token and block, in units of d_model values (measured on xl in bf16, eager:
 docs/activation_checkpointing.md): `full` keeps 1 (the input), `selective` 3.03 (input, O and L,
@@ -48,8 +51,8 @@ from cs336_systems.errors import ConfigError
 __all__ = ["POLICIES", "SELECTIVE_SAVED_MATMULS", "ActivationCheckpointing", "CheckpointedBlocks",
            "apply_activation_checkpointing", "parse_policy", "selective_context"]
 
-POLICIES = ("none", "full", "every:K", "selective")
-"""The accepted policy strings (K a positive integer)."""
+POLICIES = ("none", "full", "every:K", "selective", "selective:NAMES")
+"""The accepted policy strings (K a positive integer, NAMES block matmuls joined by "+")."""
 
 BLOCK_MATMULS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w3", "w2")
 """The `aten.mm` calls of one TransformerBlock forward, in the order they run (attention's own
@@ -84,20 +87,32 @@ class ActivationCheckpointing:
     """"none", "full" (groups of `group_size` blocks, every:K included) or "selective"."""
     group_size: int = 1
     """Consecutive blocks checkpointed together."""
+    saved_matmuls: tuple[str, ...] = SELECTIVE_SAVED_MATMULS
+    """Block matmuls whose outputs `selective` keeps (ignored by the other modes)."""
 
     def __str__(self) -> str:
         if self.mode == "full" and self.group_size > 1:
             return f"every:{self.group_size}"
+        if self.mode == "selective" and self.saved_matmuls != SELECTIVE_SAVED_MATMULS:
+            return "selective:" + "+".join(self.saved_matmuls)
         return self.mode
 
 
 def parse_policy(text: str) -> ActivationCheckpointing:
-    """"none" | "full" | "every:K" | "selective" -> ActivationCheckpointing; ConfigError otherwise."""
+    """"none" | "full" | "every:K" | "selective" | "selective:NAMES" -> ActivationCheckpointing;
+    ConfigError otherwise."""
     if text in ("none", "full", "selective"):
         return ActivationCheckpointing(mode=text)
     match = re.fullmatch(r"every:(\d+)", text)
     if match and int(match.group(1)) >= 1:
         return ActivationCheckpointing(mode="full", group_size=int(match.group(1)))
+    if text.startswith("selective:"):
+        names = tuple(text.removeprefix("selective:").split("+"))
+        unknown = [name for name in names if name not in BLOCK_MATMULS]
+        if unknown or len(set(names)) != len(names):
+            raise ConfigError(f"--activation-checkpointing: {text!r} must name distinct block matmuls joined by "
+                              f"'+' (from {', '.join(BLOCK_MATMULS)}); unknown: {unknown}")
+        return ActivationCheckpointing(mode="selective", saved_matmuls=names)
     raise ConfigError(f"--activation-checkpointing: unknown policy {text!r} "
                       f"(choose from {', '.join(POLICIES)}; K a positive integer)")
 
@@ -137,17 +152,19 @@ class CheckpointedBlocks(nn.Module):
     """Consecutive blocks run as one checkpointed region (non-reentrant, so it works eager, compiled
     and under module hooks: a recomputation calls the blocks' modules again, hooks included)."""
 
-    def __init__(self, blocks: list[nn.Module], first: int, selective: bool = False) -> None:
+    def __init__(self, blocks: list[nn.Module], first: int, selective: bool = False,
+                 saved_matmuls: tuple[str, ...] = SELECTIVE_SAVED_MATMULS) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.first = first  # index in the plain model's layers of blocks[0]
         self.selective = selective
+        self.saved_matmuls = saved_matmuls  # what `selective` keeps
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         # Built here as a partial: what dynamo accepts as a context_fn under torch.compile.
         selective = {}
         if self.selective:
-            selective["context_fn"] = functools.partial(selective_context, SELECTIVE_SAVED_MATMULS)
+            selective["context_fn"] = functools.partial(selective_context, self.saved_matmuls)
         # preserve_rng_state=False: the model draws no random numbers, so there is no RNG state to replay.
         return checkpoint(self._run, x, *args, use_reentrant=False, preserve_rng_state=False, **selective)
 
@@ -175,7 +192,8 @@ def apply_activation_checkpointing(model: nn.Module, policy: str | ActivationChe
     if any(isinstance(layer, CheckpointedBlocks) for layer in layers):
         raise ValueError("model.layers is already checkpointed")
     k, blocks = policy.group_size, list(layers)
-    model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, selective=policy.mode == "selective")
+    model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, selective=policy.mode == "selective",
+                                                    saved_matmuls=policy.saved_matmuls)
                                  for i in range(0, len(blocks), k))
     model.register_state_dict_post_hook(functools.partial(_plain_names, group_size=k))
     model.register_load_state_dict_pre_hook(functools.partial(_wrapped_names, group_size=k))

@@ -265,7 +265,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--bucket-size-mb", type=float, default=par("bucket_size_mb"),
                        help="DDP gradient bucket cap (default: %(default)s)")
     group.add_argument("--activation-checkpointing", metavar="POLICY",
-                       help="recompute activations in backward: none, full, every:K, selective "
+                       help="recompute activations in backward: none, full, every:K, selective, selective:NAMES "
                             f"(default: {par('activation_checkpointing')})")
     group = parser.add_argument_group("data, output and checkpoints")
     group.add_argument("--data", metavar="FILE", help="training tokens, .npy or uint16 .bin (default: embedded corpus)")

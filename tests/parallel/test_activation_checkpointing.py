@@ -20,7 +20,7 @@ from cs336_systems.parallel.parallelize import parallelize
 from cs336_systems.training.loss import lm_loss
 
 VOCAB, CONTEXT, LAYERS = 64, 16, 4
-POLICIES = ("full", "every:2", "every:3", "selective")
+POLICIES = ("full", "every:2", "every:3", "selective", "selective:output_proj+k_proj")
 
 
 def tiny_model(attention: str = "flash", device: str = "cpu") -> BasicsTransformerLM:
@@ -61,7 +61,7 @@ def test_blocks_are_grouped(policy, regions, sizes):
     model = apply_activation_checkpointing(tiny_model(), policy)
     assert len(model.layers) == regions and all(isinstance(layer, CheckpointedBlocks) for layer in model.layers)
     assert [len(layer.blocks) for layer in model.layers] == sizes
-    assert all(layer.selective == (policy == "selective") for layer in model.layers)
+    assert all(layer.selective == policy.startswith("selective") for layer in model.layers)
 
 
 def test_none_leaves_the_model_alone():
@@ -88,6 +88,18 @@ def test_saved_bytes_shrink_in_order(attention):
     per_block = (saved["selective"] - saved["full"]) / LAYERS
     attention_out = block_input + 2 * 4 * CONTEXT * 4  # O (B, T, d) and the logsumexp L (B, H, T) fp32
     assert per_block == block_input + (attention_out if attention == "sdpa" else 0)  # + output projection
+
+
+def test_selective_keeps_the_named_matmuls():
+    """Each extra matmul named keeps one more (B, T, d_model) output per block (eager, SDPA)."""
+    saved = {}
+    for policy in ("selective", "selective:output_proj+k_proj", "selective:output_proj+k_proj+w1"):
+        model = apply_activation_checkpointing(tiny_model("sdpa"), policy)
+        saved[policy], loss = retained_bytes(lm_loss, model, *batch())
+        loss.backward()
+    block_output = 2 * CONTEXT * 32 * 4  # (B, T, d_model) fp32
+    assert saved["selective:output_proj+k_proj"] - saved["selective"] == LAYERS * block_output
+    assert saved["selective:output_proj+k_proj+w1"] - saved["selective:output_proj+k_proj"] == LAYERS * 2 * block_output
 
 
 def test_selective_saves_our_attention_op_when_compiled():
@@ -142,7 +154,8 @@ def test_compiles_one_graph_for_all_layers():
     assert not torch._dynamo.utils.counters["recompiles"]
 
 
-@pytest.mark.parametrize("text", ["", "Full", "every", "every:0", "every:-1", "every:x", "selective:2", "sometimes"])
+@pytest.mark.parametrize("text", ["", "Full", "every", "every:0", "every:-1", "every:x", "selective:2", "sometimes",
+                                  "selective:", "selective:k_proj+k_proj", "selective:output_proj,k_proj"])
 def test_bad_policy_names_the_flag(text):
     with pytest.raises(ConfigError, match="--activation-checkpointing"):
         parse_policy(text)
@@ -152,6 +165,8 @@ def test_bad_policy_names_the_flag(text):
     ("none", ActivationCheckpointing(mode="none")), ("full", ActivationCheckpointing(mode="full")),
     ("every:4", ActivationCheckpointing(mode="full", group_size=4)),
     ("selective", ActivationCheckpointing(mode="selective")),
+    ("selective:output_proj+k_proj",
+     ActivationCheckpointing(mode="selective", saved_matmuls=("output_proj", "k_proj"))),
 ])
 def test_parse_policy(text, policy):
     assert parse_policy(text) == policy
