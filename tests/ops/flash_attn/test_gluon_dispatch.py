@@ -109,19 +109,6 @@ def test_disabled_path_never_checks_the_version(hopper, monkeypatch, recwarn):
     assert not [w for w in recwarn if "Gluon" in str(w.message)]
 
 
-@pytest.mark.parametrize("use_gluon", [True, False])
-def test_attention_forward_routes_by_the_rule(monkeypatch, use_gluon):
-    gluon_launch = pytest.importorskip("ops.flash_attn.gluon.launch")
-    calls = []
-    monkeypatch.setattr(dispatch, "use_gluon_forward", lambda q, k, v: use_gluon)
-    monkeypatch.setattr(dispatch, "use_tma_forward", lambda q, k, v: False)
-    monkeypatch.setattr(gluon_launch, "flash_forward_gluon", lambda *args: calls.append("gluon") or "gluon")
-    monkeypatch.setattr(dispatch, "flash_forward", lambda *args: calls.append("tl") or "tl")
-    x = torch.zeros(1, 16, 64)
-    assert dispatch.attention_forward(x, x, x, True, 0.125) == ("gluon" if use_gluon else "tl")
-    assert calls == ["gluon" if use_gluon else "tl"]
-
-
 def test_gluon_backward_at_head_dim_128_only(hopper):
     assert gluon.use_gluon_backward(*qkv(d=128))
     assert gluon.use_gluon_backward(*qkv(d=128, dtype=torch.float16))
@@ -144,14 +131,26 @@ def test_deterministic_mode_keeps_the_tl_backward(hopper):
     assert gluon.use_gluon_backward(*qkv(d=128))
 
 
+# (dispatch function, its Gluon rule, the other fast rule turned off, Gluon module and launcher, tl launcher)
+ROUTES = {
+    "forward": ("attention_forward", "use_gluon_forward", "use_tma_forward", "ops.flash_attn.gluon.launch",
+                "flash_forward_gluon", "flash_forward"),
+    "backward": ("attention_backward", "use_gluon_backward", "use_onepass_backward", "ops.flash_attn.gluon.launch_bwd",
+                 "flash_backward_gluon", "flash_backward"),
+}
+
+
 @pytest.mark.parametrize("use_gluon", [True, False])
-def test_attention_backward_routes_by_the_rule(monkeypatch, use_gluon):
-    launch_bwd = pytest.importorskip("ops.flash_attn.gluon.launch_bwd")
+@pytest.mark.parametrize("direction", list(ROUTES))
+def test_dispatch_routes_by_the_rule(monkeypatch, direction, use_gluon):
+    entry, rule, other_rule, module, gluon_fn, tl_fn = ROUTES[direction]
+    launcher = pytest.importorskip(module)
     calls = []
-    monkeypatch.setattr(dispatch, "use_gluon_backward", lambda q, k, v: use_gluon)
-    monkeypatch.setattr(dispatch, "use_onepass_backward", lambda q, k, v: False)
-    monkeypatch.setattr(launch_bwd, "flash_backward_gluon", lambda *args: calls.append("gluon") or "gluon")
-    monkeypatch.setattr(dispatch, "flash_backward", lambda *args: calls.append("tl") or "tl")
-    x = torch.zeros(1, 16, 128)
-    assert dispatch.attention_backward(x, x, x, x, x, x[..., 0], True, 0.125) == ("gluon" if use_gluon else "tl")
+    monkeypatch.setattr(dispatch, rule, lambda q, k, v: use_gluon)
+    monkeypatch.setattr(dispatch, other_rule, lambda q, k, v: False)
+    monkeypatch.setattr(launcher, gluon_fn, lambda *args: calls.append("gluon") or "gluon")
+    monkeypatch.setattr(dispatch, tl_fn, lambda *args: calls.append("tl") or "tl")
+    x = torch.zeros(1, 16, 64)
+    args = (x, x, x) if direction == "forward" else (x, x, x, x, x, x[..., 0])  # (q, k, v) / (dO, q, k, v, O, L)
+    assert getattr(dispatch, entry)(*args, True, 0.125) == ("gluon" if use_gluon else "tl")
     assert calls == ["gluon" if use_gluon else "tl"]
