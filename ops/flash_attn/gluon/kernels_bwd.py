@@ -106,7 +106,7 @@ def flash_bwd_gluon_kernel(
     lse_desc, delta_desc,  # (BH, Nq) float32 each, blocks [1, rows]: L (natural log) and rowsum(O * dO)
     n_queries, n_keys, qk_scale, sm_scale,  # qk_scale = sm_scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr, DK_FROM_REGISTERS: gl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one head; dQ_acc += dS K (unscaled) for each query tile they meet.
     dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
@@ -185,15 +185,24 @@ def flash_bwd_gluon_kernel(
         delta = _row_vector(delta_smem.index(stage), st_layout)  # read late: fewer live registers
         dp_t = warpgroup_mma_wait(1, deps=(dpt_tok,))
 
-        # dS^T while dV runs, into shared memory: the A operand of dK, and transposed, of dQ.
-        ds_smem.store((p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype))
+        # dS^T while dV runs, into shared memory: through its transposed view the A operand of dQ,
+        # which needs both warpgroups' rows. DK_FROM_REGISTERS: dK takes this warpgroup's rows from
+        # registers and is issued before the barrier (it runs while the warpgroups meet, and reads
+        # 16 KB less shared memory a tile); otherwise from shared memory after it (fewer registers).
+        ds_t = (p_t * (dp_t - gl.expand_dims(delta, 0))).to(dtype)
+        ds_smem.store(ds_t)
+        if DK_FROM_REGISTERS:
+            ds_op = gl.convert_layout(ds_t, a_layout)
+            dk_tok = warpgroup_mma(ds_op, q2, dk, is_async=True)
         tma.store_wait(0)  # (the issuing thread) the previous tile's dQ reduction has read dq_smem
         fence_async_shared()
         gl.thread_barrier()  # dS^T complete in shared memory; dq_smem free for every thread
-        dk_tok = warpgroup_mma(ds_smem, q2, dk, is_async=True)
+        if not DK_FROM_REGISTERS:
+            ds_op = p_op  # (nothing more to keep alive)
+            dk_tok = warpgroup_mma(ds_smem, q2, dk, is_async=True)
         zero_dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, dq_layout)
         dq_tok = warpgroup_mma(ds_smem.permute((1, 0)), k2, zero_dq, use_acc=False, is_async=True)
-        dv, dk, dq, p_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op))
+        dv, dk, dq, p_op, ds_op = warpgroup_mma_wait(0, deps=(dv_tok, dk_tok, dq_tok, p_op, ds_op))
         dq_smem.reshape([BLOCK_M, HEAD_DIM]).store(dq)
         fence_async_shared()
         # Both warpgroups are past their last wgmma of this tile: stage and dS^T are free, and the

@@ -31,6 +31,7 @@ class GluonBackwardTiles:
     block_n: int  # key rows per CTA (64 per warpgroup)
     num_stages: int  # Q / dO ring depth in shared memory
     early_dp: bool = True  # issue dP^T with S^T (more overlap, more live registers; kernels_bwd.py)
+    dk_from_registers: bool = False  # dK's A operand from registers, issued before the barrier
 
 
 # Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO) 32 KB + dS^T 16 KB + dQ tile 32 KB.
@@ -39,7 +40,8 @@ BACKWARD_TILES = {64: GluonBackwardTiles(64, 128, 2), 128: GluonBackwardTiles(64
 
 def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
-                IS_CAUSAL=is_causal, EARLY_DP=tiles.early_dp)
+                IS_CAUSAL=is_causal, EARLY_DP=tiles.early_dp,
+                DK_FROM_REGISTERS=tiles.dk_from_registers)
 
 
 def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
