@@ -12,8 +12,9 @@ units (qk_scale = scale * log2 e, L2 = L * log2 e):
 What Gluon lets us write that `tl` (triton 3.6) did not:
   - every matmul is an async wgmma whose wait we place: dP^T runs while the exp of S^T is taken,
     dV while dS^T is formed, dK and dQ while the next tile's copies land;
-  - P^T feeds the dV wgmma from registers; dS^T goes to shared memory once and is the A operand
-    of dK, and through its transposed view of dQ (no register transpose);
+  - P^T and dS^T feed the dV and dK wgmmas from registers (dK issued before the warpgroups meet);
+    dS^T also goes to shared memory once, and its transposed view is the A operand of dQ (no
+    register transpose);
   - Q and dO tiles stream through a NUM_STAGES-deep TMA ring on mbarriers, and each dQ tile leaves
     as one `cp.reduce.async.bulk.tensor` (Gluon 3.6 has the op in its builder but no wrapper:
     `_reduce_add` below).

@@ -31,7 +31,7 @@ class GluonBackwardTiles:
     block_n: int  # key rows per CTA (64 per warpgroup)
     num_stages: int  # Q / dO ring depth in shared memory
     early_dp: bool = True  # issue dP^T with S^T (more overlap, more live registers; kernels_bwd.py)
-    dk_from_registers: bool = False  # dK's A operand from registers, issued before the barrier
+    dk_from_registers: bool = True  # dK's A operand from registers, issued before the barrier
 
 
 # Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO) 32 KB + dS^T 16 KB + dQ tile 32 KB.
