@@ -95,17 +95,19 @@ if __name__ == "__main__":
                 ok &= check(1, 2, 1030, 1030, d, True, tiles)
         ok &= check(1, 2, 1030, 1030, 128, True, None, torch.float16)
         print("ALL CHECKS", "OK" if ok else "FAILED", flush=True)
-    if mode == "dkr":  # dK from registers: correctness on a few shapes, then an interleaved A/B at the 8B shape
-        tiles = GluonBackwardTiles(64, 128, 2, True, True)
+    if mode in ("dkr", "dqsw"):  # a tile variant against the table: float64 checks, then an interleaved A/B (8B)
+        import dataclasses
+        change = {"dkr": dict(dk_from_registers=True), "dqsw": dict(dq_swizzle=32)}[mode]
         ok = True
         for d in (64, 128):
+            tiles = dataclasses.replace(BACKWARD_TILES[d], **change)
             for causal in (True, False):
                 for shp in [(1, 2, 200, 333), (2, 1, 77, 1030), (1, 2, 1031, 1031)]:
                     ok &= check(*shp, d, causal, tiles)
         ok &= check(1, 2, 1030, 777, 128, True, tiles, torch.float16)
-        print("DKR CHECKS", "OK" if ok else "FAILED", flush=True)
-        v = [("smem_1", GluonBackwardTiles(64, 128, 2, True, False)), ("regs_1", tiles),
-             ("smem_2", GluonBackwardTiles(64, 128, 2, True, False)), ("regs_2", tiles)]
+        print(mode.upper(), "CHECKS", "OK" if ok else "FAILED", flush=True)
+        base = BACKWARD_TILES[128]
+        v = [("table_1", base), ("variant_1", tiles), ("table_2", base), ("variant_2", tiles)]
         r = bench("8B B2H32N32768D128", 2, 32, 32768, 128, v)
         print(" | ".join(f"{k}={x:.3f}" if isinstance(x, float) else f"{k}={x}" for k, x in r.items()), flush=True)
     if mode in ("all", "bench"):

@@ -44,19 +44,24 @@ class GluonTiles:
 FORWARD_TILES = {64: GluonTiles(64, 128, 2), 128: GluonTiles(64, 128, 2)}
 
 
-def layout(block_shape: list[int], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    return gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[dtype])
+def layout(block_shape: list[int], dtype: torch.dtype, swizzle: int | None = None) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a TMA block: Triton's default for the shape and dtype, or the
+    NVMMA layout with `swizzle` bytes (0, 32, 64 or 128)."""
+    if swizzle is None:
+        return gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[dtype])
+    return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=dtype.itemsize * 8,
+                                rank=len(block_shape))
 
 
-def descriptor(x3: torch.Tensor, rows: int) -> TensorDescriptor:
+def descriptor(x3: torch.Tensor, rows: int, swizzle: int | None = None) -> TensorDescriptor:
     """Descriptor over the (BH, N, D) view x3, one (1, rows, D) tile per copy."""
     block = [1, rows, x3.shape[-1]]
-    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, layout(block, x3.dtype))
+    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, layout(block, x3.dtype, swizzle))
 
 
-def descriptor_type(block: list[int], dtype: torch.dtype) -> str:
+def descriptor_type(block: list[int], dtype: torch.dtype, swizzle: int | None = None) -> str:
     """The signature type of a host descriptor with this block, as a launch specialises it."""
-    return f"tensordesc<{_SIG_DTYPES[dtype]}[{','.join(map(str, block))}],{layout(block, dtype)!r}>"
+    return f"tensordesc<{_SIG_DTYPES[dtype]}[{','.join(map(str, block))}],{layout(block, dtype, swizzle)!r}>"
 
 
 def _meta(head_dim: int, is_causal: bool, tiles: GluonTiles) -> dict:

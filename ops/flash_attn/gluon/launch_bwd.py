@@ -32,6 +32,11 @@ class GluonBackwardTiles:
     num_stages: int  # Q / dO ring depth in shared memory
     early_dp: bool = True  # issue dP^T with S^T (more overlap, more live registers; kernels_bwd.py)
     dk_from_registers: bool = True  # dK's A operand from registers, issued before the barrier
+    # Swizzle (bytes) of the float32 dQ tile in shared memory and of its reduction's descriptor. With
+    # Triton's default (None: 128) the wgmma-layout store has 2-way bank conflicts, with 32 none
+    # (gl.bank_conflicts), but the reduction then goes out in 8-column copies instead of 32-column
+    # ones: not measured yet.
+    dq_swizzle: int | None = None
 
 
 # Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO) 32 KB + dS^T 16 KB + dQ tile 32 KB.
@@ -67,7 +72,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
         descriptor(q3, tiles.block_m), descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
         descriptor(v3, tiles.block_n), descriptor(do3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
         descriptor(dk3, tiles.block_n), descriptor(dv3, tiles.block_n),  # (BH, Nk, D) x2
-        descriptor(dq_acc, tiles.block_m),  # (BH, Nq, D) float32
+        descriptor(dq_acc, tiles.block_m, tiles.dq_swizzle),  # (BH, Nq, D) float32
         _row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
         _row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
         n_q, n_k, scale * LOG2E, scale, **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS)
@@ -94,7 +99,8 @@ def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.
     k_type = descriptor_type([1, tiles.block_n, head_dim], dtype)
     row_type = descriptor_type([1, tiles.block_m], torch.float32)
     signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": k_type,
-                 "dv_desc": k_type, "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32),
+                 "dv_desc": k_type,
+                 "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32, tiles.dq_swizzle),
                  "lse_desc": row_type, "delta_desc": row_type, "n_queries": "i32", "n_keys": "i32",
                  "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
     source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=meta)

@@ -75,3 +75,15 @@ def test_backward_compiles_for_sm90_without_spills(head_dim, causal, dtype):
     assert "cp.async.bulk.tensor" in ptx and "mbarrier.try_wait" in ptx  # the TMA ring
     assert _ptxas_spills(ptx).startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
     assert compiled.metadata.shared <= 227 * 1024
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_dq_swizzle_variant_compiles_without_spills(head_dim):
+    import dataclasses
+
+    from ops.flash_attn.gluon import launch_bwd
+
+    tiles = dataclasses.replace(launch_bwd.BACKWARD_TILES[head_dim], dq_swizzle=32)
+    compiled = launch_bwd.compile_backward(head_dim, True, torch.bfloat16, tiles)
+    assert "swizzlingByteWidth = 32, transposed = false, elementBitWidth = 32" in compiled.asm["ttgir"]
+    assert _ptxas_spills(compiled.asm["ptx"]).startswith("0 bytes stack frame, 0 bytes spill stores")

@@ -113,8 +113,8 @@ def test_gluon_backward_matches_float64(shape, head_dim, causal, dtype, gen):
     assert_close_to_reference(ours, *inputs)
 
 
-@pytest.mark.parametrize("variant", [dict(early_dp=False), dict(num_stages=3), dict(dk_from_registers=False)],
-                         ids=str)
+@pytest.mark.parametrize("variant", [dict(early_dp=False), dict(num_stages=3), dict(dk_from_registers=False),
+                                     dict(dq_swizzle=32)], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gluon_backward_tile_variants_match_float64(variant, head_dim, gen):
     from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES
