@@ -9,7 +9,7 @@ from triton.testing import do_bench
 
 from ops.flash_attn import attention_reference
 from ops.flash_attn.gluon.launch import flash_forward_gluon
-from ops.flash_attn.gluon.launch_bwd import GluonBackwardTiles, flash_backward_gluon
+from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, flash_backward_gluon
 from ops.flash_attn.launch import flash_backward
 from ops.flash_attn.launch_onepass import flash_backward_onepass
 
