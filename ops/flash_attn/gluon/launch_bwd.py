@@ -3,7 +3,8 @@
 Same contract as ops.flash_attn.launch.flash_backward: gradients (dQ, dK, dV) in the input dtypes.
 Three launches, as in the tl one-pass backward (launch_onepass.py), whose preprocess (Delta, and
 zeros into the float32 dQ accumulator) and conversion (dQ = scale * accumulator) kernels are reused:
-only the middle, matmul-bound launch is Gluon. Callers check `gluon_backward_supported` first.
+only the middle, matmul-bound launch is Gluon. Callers check `ops.flash_attn.gluon.use_gluon_backward`
+(or at least `gluon_forward_supported`) first.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class GluonBackwardTiles:
     dq_swizzle: int | None = None
 
 
-# Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO) 32 KB + dS^T 16 KB + dQ tile 32 KB.
+# Shared memory per CTA at D = 128: K, V 64 KB + stages * (Q, dO, L, Delta) 32.5 KB + dS^T 16 KB + dQ tile
+# 32 KB = 177 KB at two stages.
 BACKWARD_TILES = {64: GluonBackwardTiles(64, 128, 2), 128: GluonBackwardTiles(64, 128, 2)}
 
 
@@ -53,7 +55,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
                          tiles: GluonBackwardTiles | None = None):
     """(dQ, dK, dV) in the input dtypes; dO may have any strides (it is copied if TMA cannot read it).
 
-    `tiles` overrides the table (gpu_check.py times variants with it).
+    `tiles` overrides the table (the tests and .gpu/gluon_bwd.py run variants with it).
     """
     (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
     q3, k3, v3, o3, do3, dq3, dk3, dv3 = (as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
