@@ -1,4 +1,5 @@
-"""One device-machine call for the Gluon forward: correctness, then timings against the tl kernels and cuDNN.
+"""One device-machine call for the Gluon kernels: correctness, then timings against the tl kernels and cuDNN
+(forward, and forward + backward through the op: the Gluon backward where dispatch picks it).
 
     PYTHONUNBUFFERED=1 python3 -m ops.flash_attn.gluon.gpu_check [--sweep] [--skip-tests]
 
