@@ -97,7 +97,9 @@ if __name__ == "__main__":
         print("ALL CHECKS", "OK" if ok else "FAILED", flush=True)
     if mode in ("dkr", "dqsw"):  # a tile variant against the table: float64 checks, then an interleaved A/B (8B)
         import dataclasses
-        change = {"dkr": dict(dk_from_registers=True), "dqsw": dict(dq_swizzle=32)}[mode]
+        # dkr: the other dK operand source than the table's (the table took registers after this A/B)
+        change = {"dkr": dict(dk_from_registers=not BACKWARD_TILES[128].dk_from_registers),
+                  "dqsw": dict(dq_swizzle=32)}[mode]
         ok = True
         for d in (64, 128):
             tiles = dataclasses.replace(BACKWARD_TILES[d], **change)
