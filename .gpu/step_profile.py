@@ -11,7 +11,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from cs336_systems.bench.step import StepBenchConfig, ours_setup
 from cs336_systems.presets import ModelConfig
-from cs336_systems.training.loss import lm_loss
 
 CATEGORIES = (  # first match wins: (category, substrings of the kernel name)
     ("attn_fwd", ("flash_fwd",)),
@@ -69,7 +68,6 @@ def profile_layers(layers: int) -> tuple[dict, dict, float]:
         by_cat[category(evt.key)] += t
         by_name[evt.key][0] += t
         by_name[evt.key][1] += evt.count
-    del model, optimizer
     torch.compiler.reset()
     torch.cuda.empty_cache()
     return by_cat, by_name, wall
@@ -80,7 +78,7 @@ def main() -> None:
     runs = {n: profile_layers(n) for n in counts}
     lo, hi = counts[0], counts[-1]
     cats = sorted(set().union(*(r[0] for r in runs.values())))
-    print(f"| category | " + " | ".join(f"L{n} ms" for n in counts) + " | per layer ms |")
+    print("| category | " + " | ".join(f"L{n} ms" for n in counts) + " | per layer ms |")
     print("|---|" + "---|" * (len(counts) + 1))
     for cat in cats:
         vals = [runs[n][0].get(cat, 0.0) for n in counts]
@@ -88,8 +86,9 @@ def main() -> None:
         print(f"| {cat} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {per:.1f} |")
     busy = [sum(runs[n][0].values()) for n in counts]
     walls = [runs[n][2] for n in counts]
-    print("| kernels, total | " + " | ".join(f"{v:.1f}" for v in busy) + f" | {(busy[-1] - busy[0]) / (hi - lo):.1f} |")
-    print("| step wall (events) | " + " | ".join(f"{v:.1f}" for v in walls) + f" | {(walls[-1] - walls[0]) / (hi - lo):.1f} |")
+    for label, vals in (("kernels, total", busy), ("step wall (events)", walls)):
+        per = (vals[-1] - vals[0]) / (hi - lo)
+        print(f"| {label} | " + " | ".join(f"{v:.1f}" for v in vals) + f" | {per:.1f} |")
     print(f"\ntop kernels at L{hi} (ms, calls):")
     for name, (t, n) in sorted(runs[hi][1].items(), key=lambda kv: -kv[1][0])[:25]:
         print(f"{t:9.1f} {n:5d}  [{category(name)}] {name[:110]}")
