@@ -132,16 +132,21 @@ def flash_bwd_onepass_kernel(
 
 @triton.jit
 def flash_bwd_onepass_preprocess_kernel(
-    O, DO, DELTA, DQ_ACC,  # (BH, Nq, D), (BH, Nq, D), (BH, Nq) float32, (BH, Nq, HEAD_DIM) float32
-    stride_ob, stride_on, stride_od, stride_dob, stride_don, stride_dod, n_queries,
+    O, DO, DELTA, DQ_ACC,  # (B, H, Nq, D) x2 any strides, (BH, Nq) float32, (BH, Nq, HEAD_DIM) float32
+    stride_ob, stride_oh, stride_on, stride_od, stride_dob, stride_doh, stride_don, stride_dod, n_queries, n_heads,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """DELTA = rowsum(O * dO), and zeros into this tile's rows of the dQ accumulator."""
+    """DELTA = rowsum(O * dO), and zeros into this tile's rows of the dQ accumulator. O and dO come
+    as (B, H) pairs of strides (program bh is head bh % H of batch bh // H), so a (B, N, H, D)
+    layout seen through .transpose(1, 2) needs no copy; a (BH, N, D) array passes H = BH, stride_b 0."""
     bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // n_heads, bh % n_heads
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d = tl.arange(0, BLOCK_D)
-    o = load_rows(O + bh * stride_ob, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM, BLOCK_D, True)
-    do = load_rows(DO + bh * stride_dob, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, True)
+    o = load_rows(O + b * stride_ob + h * stride_oh, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM,
+                  BLOCK_D, True)
+    do = load_rows(DO + b * stride_dob + h * stride_doh, rows, cols_d, stride_don, stride_dod, n_queries,
+                   HEAD_DIM, BLOCK_D, True)
     tl.store(DELTA + bh * n_queries + rows, rowsum_product(o, do), mask=rows < n_queries)
     zeros = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     store_rows(DQ_ACC + bh * n_queries * HEAD_DIM, zeros, rows, cols_d, HEAD_DIM, 1,
@@ -150,8 +155,8 @@ def flash_bwd_onepass_preprocess_kernel(
 
 @triton.jit
 def flash_bwd_onepass_dq_kernel(
-    DQ_ACC, DQ,  # (BH, Nq, HEAD_DIM) float32 contiguous, (BH, Nq, D) any strides
-    stride_dqb, stride_dqn, stride_dqd, n_queries, sm_scale,
+    DQ_ACC, DQ,  # (BH, Nq, HEAD_DIM) float32 contiguous, (B, H, Nq, D) any strides (as the preprocess's O)
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd, n_queries, n_heads, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dQ = scale * DQ_ACC in dQ's dtype: the scale the one-pass kernel left out of its atomics."""
@@ -160,4 +165,5 @@ def flash_bwd_onepass_dq_kernel(
     cols_d = tl.arange(0, BLOCK_D)
     acc = load_rows(DQ_ACC + bh * n_queries * HEAD_DIM, rows, cols_d, HEAD_DIM, 1, n_queries,
                      HEAD_DIM, BLOCK_D, True)  # (BLOCK_M, BLOCK_D)
-    store_rows(DQ + bh * stride_dqb, acc * sm_scale, rows, cols_d, stride_dqn, stride_dqd, n_queries, HEAD_DIM)
+    dq = DQ + (bh // n_heads) * stride_dqb + (bh % n_heads) * stride_dqh
+    store_rows(dq, acc * sm_scale, rows, cols_d, stride_dqn, stride_dqd, n_queries, HEAD_DIM)

@@ -1,6 +1,7 @@
 """Launchers: allocate outputs, view inputs as (BH, N, D) with their strides, pick blocks, launch.
 
-Outputs are always fresh contiguous tensors (never views of inputs), as torch.library requires.
+Outputs are always fresh tensors (never views of inputs), as torch.library requires; the op
+(op.py: `like`) returns them laid out like their inputs.
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
 """
 
@@ -25,6 +26,16 @@ dkdv_kernel = ReplayLauncher(flash_bwd_dkdv_kernel)
 def as_bhnd(x: torch.Tensor) -> torch.Tensor:
     """(..., N, D) -> (BH, N, D); a view whenever the leading dims can be merged."""
     return x.reshape(-1, x.shape[-2], x.shape[-1])
+
+
+def heads_view(x: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) -> (B, H, N, D): x itself at four dims, with leading ones below, a view merging
+    the outer leading dims above where they merge (else a copy). Unlike as_bhnd it never copies a
+    (B, H, N, D) tensor whose B and H do not merge, e.g. the (B, N, H, D) projection output seen
+    through .transpose(1, 2): tensor descriptors take its four strides as they are."""
+    if x.dim() <= 4:
+        return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))  # adds unit dims: always a view
+    return x.reshape(-1, *x.shape[-3:])
 
 
 def launch_grid(n_rows: int, block: int, bh: int) -> tuple[int, int]:

@@ -44,8 +44,8 @@ def flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal: bool, scale: 
     q3, k3, v3, o3, do3, dq3, dk3, dv3 = (as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
     block_d = block_d_for(head_dim)
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": ROW_BLOCK}
-    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
-        o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
+    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](  # (BH, N, D) arrays: one batch of BH heads
+        o3, do3, delta, dq_acc, 0, *o3.stride(), 0, *do3.stride(), n_q, bh, **row_meta)
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).onepass
     q_in, do_in, acc = _streamed(q3, do3, dq_acc, blocks.block_m, descriptors)
     onepass_kernel[launch_grid(n_k, blocks.block_n, bh)](
@@ -53,7 +53,7 @@ def flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal: bool, scale: 
         *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride(), *dv3.stride(),
         n_q, n_k, scale * LOG2E, scale, DESCRIPTORS=descriptors,
         **kernel_meta(blocks, head_dim, block_d, is_causal, q.dtype))
-    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
+    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, 0, *dq3.stride(), n_q, bh, scale, **row_meta)
     return dq, dk, dv
 
 

@@ -44,7 +44,16 @@ def tma_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
         return False  # the tile is exactly D wide: no column masks
     if q.numel() == 0 or k.numel() == 0:
         return False  # a descriptor needs positive extents
-    return all(tma_aligned(as_bhnd(x)) for x in (q, k, v))
+    return all(_aligned_after_as_bhnd(x) for x in (q, k, v))
+
+
+def _aligned_after_as_bhnd(x: torch.Tensor) -> bool:
+    """Whether as_bhnd(x) is TMA-aligned, without making the copy as_bhnd makes where the leading
+    dims do not merge (a fresh contiguous copy is aligned: 16-bit, D a power of two >= 16)."""
+    try:
+        return tma_aligned(x.view(-1, x.shape[-2], x.shape[-1]))
+    except RuntimeError:  # no (BH, N, D) view: as_bhnd copies
+        return True
 
 
 def tma_device(device: torch.device) -> bool:

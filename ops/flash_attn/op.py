@@ -62,6 +62,17 @@ def _resolve_scale(q: Tensor, scale: float | None) -> float:
     return scale
 
 
+def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """x with the strides torch.empty_like(ref) would have (ref's stride order where ref is dense,
+    else contiguous): what the op's fakes promise. x itself when it has them, else a copy."""
+    if x.is_contiguous() and ref.is_contiguous():
+        return x
+    if x.stride() == ref.stride():
+        return x  # x is fresh, so dense: so is ref then, and empty_like keeps a dense tensor's strides
+    target = torch.empty_like(ref, dtype=x.dtype)
+    return x if target.stride() == x.stride() else target.copy_(x)
+
+
 def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
     check_inputs(q, k, v)
@@ -73,8 +84,10 @@ def _forward_checked(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: fl
     if use_triton(q):
         from ops.flash_attn.dispatch import attention_forward
 
-        return attention_forward(q, k, v, is_causal, scale)
-    return tiled_forward(q, k, v, is_causal, scale)
+        out, lse = attention_forward(q, k, v, is_causal, scale)
+    else:
+        out, lse = tiled_forward(q, k, v, is_causal, scale)
+    return like(out, q), lse
 
 
 def backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
@@ -83,8 +96,10 @@ def backward_impl(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
     if use_triton(q):
         from ops.flash_attn.dispatch import attention_backward
 
-        return attention_backward(grad_out, q, k, v, out, lse, is_causal, scale)
-    return tiled_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+        grads = attention_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    else:
+        grads = tiled_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+    return tuple(like(g, x) for g, x in zip(grads, (q, k, v)))
 
 
 flash_attn_fwd = torch.library.custom_op("cs336::flash_attn_fwd", forward_impl, mutates_args=())
@@ -93,7 +108,7 @@ flash_attn_fwd = torch.library.custom_op("cs336::flash_attn_fwd", forward_impl, 
 @flash_attn_fwd.register_fake
 def _(q, k, v, is_causal, scale):
     check_inputs(q, k, v)
-    return q.new_empty(q.shape), q.new_empty(q.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(q), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
 flash_attn_bwd = torch.library.custom_op("cs336::flash_attn_bwd", backward_impl, mutates_args=())
@@ -101,7 +116,7 @@ flash_attn_bwd = torch.library.custom_op("cs336::flash_attn_bwd", backward_impl,
 
 @flash_attn_bwd.register_fake
 def _(grad_out, q, k, v, out, lse, is_causal, scale):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 class FlashAttention2Triton(torch.autograd.Function):

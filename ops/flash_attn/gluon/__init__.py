@@ -20,7 +20,7 @@ import warnings
 import torch
 import triton
 
-from ops.flash_attn.launch import as_bhnd
+from ops.flash_attn.launch import heads_view
 from ops.flash_attn.launch_tma import tma_aligned
 from ops.flash_attn.tiles import small_grid
 from ops.triton_utils import device_capability
@@ -67,7 +67,8 @@ def gluon_available() -> bool:
 
 def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """True when launch.flash_forward_gluon can run these inputs: sm_90 CUDA tensors, 16-bit, head
-    dim 64 or 128, TMA-aligned (BH, N, D) views, non-empty. Cheap checks first; the Triton version
+    dim 64 or 128, TMA-aligned (B, H, N, D) views (any strides TMA takes: a transposed
+    (B, N, H, D) projection output needs no copy), non-empty. Cheap checks first; the Triton version
     check (and its one warning) only where the Gluon kernel would otherwise run."""
     if not (q.is_cuda and q.dtype in GLUON_DTYPES and q.shape[-1] in GLUON_HEAD_DIMS):
         return False
@@ -75,7 +76,7 @@ def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         return False
     if q.numel() == 0 or k.numel() == 0 or device_capability(q.device.index) != GLUON_CAPABILITY:
         return False
-    if not all(tma_aligned(as_bhnd(x)) for x in (q, k, v)):
+    if not all(tma_aligned(heads_view(x)) for x in (q, k, v)):  # the views the descriptors take: no copies
         return False
     return gluon_enabled() and gluon_available()
 

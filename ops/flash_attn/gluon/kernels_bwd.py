@@ -23,8 +23,10 @@ Two warpgroups (num_warps = 8) split the key rows: each owns 64 keys of S^T, dP^
 wgmma M extent), and half of dQ's head-dim columns. They meet at thread barriers where dS^T and
 the dQ tile cross between them.
 
-Tensors arrive as 3-D (BH, N, D) host descriptors: rows past a head's end read as zero and stores
-or reductions past it are dropped. Zero query rows contribute nothing (dO = 0 there, and L = 0
+Q, K, V, dO, dK and dV arrive as 4-D (B, H, N, D) host descriptors with their own strides (a
+(B, N, H, D) layout seen through .transpose(1, 2) needs no copy); the float32 dQ accumulator as
+(BH, Nq, D), L and Delta as (BH, Nq). Rows past a head's end read as zero and stores or reductions
+past it are dropped. Zero query rows contribute nothing (dO = 0 there, and L = 0
 keeps P finite); keys past Nk would have P = exp2(-L2), so the ragged key tile is masked.
 """
 
@@ -62,15 +64,16 @@ def _query_tiles(start_n, n_queries, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.conste
 
 
 @gluon.jit
-def _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh, tile, stage):
+def _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h, bh,
+               tile, stage):
     """TMA copies of query tile `tile` (Q, dO, and its rows of L and Delta) into ring slot `stage`."""
-    rows: gl.constexpr = q_desc.block_type.shape[1]
+    rows: gl.constexpr = q_desc.block_type.shape[2]
     nbytes: gl.constexpr = (q_desc.block_type.nbytes + do_desc.block_type.nbytes + lse_desc.block_type.nbytes
               + delta_desc.block_type.nbytes)
     bar = ready.index(stage)
     mbarrier.expect(bar, nbytes)
-    tma.async_copy_global_to_shared(q_desc, [bh, tile * rows, 0], bar, q_smem.index(stage))
-    tma.async_copy_global_to_shared(do_desc, [bh, tile * rows, 0], bar, do_smem.index(stage))
+    tma.async_copy_global_to_shared(q_desc, [b, h, tile * rows, 0], bar, q_smem.index(stage))
+    tma.async_copy_global_to_shared(do_desc, [b, h, tile * rows, 0], bar, do_smem.index(stage))
     tma.async_copy_global_to_shared(lse_desc, [bh, tile * rows], bar, lse_smem.index(stage))
     tma.async_copy_global_to_shared(delta_desc, [bh, tile * rows], bar, delta_smem.index(stage))
 
@@ -102,10 +105,10 @@ def _row_vector(smem, st_layout: gl.constexpr):
 
 @gluon.jit
 def flash_bwd_gluon_kernel(
-    q_desc, k_desc, v_desc, do_desc,  # (BH, Nq, D), (BH, Nk, D) x2, (BH, Nq, D); blocks [1, rows, D]
-    dk_desc, dv_desc, dq_desc,  # (BH, Nk, D) x2 in the input dtype; (BH, Nq, D) float32 accumulator
+    q_desc, k_desc, v_desc, do_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
+    dk_desc, dv_desc, dq_desc,  # (B, H, Nk, D) x2 in the input dtype; (BH, Nq, D) float32 accumulator
     lse_desc, delta_desc,  # (BH, Nq) float32 each, blocks [1, rows]: L (natural log) and rowsum(O * dO)
-    n_queries, n_keys, qk_scale, sm_scale,  # qk_scale = sm_scale * log2(e)
+    n_queries, n_keys, n_heads, qk_scale, sm_scale,  # qk_scale = sm_scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr, DK_FROM_REGISTERS: gl.constexpr,
 ):
@@ -113,6 +116,7 @@ def flash_bwd_gluon_kernel(
     dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
     dtype: gl.constexpr = q_desc.dtype
     bh = gl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads  # descriptor coordinates of flat head bh = b * H + h
     start_n = gl.program_id(0) * BLOCK_N
 
     # Two warpgroups stacked along the key rows for S^T, dP^T, dK, dV; along D for the dQ tile.
@@ -141,13 +145,13 @@ def flash_bwd_gluon_kernel(
     fence_async_shared()  # barrier inits visible to the TMA unit
 
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [bh, start_n, 0], kv_ready, k_smem.index(0))
-    tma.async_copy_global_to_shared(v_desc, [bh, start_n, 0], kv_ready, v_smem.index(0))
+    tma.async_copy_global_to_shared(k_desc, [b, h, start_n, 0], kv_ready, k_smem.index(0))
+    tma.async_copy_global_to_shared(v_desc, [b, h, start_n, 0], kv_ready, v_smem.index(0))
     first, n_tiles = _query_tiles(start_n, n_queries, BLOCK_M, IS_CAUSAL)
     for i in gl.static_range(NUM_STAGES):
         if i < n_tiles:
-            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
-                       first + i, i)
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h,
+                       bh, first + i, i)
 
     kv_slot = 0
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
@@ -210,8 +214,8 @@ def flash_bwd_gluon_kernel(
         # dQ tile is complete in shared memory.
         gl.thread_barrier()
         if it + NUM_STAGES < n_tiles:
-            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, bh,
-                       first + it + NUM_STAGES, stage)
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h,
+                       bh, first + it + NUM_STAGES, stage)
         _reduce_add(dq_desc, [bh, start_m, 0], dq_smem)  # rows past Nq dropped
 
     # dK, dV out through the K and V buffers (their last readers were waited for above).
@@ -219,6 +223,6 @@ def flash_bwd_gluon_kernel(
     v_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).store(dv.to(dtype))
     fence_async_shared()
     gl.thread_barrier()
-    tma.async_copy_shared_to_global(dk_desc, [bh, start_n, 0], k_smem.index(0))  # clipped at Nk
-    tma.async_copy_shared_to_global(dv_desc, [bh, start_n, 0], v_smem.index(0))
+    tma.async_copy_shared_to_global(dk_desc, [b, h, start_n, 0], k_smem.index(0))  # clipped at Nk
+    tma.async_copy_shared_to_global(dv_desc, [b, h, start_n, 0], v_smem.index(0))
     tma.store_wait(0)

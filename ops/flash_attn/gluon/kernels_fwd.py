@@ -18,9 +18,10 @@ overlap): iteration j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} as async wgm
 S_j (`warpgroup_mma_wait(1)`), computes the softmax of S_j while the P V wgmma still runs, then
 waits for O and rescales it. P goes to the second wgmma from registers (no shared-memory round trip).
 
-Tensors arrive as 3-D (BH, N, D) host descriptors, blocks [1, rows, D]: TMA bounds-checks every
+Tensors arrive as 4-D (B, H, N, D) host descriptors with their own strides, blocks [1, 1, rows, D]
+(so a (B, N, H, D) layout seen through .transpose(1, 2) needs no copy): TMA bounds-checks every
 dimension, so rows past a head's end read as zero and O stores past Nq are dropped (see
-kernels_tma.py for why not the flat view). Keys past Nk read as zero scores, so the ragged last key
+kernels_tma.py for why not a flat view). Keys past Nk read as zero scores, so the ragged last key
 tile takes the masked path.
 """
 
@@ -52,23 +53,27 @@ def _key_tiles(start_m, n_keys, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, IS_CA
 
 @gluon.jit
 def _tile_start(BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
-    """(head index, first query row of this CTA); causal CTAs with the longest rows launch first."""
+    """(flat head index b * H + h, first query row of this CTA); causal CTAs with the longest rows
+    launch first."""
     pid_m = gl.program_id(0)
     if IS_CAUSAL:
         pid_m = gl.num_programs(0) - 1 - pid_m
     return gl.program_id(1), pid_m * (NUM_CONSUMERS * BLOCK_M)
 
 
+
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys,
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                     IS_CAUSAL: gl.constexpr):
     """Issue the TMA copies: both Q tiles, then K_j and V_j into ring slot j % NUM_STAGES."""
     q_ready, k_ready, v_ready, k_empty, v_empty, _ = bars
     bh, start_m = _tile_start(BLOCK_M, IS_CAUSAL)
+    b, h = bh // n_heads, bh % n_heads  # descriptor coordinates of flat head bh = b * H + h
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(q_desc, [bh, start_m + c * BLOCK_M, 0], q_ready.index(c), q_smem.index(c))
+        tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * BLOCK_M, 0], q_ready.index(c),
+                                        q_smem.index(c))
     _, n_tiles = _key_tiles(start_m, n_keys, NUM_CONSUMERS * BLOCK_M, BLOCK_N, IS_CAUSAL)
     for j in range(n_tiles):
         slot = j % NUM_STAGES
@@ -77,10 +82,12 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys
         # NUM_STAGES waits on "empty" pass at once.
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [bh, j * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        tma.async_copy_global_to_shared(k_desc, [b, h, j * BLOCK_N, 0], k_ready.index(slot),
+                                        k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [bh, j * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
+        tma.async_copy_global_to_shared(v_desc, [b, h, j * BLOCK_N, 0], v_ready.index(slot),
+                                        v_smem.index(slot))
 
 
 @gluon.jit
@@ -107,8 +114,8 @@ def _mask(s, j, n_full, rows, n_keys, s_layout: gl.constexpr, BLOCK_N: gl.conste
 
 
 @gluon.jit
-def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
-              HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads,
+              qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
               IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
     """One warpgroup: O and L for query rows [start_m + consumer * BLOCK_M, + BLOCK_M)."""
     q_ready, k_ready, v_ready, k_empty, v_empty, turn = bars
@@ -184,33 +191,33 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
     o_smem = q_smem.index(consumer)
     o_smem.reshape([BLOCK_M, HEAD_DIM]).store(acc.to(o_desc.dtype))
     fence_async_shared()
-    tma.async_copy_shared_to_global(o_desc, [bh, start_m, 0], o_smem)  # clipped at Nq
+    tma.async_copy_shared_to_global(o_desc, [bh // n_heads, bh % n_heads, start_m, 0], o_smem)  # clipped at Nq
     lse = (m_i + gl.log2(l_i)) * LN2_C  # back to natural log
     gl.store(lse_ptr + bh.to(gl.int64) * n_queries + rows, lse, mask=rows < n_queries)
     tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer_1(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+def _consumer_1(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                 IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    _consumer(1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+    _consumer(1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
               HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)
 
 
 @gluon.jit
-def _consumer_0(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+def _consumer_0(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                 HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
                 IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    _consumer(0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+    _consumer(0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
               HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)
 
 
 @gluon.jit
 def flash_fwd_ws_kernel(
-    q_desc, k_desc, v_desc, o_desc,  # (BH, Nq, D), (BH, Nk, D), (BH, Nk, D), (BH, Nq, D); blocks [1, rows, D]
+    q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
     lse_ptr,  # (BH, Nq) float32, contiguous
-    n_queries, n_keys, qk_scale,  # qk_scale = softmax scale * log2(e)
+    n_queries, n_keys, n_heads, qk_scale,  # qk_scale = softmax scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
 ):
@@ -238,10 +245,10 @@ def flash_fwd_ws_kernel(
     # The tuples are written out in the call: a tuple assigned to a variable first turns its
     # constexprs into int32 scalars (triton 3.6).
     gl.warp_specialize([
-        (_consumer_0, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+        (_consumer_0, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
-        (_consumer_1, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, qk_scale,
+        (_consumer_1, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys,
+        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
                            BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL)),
     ], [4, 1], [CONSUMER_REGS, 24])

@@ -1,8 +1,12 @@
 """Launcher of the Gluon forward (kernels_fwd.flash_fwd_ws_kernel) and its ahead-of-time compile.
 
 Same contract as ops.flash_attn.launch.flash_forward: q (..., Nq, D), k/v (..., Nk, D) -> a fresh
-contiguous O (..., Nq, D) in q.dtype and L (..., Nq) float32 (natural-log logsumexp). Callers check
-`ops.flash_attn.gluon.gluon_forward_supported` first.
+O (..., Nq, D) in q.dtype, laid out like q (torch.empty_like), and L (..., Nq) float32 (natural-log
+logsumexp). Callers check `ops.flash_attn.gluon.gluon_forward_supported` first.
+
+Inputs and outputs go to the kernels as 4-D (B, H, N, D) descriptors with their own strides
+(`tma_view`), so the usual attention layouts need no copies: (B, H, N, D) contiguous, and the
+(B, N, H, D) projection output seen through .transpose(1, 2).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ops.flash_attn.gluon.kernels_fwd import NUM_CONSUMERS, flash_fwd_ws_kernel
 from ops.flash_attn.kernels import LOG2E
-from ops.flash_attn.launch import as_bhnd, forward_outputs, launch_grid
+from ops.flash_attn.launch import heads_view, launch_grid
+from ops.flash_attn.launch_tma import tma_aligned
 
 SM90 = GPUTarget("cuda", 90, 32)
 NUM_WARPS = 4  # the default partition: consumer warpgroup 0
@@ -53,10 +58,33 @@ def layout(block_shape: list[int], dtype: torch.dtype, swizzle: int | None = Non
                                 rank=len(block_shape))
 
 
-def descriptor(x3: torch.Tensor, rows: int, swizzle: int | None = None) -> TensorDescriptor:
-    """Descriptor over the (BH, N, D) view x3, one (1, rows, D) tile per copy."""
-    block = [1, rows, x3.shape[-1]]
-    return TensorDescriptor(x3, list(x3.shape), list(x3.stride()), block, layout(block, x3.dtype, swizzle))
+def descriptor(x: torch.Tensor, rows: int, swizzle: int | None = None) -> TensorDescriptor:
+    """Descriptor over x (.., N, D), any rank up to 5, one (1, .., 1, rows, D) tile per copy."""
+    block = [1] * (x.dim() - 2) + [rows, x.shape[-1]]
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout(block, x.dtype, swizzle))
+
+
+def tma_view(x: torch.Tensor) -> torch.Tensor:
+    """x (..., N, D) as the (B, H, N, D) view the kernels' descriptors take: no copy unless its
+    strides break TMA's 16-byte rule (e.g. the zero strides of the gradient of .sum())."""
+    x4 = heads_view(x)
+    return x4 if tma_aligned(x4) else heads_view(x.contiguous())
+
+
+def output_like(ref: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a fresh tensor laid out like ref (torch.empty_like), its (B, H, N, D) view for descriptors);
+    contiguous instead where that layout has no TMA-ready view (the op's `like` then restrides)."""
+    out = torch.empty_like(ref, dtype=dtype)
+    out4 = heads_view(out)
+    if out4.data_ptr() != out.data_ptr() or not tma_aligned(out4):  # a copy, or strides TMA cannot take
+        out = torch.empty_like(ref, dtype=dtype, memory_format=torch.contiguous_format)
+        out4 = heads_view(out)
+    return out, out4
+
+
+def tile_type(rows: int, head_dim: int, dtype: torch.dtype, swizzle: int | None = None) -> str:
+    """The signature type of a 4-D (B, H, N, D) descriptor with (1, 1, rows, D) tiles."""
+    return descriptor_type([1, 1, rows, head_dim], dtype, swizzle)
 
 
 def descriptor_type(block: list[int], dtype: torch.dtype, swizzle: int | None = None) -> str:
@@ -75,16 +103,17 @@ def flash_forward_gluon(q, k, v, is_causal: bool, scale: float,
 
     `tiles` overrides the table (gpu_check.py times variants with it).
     """
-    out, lse = forward_outputs(q)
-    q3, k3, v3, o3 = (as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
-    bh, n_q, head_dim = q3.shape
+    out, o4 = output_like(q)  # q's layout: for a transposed (B, N, H, D) q, O.transpose(1, 2) is a view
+    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+    q4, k4, v4 = (tma_view(t) for t in (q, k, v))  # (B, H, N, D) views
+    _, n_heads, n_q, head_dim = q4.shape
     tiles = tiles or FORWARD_TILES[head_dim]
-    grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, bh)
+    grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, q4.shape[0] * n_heads)
     flash_fwd_ws_kernel[grid](
-        descriptor(q3, tiles.block_m), descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
-        descriptor(v3, tiles.block_n), descriptor(o3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
+        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, H, Nq, D), (B, H, Nk, D)
+        descriptor(v4, tiles.block_n), descriptor(o4, tiles.block_m),  # (B, H, Nk, D), (B, H, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
-        n_q, k3.shape[1], scale * LOG2E,
+        n_q, k4.shape[2], n_heads, scale * LOG2E,
         **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS, maxnreg=MAXNREG)
     return out, lse
 
@@ -95,12 +124,10 @@ def compile_forward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.b
     whose .asm holds "ttgir", "ptx" and "cubin". The signature is the one a launch specialises to."""
     tiles = tiles or FORWARD_TILES[head_dim]
 
-    def desc(rows: int) -> str:
-        return descriptor_type([1, rows, head_dim], dtype)
-
+    q_type, k_type = (tile_type(rows, head_dim, dtype) for rows in (tiles.block_m, tiles.block_n))
     meta = _meta(head_dim, is_causal, tiles)
-    signature = {"q_desc": desc(tiles.block_m), "k_desc": desc(tiles.block_n), "v_desc": desc(tiles.block_n),
-                 "o_desc": desc(tiles.block_m), "lse_ptr": "*fp32", "n_queries": "i32", "n_keys": "i32",
-                 "qk_scale": "fp32", **{name: "constexpr" for name in meta}}
+    signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "o_desc": q_type, "lse_ptr": "*fp32",
+                 "n_queries": "i32", "n_keys": "i32", "n_heads": "i32", "qk_scale": "fp32",
+                 **{name: "constexpr" for name in meta}}
     source = GluonASTSource(flash_fwd_ws_kernel, signature, constexprs=meta)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})

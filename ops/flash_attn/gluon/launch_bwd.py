@@ -17,11 +17,10 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ops.flash_attn.gluon.kernels_bwd import flash_bwd_gluon_kernel
-from ops.flash_attn.gluon.launch import SM90, descriptor, descriptor_type, layout
+from ops.flash_attn.gluon.launch import SM90, descriptor, descriptor_type, layout, output_like, tile_type, tma_view
 from ops.flash_attn.kernels import LOG2E
-from ops.flash_attn.launch import as_bhnd, backward_outputs, launch_grid
+from ops.flash_attn.launch import heads_view, launch_grid
 from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
-from ops.flash_attn.launch_tma import tma_aligned
 
 NUM_WARPS = 8  # two warpgroups: 64 key rows each (kernels_bwd.py)
 
@@ -53,32 +52,32 @@ def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles) -> dict:
 
 def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
                          tiles: GluonBackwardTiles | None = None):
-    """(dQ, dK, dV) in the input dtypes; dO may have any strides (it is copied if TMA cannot read it).
+    """(dQ, dK, dV) in the input dtypes, each laid out like its input (torch.empty_like); dO may have
+    any strides (it is copied only if TMA cannot read it).
 
     `tiles` overrides the table (the tests and .gpu/gluon_bwd.py run variants with it).
     """
-    (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
-    q3, k3, v3, o3, do3, dq3, dk3, dv3 = (as_bhnd(t) for t in (q, k, v, out, grad_out, dq, dk, dv))
-    bh, n_q, head_dim = q3.shape
-    n_k = k3.shape[1]
-    if bh == 0 or n_q == 0 or n_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if not tma_aligned(do3):
-        do3 = do3.contiguous()  # e.g. the all-zero strides of the gradient of .sum()
+    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, H, N, D) views
+    o4 = heads_view(out)  # read by pointers (the preprocess): any strides
+    (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
+    batch, n_heads, n_q, head_dim = q4.shape
+    bh, n_k = batch * n_heads, k4.shape[2]
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
     tiles = tiles or BACKWARD_TILES[head_dim]
     dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
     preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
-        o3, do3, delta, dq_acc, *o3.stride(), *do3.stride(), n_q, **row_meta)
+        o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
     flash_bwd_gluon_kernel[launch_grid(n_k, tiles.block_n, bh)](
-        descriptor(q3, tiles.block_m), descriptor(k3, tiles.block_n),  # (BH, Nq, D), (BH, Nk, D)
-        descriptor(v3, tiles.block_n), descriptor(do3, tiles.block_m),  # (BH, Nk, D), (BH, Nq, D)
-        descriptor(dk3, tiles.block_n), descriptor(dv3, tiles.block_n),  # (BH, Nk, D) x2
+        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, H, Nq, D), (B, H, Nk, D)
+        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, H, Nk, D), (B, H, Nq, D)
+        descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, H, Nk, D) x2
         descriptor(dq_acc, tiles.block_m, tiles.dq_swizzle),  # (BH, Nq, D) float32
         _row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
         _row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
-        n_q, n_k, scale * LOG2E, scale, **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS)
-    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, *dq3.stride(), n_q, scale, **row_meta)
+        n_q, n_k, n_heads, scale * LOG2E, scale, **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS)
+    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
     return dq, dk, dv
 
 
@@ -97,13 +96,12 @@ def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.
     """Compile the backward's Gluon kernel for `target` without a GPU (see launch.compile_forward)."""
     tiles = tiles or BACKWARD_TILES[head_dim]
     meta = _meta(head_dim, is_causal, tiles)
-    q_type = descriptor_type([1, tiles.block_m, head_dim], dtype)
-    k_type = descriptor_type([1, tiles.block_n, head_dim], dtype)
+    q_type, k_type = (tile_type(rows, head_dim, dtype) for rows in (tiles.block_m, tiles.block_n))
     row_type = descriptor_type([1, tiles.block_m], torch.float32)
     signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": k_type,
                  "dv_desc": k_type,
                  "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32, tiles.dq_swizzle),
-                 "lse_desc": row_type, "delta_desc": row_type, "n_queries": "i32", "n_keys": "i32",
+                 "lse_desc": row_type, "delta_desc": row_type, "n_queries": "i32", "n_keys": "i32", "n_heads": "i32",
                  "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
     source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=meta)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS})

@@ -71,7 +71,7 @@ def test_saves_exactly_one_logsumexp_tensor(function, gen):
 
 def test_explicit_scale_and_noncontiguous_inputs(gen):
     # (B, N, H, D) viewed as (B, H, N, D): strided, as attention layers usually produce it.
-    q, k, v = (torch.randn(2, n, 3, 32, generator=gen).transpose(1, 2) for n in (40, 50, 50))
+    q, k, v = transposed_inputs(gen)
     assert not q.is_contiguous()
     grad_out = torch.randn(2, 3, 40, 32, generator=gen)
     ours = run_with_grads(lambda *a: flash_attn(*a, scale=0.3), q, k, v, False, grad_out)
@@ -102,9 +102,36 @@ def test_large_magnitude_scores(magnitude, device, gen):
         assert max_error(a, b) < grad_tolerance, name
 
 
+def transposed_inputs(gen, device="cpu", dtype=torch.float32, n=(40, 50), heads=3, d=32):
+    """q, k, v as attention layers make them: (B, N, H, D) projections seen as (B, H, N, D)."""
+    return tuple(torch.randn(2, length, heads, d, generator=gen).to(device, dtype).transpose(1, 2)
+                 for length in (n[0], n[1], n[1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_outputs_and_gradients_keep_the_input_layout(device, gen):
+    """O is laid out like q and each gradient like its input (torch.empty_like), as the fakes say:
+    for the transposed projection layout, O.transpose(1, 2).flatten(-2) is then a view."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (x.requires_grad_() for x in transposed_inputs(gen, device, dtype, n=(256, 256), heads=4, d=64))
+    out = flash_attn(q, k, v, True)
+    assert out.stride() == q.stride() and out.transpose(1, 2).flatten(-2)._base is not None
+    out.backward(torch.randn(2, 256, 256, generator=gen).to(device, dtype).unflatten(-1, (4, 64)).transpose(1, 2))
+    for x in (q, k, v):
+        assert x.grad.stride() == x.stride()
+    # The fakes (what torch.compile plans the graph with) promise the same strides.
+    meta = [x.detach().to("meta") for x in (q, k, v)]
+    fake_out, fake_lse = torch.ops.cs336.flash_attn_fwd(*meta, True, 0.125)
+    fake_grads = torch.ops.cs336.flash_attn_bwd(fake_out, *meta, fake_out, fake_lse, True, 0.125)
+    assert [t.stride() for t in (fake_out, *fake_grads)] == [t.stride() for t in (out, q.grad, k.grad, v.grad)]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("op_name", ["flash_attn_fwd", "flash_attn_bwd", "flash_attn"])
-def test_opcheck(op_name, gen):
+def test_opcheck(op_name, layout, gen):
     q, k, v = make_inputs((2,), 33, 20, 16, torch.float32, "cpu", gen)
+    if layout == "transposed":  # real and fake strides must agree for these too
+        q, k, v = (x.requires_grad_() for x in transposed_inputs(gen, n=(33, 20), heads=2, d=16))
     if op_name != "flash_attn":
         # The building blocks are not differentiable themselves: flash_attn and the Functions are.
         q, k, v = q.detach(), k.detach(), v.detach()

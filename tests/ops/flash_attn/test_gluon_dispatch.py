@@ -29,7 +29,7 @@ def hopper(monkeypatch):
     """A pretend sm_90 device; stand-in tensors say themselves whether they are TMA-aligned."""
     capability = {"value": (9, 0)}
     monkeypatch.setattr(gluon, "device_capability", lambda index: capability["value"])
-    monkeypatch.setattr(gluon, "as_bhnd", lambda x: x)
+    monkeypatch.setattr(gluon, "heads_view", lambda x: x)
     monkeypatch.setattr(gluon, "tma_aligned", lambda x: x.aligned)
     monkeypatch.setattr(gluon.triton, "__version__", "3.6.0")
     return capability
