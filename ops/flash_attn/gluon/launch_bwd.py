@@ -35,7 +35,7 @@ class GluonBackwardTiles:
     # Swizzle (bytes) of the float32 dQ tile in shared memory and of its reduction's descriptor. With
     # Triton's default (None: 128) the wgmma-layout store has 2-way bank conflicts, with 32 none
     # (gl.bank_conflicts), but the reduction then goes out in 8-column copies instead of 32-column
-    # ones: not measured yet.
+    # ones: 32 measured 11-14 % slower (8B layer, H200: 96.9 / 99.2 vs 86.9 / 87.1 ms), so None.
     dq_swizzle: int | None = None
 
 
