@@ -36,7 +36,7 @@ GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has 
 # vs 0.218) or tied (64 x 4096 x 64, 2**36: 0.355 vs 0.360).
 GLUON_MIN_WORK = 2**35
 # The backward where it measured faster than the tl backward dispatch.py would pick otherwise
-# (H200, v12 in docs/perf/flash_attention.md): at D = 128 against the two-pass tl kernels (8B layer
+# (H200, v12 in docs/perf/flash_attention_gluon.md): at D = 128 against the two-pass tl kernels (8B layer
 # 92 vs 114 ms, 16 x 4096: 0.50 vs 0.61 ms), except with few rows, where the tl small-grid tiles
 # keep more SMs busy (1 x 16384: 0.71 vs 0.68 ms). At D = 64 the tl one-pass backward stayed ahead.
 GLUON_BACKWARD_HEAD_DIMS = (128,)
@@ -88,7 +88,7 @@ def _large(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The dispatch rule: the Gluon forward where it runs and the problem is large enough for its GPU
-    time to decide (measured faster there, docs/perf/flash_attention.md, v11), unless CS336_GLUON=0."""
+    time to decide (measured faster there, docs/perf/flash_attention_gluon.md, v11), unless CS336_GLUON=0."""
     return _large(q, k) and gluon_forward_supported(q, k, v)
 
 

@@ -43,7 +43,7 @@ class GluonTiles:
     pingpong: bool = False  # consumers take turns to issue their matmuls (kernels_fwd.py)
 
 
-# By head dim, from the v11 sweep on an H200 (docs/perf/flash_attention.md): 128-key tiles won at both
+# By head dim, from the v11 sweep on an H200 (docs/perf/flash_attention_gluon.md): 128-key tiles won at both
 # head dims (64-key tiles +10-15 %); 2 or 3 stages were level at D = 64. Shared memory per CTA:
 # 2 Q tiles + NUM_STAGES K and V tiles (D = 128: 160 KB).
 FORWARD_TILES = {64: GluonTiles(64, 128, 2), 128: GluonTiles(64, 128, 2)}
