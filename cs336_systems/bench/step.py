@@ -3,6 +3,7 @@
     python -m cs336_systems bench step                                   # preset 8b-32k: the leaderboard
     python -m cs336_systems bench step --layers 4 --steps 3              # the 8B widths, 4 layers
     python -m cs336_systems bench step --preset tiny-step --device cpu   # CI: seconds
+    python -m cs336_systems bench step --layers 2 --profile              # + kernel time by category
 
 One step is what the leaderboard times: zero_grad, forward, loss, backward and the AdamW step of
 BasicsTransformerLM with bf16 parameters (built in bf16, no autocast), causal attention. The
@@ -43,6 +44,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
+from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import parse_policy
@@ -95,6 +97,8 @@ class StepBenchConfig:
     """Where to run."""
     matmul_size: int | None = None
     """n of the n^3 bf16 matmul whose rate MFU is measured against; None: 8192 on CUDA, 512 on CPU."""
+    profile: bool = False
+    """After the timed steps, one more under torch.profiler: kernel time by category (kernel_profile.py)."""
 
     def __post_init__(self) -> None:
         self.device = str(pick_device(self.device))
@@ -231,6 +235,8 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
            "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss}
     if config.device_type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
+    if config.profile:
+        row["kernel_ms"] = kernel_times(step, config.device)
     return row
 
 
@@ -313,6 +319,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-w", "--warmup", type=int, default=2, help="untimed steps after the first (default: 2)")
     group.add_argument("--matmul-size", type=int, metavar="N", help="MFU's reference matmul (default: 8192 on CUDA)")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    group.add_argument("--profile", action="store_true",
+                       help="one more step per contender under torch.profiler: kernel time by category, in "
+                            "step.md/json (run two --layers values and subtract for one layer's share)")
     group.add_argument("--out-dir", default="outputs/bench/step", help="where step.{md,json,png} go")
 
 
@@ -325,7 +334,8 @@ def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
     return StepBenchConfig(model=model, batch=preset["batch"], ctx=preset["ctx"],
                            contenders=tuple(args.contenders), ac=args.ac, compile=args.compile,
                            compile_backend=args.compile_backend, compile_mode=args.compile_mode, steps=args.steps,
-                           warmup=args.warmup, device=args.device, matmul_size=args.matmul_size)
+                           warmup=args.warmup, device=args.device, matmul_size=args.matmul_size,
+                           profile=args.profile)
 
 
 def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str, Any]], numbers: dict) -> None:
@@ -341,6 +351,11 @@ def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str
     if any("note" in row for row in rows):
         columns.append("note")
     results.write(args.out_dir, columns=columns)
+    kernels = kernel_table(rows)
+    if kernels:  # appended under the step table: one step's kernel time by category
+        with open(f"{args.out_dir}/step.md", "a") as md:
+            md.write(f"\nKernel time of one step by category (torch.profiler):\n\n{kernels}\n")
+        print(kernels)
     results.plot(args.out_dir, _draw(rows))
 
 

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+from cs336_systems.bench import kernel_profile
 from cs336_systems.bench import step as step_bench
 from cs336_systems.errors import ConfigError
 from cs336_systems.presets import ModelConfig
@@ -49,6 +50,48 @@ def test_every_contender_runs_and_agrees(tmp_path):
 def test_compiled_ours_with_selective_checkpointing(tmp_path):
     (row,) = bench(tmp_path, "--contenders", "ours", "--ac", "selective", "--layers", "2", "--ctx", "16")["rows"]
     assert row["ac"] == "selective" and row["ms_per_step"] > 0
+
+
+def test_profile_reports_kernel_time_by_category(tmp_path):
+    # Compiled (aot_eager on a CPU): our op is then dispatched as cs336::flash_attn_fwd/bwd, which
+    # the profiler names (eager calls skip the dispatcher, ops.triton_utils.eager).
+    result = bench(tmp_path, "--layers", "1", "--ctx", "32", "--contenders", "ours", "stock", "--profile")
+    ours, stock = (row["kernel_ms"] for row in result["rows"])
+    for times in (ours, stock):
+        parts = {label: ms for label, ms in times.items() if label != "total"}
+        assert times["total"] == pytest.approx(sum(parts.values())) and times["matmul"] > 0
+    # On a CPU our op's own time is its self time: the tiled path's aten calls count elsewhere.
+    assert ours["attention forward"] > 0 and ours["attention backward"] > 0
+    assert "attention forward" not in stock  # SDPA's math backend on a CPU: matmuls and pointwise
+    assert "Kernel time of one step by category" in (tmp_path / "step.md").read_text()
+
+
+@pytest.mark.parametrize(("name", "label"), [
+    # from an H200 profile of the 8B step (ours and cuDNN), and CPU operator names
+    ("flash_fwd_ws_kernel", "attention forward"),
+    ("flash_bwd_gluon_kernel", "attention backward"),
+    ("flash_bwd_onepass_preprocess_kernel", "attention backward"),
+    ("flash_bwd_onepass_dq_kernel", "attention backward"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0",
+     "attention forward"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_3_64x128x128_4x1x1_kernel0_0",
+     "attention backward"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4> >(Flash_fwd_params)",
+     "attention forward"),
+    ("nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NNN", "matmul"),
+    ("triton_poi_fused__unsafe_view_add_arange_flash_attn_fwd_index_mul_stack_sub_transpose_unbind_view_1",
+     "fused pointwise (inductor)"),
+    ("lce_rows_kernel", "lm loss"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+     "FusedOptimizerTensorListMetadata<4>, at::native::(anonymous namespace)::FusedAdamMathFunctor", "optimizer"),
+    ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::native::"
+     "direct_copy_kernel_cuda(at::TensorIteratorBase&)", "copy / fill"),
+    ("cs336::flash_attn_bwd", "attention backward"),
+    ("aten::mm", "matmul"),
+    ("aten::add_", "other"),
+])
+def test_kernel_categories(name, label):
+    assert kernel_profile.category(name) == label
 
 
 def test_stock_loss_equals_the_plain_loss():
