@@ -198,22 +198,6 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
 
 
 @gluon.jit
-def _consumer_1(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    _consumer(1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-              HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)
-
-
-@gluon.jit
-def _consumer_0(o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-                HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
-    _consumer(0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-              HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)
-
-
-@gluon.jit
 def flash_fwd_ws_kernel(
     q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
     lse_ptr,  # (BH, Nq) float32, contiguous
@@ -243,11 +227,13 @@ def flash_fwd_ws_kernel(
     bars = (q_ready, k_ready, v_ready, k_empty, v_empty, turn)
 
     # The tuples are written out in the call: a tuple assigned to a variable first turns its
-    # constexprs into int32 scalars (triton 3.6).
+    # constexprs into int32 scalars (triton 3.6). The consumer index (0: the default partition)
+    # stays a constexpr as a literal here; this gives the same instructions as one wrapper function
+    # per consumer did (PTX compared for every head dim, causal, dtype and ping-pong variant).
     gl.warp_specialize([
-        (_consumer_0, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
+        (_consumer, (0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
-        (_consumer_1, (o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
+        (_consumer, (1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
                            BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL)),
