@@ -34,7 +34,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize
 from cs336_systems.errors import ConfigError
-from cs336_systems.parallel.activation_checkpointing import CheckpointedBlocks, apply_activation_checkpointing
+from cs336_systems.parallel.activation_checkpointing import (
+    SELECTIVE_SAVED_MATMULS,
+    CheckpointedBlocks,
+    apply_activation_checkpointing,
+)
 from cs336_systems.presets import VOCAB_SIZE, ModelConfig, get_preset
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.loss import lm_loss
@@ -136,7 +140,8 @@ def block_rows(config: MemoryBenchConfig) -> list[dict[str, Any]]:
     x = torch.randn(config.batch_size, config.context_length, d, device=config.device,
                     dtype=getattr(torch, config.dtype), requires_grad=True)
     for policy in BLOCK_POLICIES:
-        region = block if policy == "none" else CheckpointedBlocks([block], first=0, selective=policy == "selective")
+        region = block if policy == "none" else CheckpointedBlocks(
+            [block], first=0, saved_matmuls=SELECTIVE_SAVED_MATMULS if policy == "selective" else None)
         saved, out = retained_bytes(region, x)
         saved += x.nbytes  # the input, which every policy keeps (made before the tracker started)
         out.sum().backward()

@@ -152,13 +152,17 @@ class CheckpointedBlocks(nn.Module):
     """Consecutive blocks run as one checkpointed region (non-reentrant, so it works eager, compiled
     and under module hooks: a recomputation calls the blocks' modules again, hooks included)."""
 
-    def __init__(self, blocks: list[nn.Module], first: int, selective: bool = False,
-                 saved_matmuls: tuple[str, ...] = SELECTIVE_SAVED_MATMULS) -> None:
+    def __init__(self, blocks: list[nn.Module], first: int, saved_matmuls: tuple[str, ...] | None = None) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(blocks)
         self.first = first  # index in the plain model's layers of blocks[0]
-        self.selective = selective
-        self.saved_matmuls = saved_matmuls  # what `selective` keeps
+        # None: recompute everything (`full`, `every:k`); a tuple: `selective`, keeping the outputs of
+        # the attention op and of these block matmuls (BLOCK_MATMULS names).
+        self.saved_matmuls = saved_matmuls
+
+    @property
+    def selective(self) -> bool:
+        return self.saved_matmuls is not None
 
     def forward(self, x: torch.Tensor, *args) -> torch.Tensor:
         # Built here as a partial: what dynamo accepts as a context_fn under torch.compile.
@@ -174,7 +178,7 @@ class CheckpointedBlocks(nn.Module):
         return x
 
     def extra_repr(self) -> str:
-        return f"first={self.first}, selective={self.selective}"
+        return f"first={self.first}, saved_matmuls={self.saved_matmuls}"
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str | ActivationCheckpointing) -> nn.Module:
@@ -192,8 +196,8 @@ def apply_activation_checkpointing(model: nn.Module, policy: str | ActivationChe
     if any(isinstance(layer, CheckpointedBlocks) for layer in layers):
         raise ValueError("model.layers is already checkpointed")
     k, blocks = policy.group_size, list(layers)
-    model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, selective=policy.mode == "selective",
-                                                    saved_matmuls=policy.saved_matmuls)
+    saved = policy.saved_matmuls if policy.mode == "selective" else None
+    model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, saved_matmuls=saved)
                                  for i in range(0, len(blocks), k))
     model.register_state_dict_post_hook(functools.partial(_plain_names, group_size=k))
     model.register_load_state_dict_pre_hook(functools.partial(_wrapped_names, group_size=k))
