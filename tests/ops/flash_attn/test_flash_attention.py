@@ -162,6 +162,30 @@ def test_compiled_with_inductor(gen):
     assert_close_to_reference(ours, q, k, v, True, grad_out)
 
 
+def test_compiled_attention_layer_with_transposed_layout(gen):
+    """MultiHeadSelfAttention's pattern, inductor-compiled: q, k, v as transposed views of the
+    projections, O read back through .transpose(1, 2).flatten(-2). Inductor lays out the code
+    around the op from the fakes' strides and asserts the kernels' outputs have them (O like q,
+    grads like inputs): a fake saying contiguous fails here."""
+
+    def layer(x, w_qkv, w_o):  # x (B, T, 32) -> (B, T, 32); 2 heads of 16
+        q, k, v = ((x @ w.T).unflatten(-1, (2, 16)).transpose(1, 2) for w in w_qkv)  # (B, H, T, D) views
+        out = flash_attn(q, k, v, True)
+        return out.transpose(1, 2).flatten(-2) @ w_o.T
+
+    x = torch.randn(2, 40, 32, generator=gen)
+    w_qkv, w_o = torch.randn(3, 32, 32, generator=gen) / 6, torch.randn(32, 32, generator=gen) / 6
+    grad = torch.randn(2, 40, 32, generator=gen)
+    results = []
+    for fn in (layer, torch.compile(layer, backend="inductor", fullgraph=True)):
+        inputs = [t.clone().requires_grad_() for t in (x, w_qkv, w_o)]
+        out = fn(*inputs)
+        out.backward(grad)
+        results.append([out, *(t.grad for t in inputs)])
+    for eager, compiled in zip(*results):
+        assert max_error(compiled, eager) < 1e-5
+
+
 @pytest.mark.parametrize("target", ["op", "triton_function"])
 def test_dynamic_compile_has_no_recompiles(target):
     counter = CompileCounterWithBackend("aot_eager")
