@@ -1,7 +1,8 @@
 """Launcher of the tensor-descriptor (TMA) forward, kernels_tma.flash_fwd_tma_kernel, and the
 descriptor helpers that the one-pass backward (launch_onepass) shares.
 
-Same contract as launch.flash_forward: a fresh contiguous O in q.dtype and L float32 (..., Nq).
+Same contract as launch.flash_forward: a fresh contiguous O in q.dtype and L float32 (..., Nq) (the op
+then lays O out like q).
 Callers check `tma_supported(q, k, v)` first and fall back to launch.flash_forward when it is False.
 
 The descriptors are host-side (`triton.tools.tensor_descriptor.TensorDescriptor`, kernel arguments),
