@@ -154,3 +154,38 @@ def test_dispatch_routes_by_the_rule(monkeypatch, direction, use_gluon):
     args = (x, x, x) if direction == "forward" else (x, x, x, x, x, x[..., 0])  # (q, k, v) / (dO, q, k, v, O, L)
     assert getattr(dispatch, entry)(*args, True, 0.125) == ("gluon" if use_gluon else "tl")
     assert calls == ["gluon" if use_gluon else "tl"]
+
+
+# What the Gluon launchers hand their 4-D descriptors (CPU tensors: only shapes, strides and storage).
+LAYOUTS = {
+    "contiguous (B, H, N, D)": lambda: torch.zeros(2, 3, 40, 64),
+    "transposed (B, N, H, D)": lambda: torch.zeros(2, 40, 3, 64).transpose(1, 2),
+    "(BH, N, D)": lambda: torch.zeros(6, 40, 64),
+    "(N, D)": lambda: torch.zeros(40, 64),
+    "(A, B, H, N, D), outer dims merge": lambda: torch.zeros(2, 2, 3, 40, 64),
+}
+
+
+@pytest.mark.parametrize("make", list(LAYOUTS.values()), ids=list(LAYOUTS))
+def test_tma_view_reads_the_usual_layouts_in_place(make):
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    x = make()
+    x4 = launch.tma_view(x)
+    assert x4.dim() == 4 and x4.shape[-2:] == x.shape[-2:] and x4.shape[:2].numel() == x.shape[:-2].numel()
+    assert x4.data_ptr() == x.data_ptr() and torch.equal(x4.reshape(x.shape), x)  # a view: no copy
+    out, out4 = launch.output_like(x)
+    assert out.stride() == torch.empty_like(x).stride() and out4.data_ptr() == out.data_ptr()
+
+
+def test_tma_view_copies_what_tma_cannot_address():
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    zero_strides = torch.ones(()).expand(2, 3, 40, 64)  # the gradient of .sum()
+    x4 = launch.tma_view(zero_strides)
+    assert x4.is_contiguous() and torch.equal(x4, zero_strides)
+    padded = torch.zeros(2, 40, 3, 65)[..., :64].transpose(1, 2)  # rows 65 elements apart: not 16-byte aligned
+    assert launch.tma_view(padded).is_contiguous()
+    out, _ = launch.output_like(padded)  # empty_like makes it dense (permuted), which TMA takes
+    assert out.stride() == torch.empty_like(padded).stride()
+    column_major = torch.zeros(2, 3, 64, 40).transpose(-1, -2)  # D not the innermost dim
+    out, out4 = launch.output_like(column_major)  # empty_like keeps that order: TMA cannot, so contiguous
+    assert out.is_contiguous() and out4.data_ptr() == out.data_ptr()
