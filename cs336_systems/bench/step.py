@@ -350,10 +350,10 @@ def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str
         columns.append("peak_gib")
     if any("note" in row for row in rows):
         columns.append("note")
-    results.write(args.out_dir, columns=columns)
+    out = results.write(args.out_dir, columns=columns)
     kernels = kernel_table(rows)
     if kernels:  # appended under the step table: one step's kernel time by category
-        with open(f"{args.out_dir}/step.md", "a") as md:
+        with open(out / f"{results.name}.md", "a") as md:
             md.write(f"\nKernel time of one step by category (torch.profiler):\n\n{kernels}\n")
         print(kernels)
     results.plot(args.out_dir, _draw(rows))

@@ -56,10 +56,16 @@ def forward_outputs(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def backward_outputs(q, k, v, lse) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor]:
-    """What every backward launcher allocates: fresh (dQ, dK, dV) in the input dtypes, L made
-    contiguous, and room for D = rowsum(O * dO), (..., Nq) float32."""
+    """What every tl backward launcher allocates: fresh contiguous (dQ, dK, dV) in the input dtypes,
+    and `row_buffers(lse)`."""
+    return (_fresh_like(q), _fresh_like(k), _fresh_like(v)), *row_buffers(lse)
+
+
+def row_buffers(lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L made contiguous, room for D = rowsum(O * dO)): the per-row inputs of every backward, (..., Nq)
+    float32."""
     lse = lse.contiguous()
-    return (_fresh_like(q), _fresh_like(k), _fresh_like(v)), lse, torch.empty_like(lse)
+    return lse, torch.empty_like(lse)
 
 
 def _operand(x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:

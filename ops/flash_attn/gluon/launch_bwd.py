@@ -19,7 +19,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from ops.flash_attn.gluon.kernels_bwd import flash_bwd_gluon_kernel
 from ops.flash_attn.gluon.launch import SM90, descriptor, descriptor_type, layout, output_like, tile_type, tma_view
 from ops.flash_attn.kernels import LOG2E
-from ops.flash_attn.launch import heads_view, launch_grid
+from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
 from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
 
 NUM_WARPS = 8  # two warpgroups: 64 key rows each (kernels_bwd.py)
@@ -62,8 +62,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
     batch, n_heads, n_q, head_dim = q4.shape
     bh, n_k = batch * n_heads, k4.shape[2]
-    lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    lse, delta = row_buffers(lse)
     tiles = tiles or BACKWARD_TILES[head_dim]
     dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
