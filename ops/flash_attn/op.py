@@ -47,6 +47,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flash_attn: k and v must have the same length, got {k.shape[-2]} and {v.shape[-2]}")
     if not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
         raise ValueError(f"flash_attn: head dims of q, k, v differ: {q.shape[-1]}, {k.shape[-1]}, {v.shape[-1]}")
+    if q.shape[-1] == 0:  # caught here: the default scale 1/sqrt(D) would divide by zero
+        raise ValueError(f"flash_attn: head dim (q.shape[-1]) must be positive, got shape {tuple(q.shape)}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"flash_attn: head dim (q.shape[-1]) must be <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if q.shape[-2] == 0 or k.shape[-2] == 0:

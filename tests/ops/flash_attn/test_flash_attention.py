@@ -440,3 +440,11 @@ def test_cuda_replayed_launches_match_triton_launches(gen, monkeypatch):
         assert all(b - a >= 2 for a, b in zip(before, after)), "the 2nd and 3rd calls should replay"
         assert all(torch.equal(x, y) for run in runs for x, y in zip(run, expected))
         assert_close_to_reference(runs[-1], q, k, v, True, grad_out)
+
+
+@pytest.mark.parametrize("entry", ["op", "pytorch_function"])
+def test_head_dim_zero_raises_clear_error(entry):
+    """D = 0 is refused by the argument checks, not by a ZeroDivisionError in the default scale 1/sqrt(D)."""
+    q = torch.randn(2, 8, 0)
+    with pytest.raises(ValueError, match="head dim .* must be positive"):
+        IMPLEMENTATIONS[entry](q, q, q, False)
