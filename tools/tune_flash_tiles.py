@@ -1,7 +1,7 @@
-"""Tile-shape search for the FlashAttention-2 kernels (a developer tool; needs CUDA).
+"""Tile-shape search for the FlashAttention-2 kernels (needs CUDA; run from the repository root).
 
-    python -m ops.flash_attn.tune --head-dims 64 128 --out-dir outputs/bench/flash_tune
-    python -m ops.flash_attn.tune --dtype fp32                      # float32 tiles
+    python -m tools.tune_flash_tiles --head-dims 64 128 --out-dir outputs/bench/flash_tune
+    python -m tools.tune_flash_tiles --dtype fp32                      # float32 tiles
 
 For each head dim, every candidate tile shape of each kernel (forward, dK/dV pass, dQ pass, and the
 one-pass backward "onepass") is first checked against fp32 attention on a ragged causal shape, then
@@ -21,18 +21,7 @@ from typing import Any
 
 import torch
 
-
-def time_ms(fn, rep_ms: float) -> float:
-    """Median milliseconds of fn() on the GPU (triton's do_bench: warm-up, events, L2 flush)."""
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
-
-
-def environment() -> dict[str, Any]:
-    import triton
-
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+from cs336_systems.bench.common import environment, time_ms
 
 # (heads, N) per head dim: the issue's target shapes (batch and heads merged; D given by the key).
 TARGETS = {
@@ -122,7 +111,7 @@ def tune(d: int, kind: str, candidates: list[tuple[int, int, int, int]], rep_ms:
             row["rel_error"] = check(kind, blocks, d, dtype)
             for bh, n in TARGETS[d]:
                 q, k, v, do = _inputs(bh, n, d, seed=2, dtype=dtype)
-                row[f"{bh}x{n}"] = time_ms(_runner(kind, blocks, q, k, v, do, d**-0.5), rep_ms)
+                row[f"{bh}x{n}"] = time_ms(_runner(kind, blocks, q, k, v, do, d**-0.5), "cuda", rep_ms=rep_ms)
                 del q, k, v, do
         except Exception as error:  # noqa: BLE001 - e.g. a shape that needs too much shared memory
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:100]}"
@@ -169,7 +158,7 @@ def main() -> None:
             for r in tune(d, kind, candidates[kind], args.rep_ms, dtype)]
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "flash_tune.json").write_text(json.dumps({"meta": environment(), "rows": rows}, indent=1))
+    (out / "flash_tune.json").write_text(json.dumps({"meta": environment("cuda"), "rows": rows}, indent=1))
     print("\n".join(summarize(rows)))
 
 

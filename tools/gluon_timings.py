@@ -1,11 +1,17 @@
-"""One device-machine call for the Gluon kernels: correctness, then timings against the tl kernels and cuDNN
-(forward, and forward + backward through the op: the Gluon backward where dispatch picks it).
+"""The Gluon attention kernels at the op level, against the tl kernels and cuDNN (needs an sm_90 GPU).
 
-    PYTHONUNBUFFERED=1 python3 -m ops.flash_attn.gluon.gpu_check [--sweep] [--skip-tests]
+    python -m tools.gluon_timings              # from the repository root
+    python -m tools.gluon_timings --sweep      # also other forward tiles at the target shapes
+    python -m tools.gluon_timings --pingpong   # A/B the forward's ping-pong setting
 
-Each stage runs in a child process with a time limit, so a kernel that deadlocks on its mbarriers
-costs that limit, not the lease. Rows print as they are measured; the summary table prints last.
-Timings: triton.testing.do_bench medians (ms), bf16, causal, inputs that require grad (as in training).
+For the 8B model's attention layer and the CS336 leaderboard shape: the largest differences of O and L
+between the Gluon and tl forwards, and the times of the forward and of forward + backward through the op
+(the Gluon backward where dispatch picks it); for the smaller shapes that decide the dispatch rule, the
+forward only. Prints one JSON row per shape as it is measured, then a markdown table (ms).
+Timings: triton.testing.do_bench medians, bf16, causal, inputs that require grad (as in training).
+The timings run in a child process under a time limit, so a kernel that deadlocks on its mbarriers costs
+that limit and no more. The CUDA tests of these kernels are tests/ops/flash_attn/test_gluon_cuda.py
+(tools/gpu_check.sh runs them).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-TEST_FILE = "tests/ops/flash_attn/test_gluon_cuda.py"
+ROOT = Path(__file__).resolve().parent.parent
 # (name, batch, heads, N, D): the 8B model's layer and the CS336 leaderboard (16 heads x 16384 x 64, batch 1).
 TARGETS = [("8B", 2, 32, 32768, 128), ("leaderboard", 1, 16, 16384, 64)]
 # Smaller shapes that decide the dispatch rule (forward only).
@@ -26,22 +33,18 @@ RULE_SHAPES = [("64x4096x64", 4, 16, 4096, 64), ("16x4096x128", 1, 16, 4096, 128
                ("1x4096x64", 1, 1, 4096, 64), ("1x2048x64", 1, 1, 2048, 64)]
 
 
-def _child(stage: str, timeout: int, extra: list[str]) -> str:
-    cmd = [sys.executable, "-m", "ops.flash_attn.gluon.gpu_check", "--stage", stage, *extra]
+def _child(timeout: int, extra: list[str]) -> int:
+    """Run the timings in a child process; its exit status (124 when it ran out of time)."""
+    cmd = [sys.executable, "-m", "tools.gluon_timings", "--child", *extra]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        out = run.stdout + run.stderr
-        print(out[-6000:], flush=True)
-        return out
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+        print((run.stdout + run.stderr)[-6000:], flush=True)
+        return run.returncode
     except subprocess.TimeoutExpired as err:
-        out = (err.stdout or b"").decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
-        print(out[-6000:], f"\n!! stage {stage} timed out after {timeout} s", flush=True)
-        return out
-
-
-def _tests(select: str | None) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", TEST_FILE]
-    sys.exit(subprocess.call(cmd + (["-k", select] if select else [])))
+        out = err.stdout.decode() if isinstance(err.stdout, bytes) else (err.stdout or "")
+        print(out[-6000:], f"\n!! timed out after {timeout} s", flush=True)
+        return 124
 
 
 def _set_gluon(on: bool) -> None:
@@ -124,21 +127,14 @@ def _timings(sweep: bool, pingpong: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", choices=["tests", "timings"])
     parser.add_argument("--sweep", action="store_true", help="also time other tiles at the target shapes")
     parser.add_argument("--pingpong", action="store_true", help="A/B the ping-pong setting at the target shapes")
-    parser.add_argument("--tests-k", help="run only the GPU tests matching this pytest -k expression")
-    parser.add_argument("--skip-tests", action="store_true")
-    parser.add_argument("--test-timeout", type=int, default=180)
-    parser.add_argument("--timing-timeout", type=int, default=200)
+    parser.add_argument("--timeout", type=int, default=200, help="seconds the timings may take (default: 200)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.stage == "tests":
-        return _tests(args.tests_k)
-    if args.stage == "timings":
+    if args.child:
         return _timings(args.sweep, args.pingpong)
-    if not args.skip_tests:
-        _child("tests", args.test_timeout, ["--tests-k", args.tests_k] if args.tests_k else [])
-    _child("timings", args.timing_timeout, ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong)
+    sys.exit(_child(args.timeout, ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The check to run on a CUDA machine before trusting or publishing GPU numbers: the CUDA tests, then the
+# standard benchmarks, each part under its own time limit, so one hung part does not take the rest with it.
+#
+#     bash tools/gpu_check.sh [OUT_DIR]        # from the repository root; OUT_DIR: default $OUT, else outputs/gpu_check
+#     PARTS="tests leaderboard" bash tools/gpu_check.sh      # only some parts
+#
+# Parts, in order (PARTS picks and orders them):
+#   tests        pytest -m cuda: the Gluon tests, the other flash-attention tests, then the rest of tests/
+#   attention    bench attention --preset 8b --impls ours sdpa-cudnn: the 8B model's attention layer
+#   leaderboard  bench attention --leaderboard: the CS336 leaderboard shape, ours vs SDPA
+#   profile      bench step --profile at 2 and 4 layers, ours and ours-sdpa: kernel time by category
+#                (the difference of the two tables, halved, is one layer's share)
+#   step         bench step: the CS336 2026 leaderboard step, ours@selective vs stock vs ours-sdpa@selective
+#   gluon        (not in the default list) tools/gluon_timings.py: the Gluon kernels vs tl and cuDNN, op level
+#
+# Prints the GPU and the git revision, each test part's pytest summary line and each benchmark's markdown
+# table; writes OUT_DIR/<part>.log (the full output) and each benchmark's md/json/png under OUT_DIR/<part>/.
+# Exits non-zero if any part failed or ran out of time. Runs `python3` with the repository on PYTHONPATH
+# (PYTHON="uv run python" to use the uv environment). Time limits (seconds) are TIME_<PART> variables.
+set -u
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-${OUT:-outputs/gpu_check}}
+PYTHON=${PYTHON:-python3}
+PARTS=${PARTS:-tests attention leaderboard profile step}
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+mkdir -p "$OUT_DIR"
+NOISE="^W[0-9]\{4\} \|torch/_logging\|context_fn is passed\|in-place ops"
+failed=()
+
+# run NAME SECONDS CMD...: the command under a time limit (SIGINT first, so pytest still prints its summary),
+# its output to OUT_DIR/NAME.log; a non-zero status (124: out of time) marks the part failed.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    timeout -s INT -k 30 "$limit" "$@" > "$OUT_DIR/$name.log" 2>&1
+    local rc=$?
+    if [ $rc -ne 0 ]; then failed+=("$name (exit $rc)"); fi
+    return $rc
+}
+
+tests() {
+    local pytest=($PYTHON -m pytest -m cuda -q -p no:cacheprovider)
+    local gluon=tests/ops/flash_attn/test_gluon_cuda.py
+    run tests_gluon "${TIME_TESTS_GLUON:-300}" "${pytest[@]}" "$gluon"
+    run tests_flash "${TIME_TESTS_FLASH:-300}" "${pytest[@]}" tests/ops/flash_attn --ignore="$gluon"
+    run tests_rest "${TIME_TESTS_REST:-300}" "${pytest[@]}" tests --ignore=tests/ops/flash_attn
+    for part in tests_gluon tests_flash tests_rest; do echo "$part: $(tail -n 1 "$OUT_DIR/$part.log")"; done
+}
+
+# bench NAME SECONDS ARGS...: `python -m cs336_systems bench ARGS --out-dir OUT_DIR/NAME`, then its tables.
+bench() {
+    local name=$1 limit=$2
+    shift 2
+    run "$name" "$limit" $PYTHON -m cs336_systems bench "$@" --out-dir "$OUT_DIR/$name" \
+        || grep -v "$NOISE" "$OUT_DIR/$name.log" | tail -n 15
+    cat "$OUT_DIR/$name"/*.md 2>/dev/null
+}
+
+attention() { bench attention "${TIME_ATTENTION:-120}" attention --preset 8b --impls ours sdpa-cudnn; }
+leaderboard() { bench leaderboard "${TIME_LEADERBOARD:-200}" attention --leaderboard; }
+profile() {
+    for layers in 2 4; do
+        bench "profile_L$layers" "${TIME_PROFILE:-200}" step --layers "$layers" --steps 2 --warmup 1 --profile \
+            --contenders ours ours-sdpa
+    done
+}
+gluon() {
+    run gluon "${TIME_GLUON:-300}" $PYTHON -m tools.gluon_timings --timeout "$((${TIME_GLUON:-300} - 30))"
+    tail -n 14 "$OUT_DIR/gluon.log"
+}
+step() {
+    bench step "${TIME_STEP:-400}" step --steps 3 --warmup 1 --contenders ours@selective stock ours-sdpa@selective
+}
+
+for part in $PARTS; do
+    case $part in
+        tests | attention | leaderboard | profile | step | gluon) ;;
+        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon)" >&2; exit 2 ;;
+    esac
+done
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader || echo "no nvidia-smi"
+echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), results in $OUT_DIR"
+for part in $PARTS; do
+    echo "== $part"
+    "$part"
+done
+if [ ${#failed[@]} -ne 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all parts passed"
