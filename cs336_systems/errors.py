@@ -1,5 +1,59 @@
-"""The one exception type the CLI turns into a one-line message instead of a traceback."""
+"""The one exception type the CLI turns into a one-line message instead of a traceback, and the
+argparse types of float flags, which refuse what float() accepts but no run can use (nan, inf)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
 
 
 class ConfigError(ValueError):
     """Bad user input (flags, presets, files): the message names the offending argument."""
+
+
+BOUNDS: dict[str, Callable[[float], bool]] = {
+    "finite": lambda value: True,
+    "positive": lambda value: value > 0,
+    "non-negative": lambda value: value >= 0,
+}
+"""What a float flag may be besides finite; `check_float`'s `bound`."""
+
+
+def _float_problem(value: float, bound: str) -> str | None:
+    """Why `value` is no valid float of `bound`, or None. nan compares false with everything, so a
+    `value <= 0` check alone lets it through, and inf passes it: both end in a nan loss or a run
+    that never stops, far from the flag."""
+    if math.isfinite(value) and BOUNDS[bound](value):
+        return None
+    return f"must be {'a finite' if bound == 'finite' else f'a finite {bound}'} number, got {value}"
+
+
+def check_float(value: float, flag: str, bound: str = "finite") -> float:
+    """`value` when it is finite and `bound` holds for it; a ConfigError naming `flag` otherwise."""
+    problem = _float_problem(value, bound)
+    if problem:
+        raise ConfigError(f"{flag} {problem}")
+    return value
+
+
+def _float_type(bound: str) -> Callable[[str], float]:
+    """An argparse `type=` that parses a float and applies `check_float`; argparse names the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        problem = _float_problem(value, bound)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = f"{bound}_float"
+    return parse
+
+
+finite_float = _float_type("finite")
+positive_float = _float_type("positive")
+nonnegative_float = _float_type("non-negative")

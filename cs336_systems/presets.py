@@ -15,7 +15,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Any
 
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, check_float, positive_float
 
 VOCAB_SIZE = 10_000
 """Vocabulary size of the CS336 benchmarks (the TinyStories BPE tokenizer's)."""
@@ -115,6 +115,7 @@ class ModelConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"{_flag(name)} must be positive, got {value}")
+        check_float(self.rope_theta, "--rope-theta", "positive")
         if self.d_model % self.num_heads:
             raise ConfigError(
                 f"--d-model {self.d_model} is not divisible by --num-heads {self.num_heads}"
@@ -172,7 +173,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
         group.add_argument(_flag(name), type=int, metavar="N", help=f"{text} (default: the preset's)")
     group.add_argument("--vocab-size", type=int, metavar="N",
                        help="embedding rows (default: train: from the data; bench: 10000)")
-    group.add_argument("--rope-theta", type=float, default=10_000.0, help="RoPE base (default: 10000)")
+    group.add_argument("--rope-theta", type=positive_float, default=10_000.0, help="RoPE base (default: 10000)")
     group.add_argument("--attention", default=default_attention, metavar="NAME",
                        help=f"attention implementation: naive, sdpa, flash (default: {default_attention})")
     group.add_argument("--model-context-length", type=int, metavar="N",

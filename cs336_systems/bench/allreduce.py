@@ -30,7 +30,7 @@ import torch.distributed as dist
 from cs336_systems.bench.common import Results, Stopwatch, environment
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, positive_float
 
 MB = 10**6  # the handout's sizes are decimal megabytes: 1 MB = 250,000 float32
 DEFAULT_NPROC = (2, 4, 6)  # CS336's rank counts
@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nproc", type=int, nargs="+",
                         help=f"rank counts to spawn (default: those of {DEFAULT_NPROC} the machine has cores or "
                              "GPUs for); ignored under torchrun")
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1, 10, 100, 1000],
+    parser.add_argument("--sizes-mb", type=positive_float, nargs="+", default=[1, 10, 100, 1000],
                         help="float32 tensor sizes in MB (default: 1 10 100 1000)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed all-reduces per size")
     parser.add_argument("--iters", type=int, default=5, help="timed all-reduces per size")

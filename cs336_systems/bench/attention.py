@@ -40,7 +40,7 @@ from cs336_systems.bench.common import (
     is_oom,
     time_ms,
 )
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, nonnegative_float, positive_float
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 T = TypeVar("T")
@@ -362,8 +362,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, help="heads (default: 1)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--warmup-ms", type=float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
-    parser.add_argument("--rep-ms", type=float, help="do_bench repetition time (default: 100; leaderboard: 10000)")
+    parser.add_argument("--warmup-ms", type=nonnegative_float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
+    parser.add_argument("--rep-ms", type=positive_float,
+                        help="do_bench repetition time (default: 100; leaderboard: 10000)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--out-dir", default="outputs/bench/attention", help="where .md/.json/.png go")
 

@@ -35,7 +35,7 @@ from torch import nn
 from cs336_systems.bench.common import Results, environment, free_device_memory, is_oom, synchronize
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, positive_float
 from cs336_systems.parallel.ddp import DDPBucketed, DDPIndividualParameters
 from cs336_systems.parallel.ddp_baselines import FlatDDP, NaiveDDP
 from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context-length", type=int, default=defaults.context_length)
     parser.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks to spawn (not under torchrun)")
     parser.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl with CUDA GPUs, else gloo")
-    parser.add_argument("--bucket-sizes-mb", type=float, nargs="+", default=defaults.bucket_sizes_mb)
+    parser.add_argument("--bucket-sizes-mb", type=positive_float, nargs="+", default=defaults.bucket_sizes_mb)
     parser.add_argument("--variants", nargs="+", help="subset to run (default: all; see above)")
     parser.add_argument("--gradient-as-bucket-view", action="store_true",
                         help="gradients as views of the communication buffers (ours and torch DDP)")

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench import common
 from cs336_systems.bench.common import OOM, UNSUPPORTED, Results
+from cs336_systems.errors import nonnegative_float, positive_float
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -148,8 +149,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=list(IMPLEMENTATIONS) if cuda else ["ours", "chunked-checkpoint", "torch"],
                         help=f"contenders: {', '.join(IMPLEMENTATIONS)} (CPU default leaves out compiled)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
-    parser.add_argument("--warmup-ms", type=float, default=100.0, help="do_bench warm-up (default: 100)")
-    parser.add_argument("--rep-ms", type=float, default=1000.0, help="do_bench repetition time (default: 1000)")
+    parser.add_argument("--warmup-ms", type=nonnegative_float, default=100.0, help="do_bench warm-up (default: 100)")
+    parser.add_argument("--rep-ms", type=positive_float, default=1000.0,
+                        help="do_bench repetition time (default: 1000)")
     parser.add_argument("--out-dir", default="outputs/bench", help="where lm_loss.md/.json go")
 
 

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from cs336_systems.distributed.launch import default_backend
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, positive_float
 from cs336_systems.presets import PRESETS, get_preset
 
 MIB = 2**20
@@ -74,7 +74,7 @@ def add_rank_arguments(parser: argparse.ArgumentParser, defaults: RankBenchConfi
     parser.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl with CUDA GPUs, else gloo")
     parser.add_argument("--variants", nargs="+", default=defaults.variants,
                         help=f"subset to run, in order: {', '.join(defaults.VARIANTS)}")
-    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--lr", type=positive_float, default=defaults.lr)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--rounds", type=int, default=defaults.rounds)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, check_float, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.presets import ModelConfig, add_model_arguments, apply_job_preset, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
@@ -70,13 +70,12 @@ class OptimizerConfig:
         if self.implementation not in OPTIMIZER_IMPLEMENTATIONS:
             raise ConfigError(f"--optimizer: unknown implementation {self.implementation!r} "
                               f"(choose from {', '.join(OPTIMIZER_IMPLEMENTATIONS)})")
-        if self.lr <= 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
-        self.min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
-        if not 0 <= self.min_lr <= self.lr:
+        check_float(self.lr, "--lr", "positive")
+        self.min_lr = self.lr / 10 if self.min_lr is None else check_float(self.min_lr, "--min-lr", "non-negative")
+        if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+        check_float(self.weight_decay, "--weight-decay", "non-negative")
+        check_float(self.grad_clip, "--grad-clip", "non-negative")
 
 
 @dataclass(kw_only=True)
@@ -104,8 +103,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.nproc is not None and self.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
-        if not self.bucket_size_mb > 0:
-            raise ConfigError(f"--bucket-size-mb must be positive, got {self.bucket_size_mb}")
+        check_float(self.bucket_size_mb, "--bucket-size-mb", "positive")
         parse_policy(self.activation_checkpointing)  # a ConfigError naming --activation-checkpointing
         if self.fsdp and self.shard_optimizer:
             raise ConfigError("--fsdp and --shard-optimizer are mutually exclusive: FSDP shards the optimizer "
@@ -242,12 +240,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="micro-batches per step (default: %(default)s)")
     group.add_argument("--context-length", type=int,
                        help=f"tokens per sequence (default: {train('context_length')})")
-    group.add_argument("--lr", type=float, default=opt("lr"), help="peak learning rate (default: %(default)s)")
-    group.add_argument("--min-lr", type=float, help="final learning rate (default: lr/10)")
+    group.add_argument("--lr", type=positive_float, default=opt("lr"), help="peak learning rate (default: %(default)s)")
+    group.add_argument("--min-lr", type=nonnegative_float, help="final learning rate (default: lr/10)")
     group.add_argument("--warmup-steps", type=int, help="linear warm-up steps (default: 10%% of --steps)")
-    group.add_argument("--weight-decay", type=float, default=opt("weight_decay"),
+    group.add_argument("--weight-decay", type=nonnegative_float, default=opt("weight_decay"),
                        help="AdamW weight decay (default: %(default)s)")
-    group.add_argument("--grad-clip", type=float, default=opt("grad_clip"),
+    group.add_argument("--grad-clip", type=nonnegative_float, default=opt("grad_clip"),
                        help="max gradient norm, 0 = off (default: %(default)s)")
     group.add_argument("--optimizer", choices=OPTIMIZER_IMPLEMENTATIONS, default=opt("implementation"),
                        help="AdamW code: cs336, torch-fused (CUDA), auto = torch-fused on CUDA (default: %(default)s)")
@@ -262,7 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="shard AdamW's state over the processes (default: on, off with --fsdp)")
     group.add_argument("--fsdp", action="store_true",
                        help="fully sharded data parallel: parameters, gradients and AdamW state sharded")
-    group.add_argument("--bucket-size-mb", type=float, default=par("bucket_size_mb"),
+    group.add_argument("--bucket-size-mb", type=positive_float, default=par("bucket_size_mb"),
                        help="DDP gradient bucket cap (default: %(default)s)")
     group.add_argument("--activation-checkpointing", metavar="POLICY",
                        help="recompute activations in backward: none, full, every:K, selective, selective:NAMES "

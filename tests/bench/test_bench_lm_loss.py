@@ -44,3 +44,31 @@ def test_out_of_memory_becomes_a_row(tmp_path, monkeypatch):
 def test_bad_flags_raise_config_error(tmp_path, argv, message):
     with pytest.raises(ConfigError, match=message):
         run(tmp_path, *argv)
+
+
+def test_negative_rep_ms_is_refused(capsys):
+    parser = argparse.ArgumentParser()
+    lm_loss.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--rep-ms=-1"])
+    assert "argument --rep-ms: must be a finite positive number, got -1.0" in capsys.readouterr().err
+
+
+def test_every_bench_float_flag_refuses_nan_and_inf(capsys):
+    """Every float flag of every benchmark goes through the finite-float argparse types."""
+    from cs336_systems import cli
+
+    seen = set()
+    for name in cli.BENCHMARKS:
+        parser = cli.build_parser(["bench", name])
+        bench = parser._subparsers._group_actions[0].choices["bench"]
+        sub = bench._subparsers._group_actions[0].choices[name]
+        for action in sub._actions:
+            if action.type is float or getattr(action.type, "__name__", "").endswith("_float"):
+                flag = action.option_strings[-1]
+                seen.add(f"{name} {flag}")
+                for value in ("nan", "inf"):
+                    with pytest.raises(SystemExit):
+                        parser.parse_args(["bench", name, f"{flag}={value}"])
+                    assert f"argument {flag}: must be a finite" in capsys.readouterr().err
+    assert {"lm-loss --rep-ms", "attention --warmup-ms", "allreduce --sizes-mb", "ddp --bucket-sizes-mb"} <= seen
