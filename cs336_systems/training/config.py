@@ -1,6 +1,6 @@
 """`train`'s configuration: one @dataclass section per concern, validated on construction, and its flags.
 
-Every check that can fail on user input runs here or in `train.prepare`, before any process or
+Every check that can fail on user input runs here or in `training.command.prepare`, before any process or
 process group exists, and raises a one-line ConfigError naming the flag.
 """
 
