@@ -16,10 +16,14 @@ train like one. Token files are flat arrays of token ids, memory-mapped: `.npy` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import fcntl
 import functools
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cs336_systems.distributed.world import World, run_job
@@ -36,18 +40,16 @@ __all__ = ["TrainConfig", "add_arguments", "config_from_args", "main", "prepare"
 
 
 def with_vocab(model: ModelConfig, data_vocab: int) -> ModelConfig:
-    """`model` with its vocabulary taken from the data, or checked against it."""
-    if model.vocab_size is None:
-        return dataclasses.replace(model, vocab_size=data_vocab)
-    if model.vocab_size < data_vocab:
-        raise ConfigError(f"--vocab-size {model.vocab_size} is smaller than the data's largest token id + 1 "
-                          f"({data_vocab})")
-    return model
+    """`model` with its vocabulary taken from the data when --vocab-size was not given (`load_splits`
+    checked that a given one covers the data)."""
+    return dataclasses.replace(model, vocab_size=data_vocab) if model.vocab_size is None else model
 
 
 def prepare(config: TrainConfig) -> None:
-    """Read and check the data and fix the vocabulary, before any process or process group starts."""
-    _, _, vocab = load_splits(config.data.data, config.data.val_data, config.data.corpus, config.context_length)
+    """Read and check the data, fix the vocabulary and check that the run fits the device's memory,
+    before any process or process group starts."""
+    data = config.data
+    _, _, vocab = load_splits(data.data, data.val_data, data.corpus, config.context_length, config.model.vocab_size)
     config.model = with_vocab(config.model, vocab)
 
 
@@ -58,7 +60,8 @@ def train(config: TrainConfig, hooks: Sequence[MetricsHook] = ()) -> dict[str, A
     """
     start = time.perf_counter()
     prepare(config)
-    summary = run_job(functools.partial(_train_rank, hooks=tuple(hooks)), config)
+    with _job_lock(config, in_worker=False):
+        summary = run_job(functools.partial(_train_rank, hooks=tuple(hooks)), config)
     if summary is not None:
         summary["wall_seconds"] = time.perf_counter() - start
         print(format_summary(config, summary), flush=True)
@@ -72,21 +75,89 @@ def _train_rank(config: TrainConfig, world: World, hooks: tuple[MetricsHook, ...
     from cs336_systems.training.checkpoint import restore_trainer
     from cs336_systems.training.trainer import build_trainer, fit
 
-    trainer = build_trainer(config, world)
-    resumed_from = restore_trainer(trainer) if config.checkpoint.resume else None
-    # From the shape, not the module: an FSDP run's module holds only this rank's shards.
-    model = config.model
-    num_params = model.shape.num_params(model.vocab_size) - model.vocab_size * model.d_model  # no embedding
-    report = Report(config, world, num_params, resumed_from) if world.is_main else None
-    try:
-        timings = fit(trainer, _fan_out([report, *hooks]) if report else None)
-    finally:
-        if report:
-            report.close()
+    with _job_lock(config, in_worker=True, is_main=world.is_main):
+        trainer = build_trainer(config, world)
+        resumed_from = restore_trainer(trainer) if config.checkpoint.resume else None
+        # From the shape, not the module: an FSDP run's module holds only this rank's shards.
+        model = config.model
+        num_params = model.shape.num_params(model.vocab_size) - model.vocab_size * model.d_model  # no embedding
+        report = Report(config, world, num_params, resumed_from) if world.is_main else None
+        try:
+            timings = fit(trainer, _fan_out([report, *hooks]) if report else None)
+        finally:
+            if report:
+                report.close()
     if not world.is_main:
         return None
     return {**summarize(config, report.records, timings), "num_params": num_params, "resumed_from": resumed_from,
             "world_size": world.world_size, "device": world.device.type, "backend": world.backend}
+
+
+# ---------------------------------------------------------------- one job per output directory
+
+
+LOCK_NAME = ".lock"
+"""OUT_DIR/.lock: flock()ed by the job writing OUT_DIR, and holding that process's pid."""
+
+
+def _job_lock(config: TrainConfig, in_worker: bool, is_main: bool = True) -> contextlib.AbstractContextManager:
+    """The OUT_DIR lock, taken by the process that lives as long as the job: the one that launches the
+    workers (or is the only one), or under torchrun, where the agent restarts workers, global rank 0
+    (a restarted rank 0 takes over the lock its killed predecessor's death released)."""
+    if config.out_dir is None or in_worker != config.parallel.torchrun or not is_main:
+        return contextlib.nullcontext()
+    return lock_directory(Path(config.out_dir))
+
+
+@contextlib.contextmanager
+def lock_directory(directory: Path) -> Iterator[None]:
+    """Hold DIRECTORY/.lock exclusively, or raise a ConfigError naming the pid that holds it.
+
+    flock() locks die with their holder's last file descriptor, so the lock of a killed job is free
+    and simply taken over (its file, naming a dead pid, is overwritten). The file is removed on exit
+    while still locked, and a lock taken on a file that was removed meanwhile is taken again on the
+    new one: two jobs can never both hold the lock on different files.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = _acquire(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire(path: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by exec'd children (PEP 446)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            gone = "" if not holder.isdigit() or _alive(int(holder)) else ", no longer running: a process it started"
+            raise ConfigError(f"--out-dir {path.parent} is in use by another job (pid {holder}{gone} holds {path}); "
+                              "wait for it to end or choose another --out-dir") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file we locked was removed by a job that just ended: lock the current one
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 def _fan_out(hooks: Sequence[MetricsHook]) -> MetricsHook:

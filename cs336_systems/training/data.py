@@ -26,39 +26,56 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 def load_tokens(path: str, flag: str) -> np.ndarray:
-    """Memory-map a flat token file; ConfigError naming `flag` when it is missing or malformed."""
+    """Memory-map a flat token file; ConfigError naming `flag` and the file when it is missing, empty,
+    malformed or holds negative ids."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{flag}: no such file: {path}")
     if file.suffix not in (".npy", ".bin"):
         raise ConfigError(f"{flag}: expected a .npy or .bin token file, got {path}")
+    if file.stat().st_size == 0:  # numpy would raise EOFError (.npy) or refuse to map it (.bin)
+        raise ConfigError(f"{flag}: {path} is empty (0 bytes)")
     try:
         tokens = np.load(file, mmap_mode="r") if file.suffix == ".npy" else np.memmap(file, np.uint16, mode="r")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, EOFError) as error:
         raise ConfigError(f"{flag}: cannot read {path}: {str(error).splitlines()[0]}") from None
     if tokens.ndim != 1 or tokens.dtype.kind not in "ui":
-        raise ConfigError(f"{flag}: expected a 1-D array of integer token ids, got {tokens.dtype} {tokens.shape}")
+        raise ConfigError(f"{flag}: expected a 1-D array of integer token ids in {path}, got {tokens.dtype} "
+                          f"{tokens.shape}")
+    if len(tokens) == 0:
+        raise ConfigError(f"{flag}: {path} holds no tokens")
+    # Only signed files can hold negative ids; they would index the embedding from its end, or fail
+    # in the first step with an error that names no file.
+    if tokens.dtype.kind == "i" and (lowest := int(tokens.min())) < 0:
+        raise ConfigError(f"{flag}: {path} holds a negative token id ({lowest}); ids must be >= 0")
     return tokens
 
 
-def load_splits(data: str | None, val_data: str | None, corpus: CorpusConfig,
-                context_length: int) -> tuple[np.ndarray, np.ndarray | None, int]:
+def load_splits(data: str | None, val_data: str | None, corpus: CorpusConfig, context_length: int,
+                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
     """(train tokens, validation tokens or None, smallest vocabulary that covers them), checked.
 
-    `data=None` means the embedded corpus and its validation split.
+    `data=None` means the embedded corpus and its validation split. With `vocab_size` (--vocab-size),
+    every split's ids must be smaller.
     """
     if data is None:
         train, val = load_corpus(corpus)
-        splits, vocab = {"--data": train, "--val-data": val}, CORPUS_VOCAB_SIZE
+        splits = {"--data": ("the embedded corpus", train, CORPUS_VOCAB_SIZE),
+                  "--val-data": ("the embedded corpus", val, CORPUS_VOCAB_SIZE)}
     else:
-        splits = {"--data": load_tokens(data, "--data")}
-        if val_data is not None:
-            splits["--val-data"] = load_tokens(val_data, "--val-data")
-        vocab = 1 + max(int(tokens.max()) for tokens in splits.values() if len(tokens))
-    for flag, tokens in splits.items():
+        splits = {}
+        for flag, path in (("--data", data), ("--val-data", val_data)):
+            if path is not None:
+                tokens = load_tokens(path, flag)
+                splits[flag] = (f"{flag} {path}", tokens, 1 + int(tokens.max()))
+    for flag, (source, tokens, needed) in splits.items():
         if len(tokens) <= context_length:
             raise ConfigError(f"{flag}: {len(tokens)} tokens, too few for --context-length {context_length}")
-    return splits["--data"], splits.get("--val-data"), vocab
+        if vocab_size is not None and vocab_size < needed:
+            raise ConfigError(f"--vocab-size {vocab_size} is smaller than the data's largest token id + 1 "
+                              f"({needed}, in {source})")
+    vocab = max(needed for _, _, needed in splits.values())
+    return splits["--data"][1], splits["--val-data"][1] if "--val-data" in splits else None, vocab
 
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
