@@ -31,7 +31,8 @@ TARGETS = {
     128: [(8, 16384), (16, 4096)],
 }
 # (block_m, block_n, num_warps, num_stages) candidates per kernel: round 2, around round 1's winners
-# (round 1's lists and results are in docs/perf/flash_attention.md).
+# (the winners are in docs/perf/flash_attention.md; both rounds' raw logs, flash_tune_round{1,2}_h100.jsonl, in
+# docs/perf/ before commit 13ee397).
 FORWARD = [(64, 128, 4, 3), (64, 128, 4, 4), (64, 128, 8, 3), (64, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 4),
            (128, 64, 8, 5), (64, 64, 4, 3), (128, 128, 8, 3)]
 DKDV = [(32, 64, 4, 3), (32, 64, 4, 5), (16, 64, 4, 3), (16, 64, 2, 4), (32, 64, 2, 3), (64, 128, 8, 4),
