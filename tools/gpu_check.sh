@@ -79,7 +79,7 @@ for part in $PARTS; do
         *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon)" >&2; exit 2 ;;
     esac
 done
-nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader || echo "no nvidia-smi"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
 echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), results in $OUT_DIR"
 for part in $PARTS; do
     echo "== $part"
