@@ -8,13 +8,18 @@ would import torch per rank and launch, seconds each (over ten on a busy 2-core 
 Under torchrun the environment already names rank and world size: `init_from_env()` reads it; it is
 the one path from environment variables to a process group (spawned ranks take it too).
 `run_on_ranks(fn, nproc, backend)` runs `fn` under torchrun or on spawned ranks, whichever applies.
+Spawned ranks die with the launching process (`_die_with_launcher`): killing it ends the job.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import select
+import signal
 import socket
+import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from cs336_systems.errors import ConfigError
 
 # A collective that waits longer than this is a bug (a rank that never joined), not slowness:
 # fail loudly instead of hanging CI for the default 30 minutes.
@@ -60,7 +67,38 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     return rank, world_size
 
 
-def _worker(rank, world_size, port, backend, fn, args, results, environ) -> None:
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (a zombie counts, until it is reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def _die_with_launcher(launcher: int) -> None:
+    """SIGKILL this worker as soon as the launching process exits, so that no worker outlives it.
+
+    Neither the worker's parent, the forkserver, nor PR_SET_PDEATHSIG can do it: every worker holds
+    the forkserver's liveness pipe, so the forkserver lives as long as any worker. A daemon thread
+    waits on a pidfd of the launcher (readable once it has exited; Linux >= 5.3), or else polls it.
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(launcher)  # ProcessLookupError: already gone
+            select.select([fd], [], [])
+        except (AttributeError, OSError):
+            while pid_alive(launcher):
+                time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="launcher-watchdog", daemon=True).start()
+
+
+def _worker(rank, world_size, port, backend, fn, args, results, environ, launcher) -> None:
+    _die_with_launcher(launcher)
     # The forkserver's environment is the parent's as it was when the server started: bring it up to date.
     os.environ.update(
         environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -71,6 +109,8 @@ def _worker(rank, world_size, port, backend, fn, args, results, environ) -> None
     try:
         init_from_env(backend)
         results.put((rank, True, fn(*args)))
+    except ConfigError as error:  # bad input: the launcher raises it as it is, one line
+        results.put((rank, False, error))
     except BaseException as error:  # noqa: BLE001 - report every failure to the parent
         results.put((rank, False, f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     finally:
@@ -82,7 +122,8 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | N
     """Run `fn(*args)` on `world_size` local ranks; return their results in rank order.
 
     `fn` must be picklable (a module-level function). If any rank raises, this raises a
-    RuntimeError carrying every failing rank's traceback.
+    RuntimeError carrying every failing rank's traceback, or, when a rank raised a ConfigError (bad
+    input), the lowest such rank's ConfigError.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -96,13 +137,17 @@ def launch(fn: Callable[..., Any], world_size: int, *args: Any, backend: str | N
     results = ctx.SimpleQueue()
     port = find_free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results, dict(os.environ)))
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, fn, args, results, dict(os.environ),
+                                            os.getpid()))
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     outcomes = _collect(procs, results, world_size)
     failures = [f"rank {r}: {value}" for r, (ok, value) in sorted(outcomes.items()) if not ok]
+    config_errors = [value for _, (ok, value) in sorted(outcomes.items()) if isinstance(value, ConfigError)]
+    if config_errors:
+        raise config_errors[0]
     if failures:
         raise RuntimeError("distributed launch failed\n" + "\n".join(failures))
     return [outcomes[r][1] for r in range(world_size)]

@@ -1,9 +1,12 @@
 """Training checkpoints: atomic writes, the newest readable one on load, and RNG state capture.
 
-A checkpoint is one file, `DIR/step_{step:08d}.pt`, written by rank 0 to `*.pt.tmp` and renamed into
-place (os.replace is atomic), so a crash mid-write leaves the previous checkpoints untouched; only
-after the new file is complete are checkpoints beyond the newest `keep` deleted. The file holds
-only tensors and plain containers, so it loads with `torch.load(weights_only=True)`:
+A checkpoint is one file, `DIR/step_{step:08d}.pt`, written by rank 0 to `*.pt.tmp`, fsynced and renamed
+into place (os.replace is atomic; the directory is fsynced after it), so no moment shows a partial
+`step_*.pt` and a crash mid-write leaves the previous checkpoints untouched. Pruning runs only after
+the new file has been read back as a checkpoint, and deletes only checkpoints of earlier steps beyond
+the newest `keep`: the file just verified is never deleted, nor is a newer-numbered file left by
+another run (a damaged one is skipped on load; a good one is replaced when training reaches its
+step). The file holds only tensors and plain containers, so it loads with `torch.load(weights_only=True)`:
 
     {"format": FORMAT, "step": int,
      "model": model.state_dict(),                   # FSDP runs: the full tensors, gathered (any world size)
@@ -34,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from cs336_systems.distributed.collectives import barrier, gather_from_ranks
+from cs336_systems.errors import ConfigError
 
 if TYPE_CHECKING:
     from cs336_systems.distributed.world import World
@@ -61,8 +65,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def step_of(path: Path) -> int:
+    """The step a checkpoint file's name says it holds."""
+    return int(_NAME.fullmatch(path.name).group(1))
+
+
 def save(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write `state` as the checkpoint of `step` atomically, then prune to the newest `keep`."""
+    """Write `state` as the checkpoint of `step` atomically; once it reads back, prune older ones to `keep` in all."""
     directory.mkdir(parents=True, exist_ok=True)
     path = checkpoint_path(directory, step)
     tmp = path.with_name(path.name + ".tmp")
@@ -71,14 +80,39 @@ def save(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
         file.flush()
         os.fsync(file.fileno())  # the bytes are on disk before the rename makes them visible
     os.replace(tmp, path)
-    for old in list_checkpoints(directory)[:-keep]:
+    _fsync_directory(directory)  # the rename itself survives a power loss
+    try:
+        verify(path)
+    except Exception as error:  # noqa: BLE001 - whatever went wrong, the older checkpoints are the fallback
+        print(f"warning: checkpoint {path} does not load back ({_reason(error)}); no older checkpoint deleted",
+              file=sys.stderr, flush=True)
+        return path
+    older = [p for p in list_checkpoints(directory) if step_of(p) < step]
+    for old in older[: max(0, len(older) - (keep - 1))]:
         old.unlink()
+    _fsync_directory(directory)
     return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path: Path) -> None:
+    """Raise unless `path` is a complete checkpoint; memory-maps it, so the tensors' bytes are not read."""
+    _check(torch.load(path, map_location="cpu", weights_only=True, mmap=True))
 
 
 def load(path: Path) -> dict[str, Any]:
     """One checkpoint file, checked to be complete; raises on anything unreadable."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return _check(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _check(state: Any) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in state] if isinstance(state, dict) else REQUIRED_KEYS
     if missing:
         raise ValueError(f"not a training checkpoint (missing {', '.join(missing)})")
@@ -187,7 +221,9 @@ def _full_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
 def restore_trainer(trainer: Trainer) -> int | None:
     """Load the newest readable checkpoint into `trainer` on every rank; its step, or None if there is none.
 
-    Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which.
+    Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which. A checkpoint
+beyond --steps is a ConfigError, raised before anything is restored or written: the run never
+trains past --steps, and a shorter --steps must not make it prune the longer run's checkpoints.
     """
     world = trainer.world
     choice: list[Any] = [None, None]  # [path, error]
@@ -205,6 +241,9 @@ def restore_trainer(trainer: Trainer) -> int | None:
     if choice[0] is None:
         return None
     state = found[1] if found else load(Path(choice[0]))  # rank 0 has it loaded already
+    if state["step"] > trainer.config.steps:  # every rank raises: none waits in a collective for the others
+        raise ConfigError(f"--steps {trainer.config.steps} is below step {state['step']} of the checkpoint to resume "
+                          f"({choice[0]}): pass --steps {state['step']} or more, or another --out-dir")
     if (fsdp := _fsdp(trainer)) is not None:  # each rank keeps its slices of the full tensors
         fsdp.load_full_state_dict(state["model"])
         fsdp.load_full_optim_state_dict(trainer.optimizer, state["optimizer"])

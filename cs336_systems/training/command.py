@@ -26,6 +26,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cs336_systems.distributed.launch import pid_alive
 from cs336_systems.distributed.world import World, run_job
 from cs336_systems.errors import ConfigError
 from cs336_systems.presets import ModelConfig
@@ -136,7 +137,7 @@ def _acquire(path: Path) -> int:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            gone = "" if not holder.isdigit() or _alive(int(holder)) else ", no longer running: a process it started"
+            gone = "" if not holder.isdigit() or pid_alive(int(holder)) else ", no longer running: a process it started"
             raise ConfigError(f"--out-dir {path.parent} is in use by another job (pid {holder}{gone} holds {path}); "
                               "wait for it to end or choose another --out-dir") from None
         try:
@@ -148,16 +149,6 @@ def _acquire(path: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
 
 
 def _fan_out(hooks: Sequence[MetricsHook]) -> MetricsHook:

@@ -26,7 +26,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,12 +174,42 @@ def _maybe_die(trainer: Trainer) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+@contextlib.contextmanager
+def deterministic_kernels(device: torch.device) -> Iterator[None]:
+    """On CPU, torch's deterministic kernels, so that equal runs give equal bits whatever the thread count.
+
+    The embedding lookup's backward (index_put_ with accumulate) otherwise adds the rows of repeated
+    tokens from several threads with float atomics, in an order that changes from run to run. Not on
+    CUDA: there the mode makes cuBLAS raise without CUBLAS_WORKSPACE_CONFIG and leaves the attention
+    and loss kernels as they are, so it would promise what it cannot keep. torch.empty() is not
+    NaN-filled (the mode's default): results, not uninitialised memory, are what must be deterministic.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.utils.deterministic.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.utils.deterministic.fill_uninitialized_memory = saved[2]
+
+
 def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
-    """Train from `trainer.step` to config.steps; `emit` (None: drop) gets every record.
+    """Train from `trainer.step` to config.steps (nothing when it is there already); `emit` (None:
+    drop) gets every record. On CPU, with deterministic kernels (`deterministic_kernels`).
 
     Returns the steps taken and seconds of training, communication (mean over ranks; part of
     training) and checkpointing.
     """
+    with deterministic_kernels(trainer.world.device):
+        return _loop(trainer, emit)
+
+
+def _loop(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
     config, world = trainer.config, trainer.world
     tokens_per_step = config.batch_size * config.context_length
     emit = emit or (lambda record: None)
@@ -189,10 +219,10 @@ def fit(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
     while True:
         step = trainer.step
         # Decided from the config alone: every rank must join evaluate()'s all-reduce.
-        if trainer.val_batches is not None and (step % config.eval_every == 0 or step == config.steps):
+        if trainer.val_batches is not None and (step % config.eval_every == 0 or step >= config.steps):
             with clock.paused():
                 emit({"kind": "eval", "step": step, "val_loss": evaluate(trainer)})
-        if step == config.steps:
+        if step >= config.steps:  # `>=`: a trainer that starts past the end trains nothing
             break
         try:
             loss = train_step(trainer)

@@ -70,3 +70,40 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     torch.testing.assert_close(torch.rand(3), expected[0], rtol=0, atol=0)
     np.testing.assert_array_equal(np.random.standard_normal(4), expected[1])
     assert random.random() == expected[2]
+
+
+def test_pruning_keeps_newer_numbered_files_and_deletes_only_older_ones(tmp_path):
+    """A resumed run saving step 5 next to a damaged step 6 keeps 5 (just verified) and leaves 6 alone."""
+    for step in (2, 4, 6):
+        checkpoint.save(tmp_path, step, _state(step), keep=5)
+    checkpoint.checkpoint_path(tmp_path, 6).write_bytes(b"damaged")
+    checkpoint.save(tmp_path, 5, _state(5), keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000005.pt", "step_00000006.pt"]
+    checkpoint.save(tmp_path, 6, _state(6), keep=2)  # replaces the damaged file, then prunes as usual
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000005.pt", "step_00000006.pt"]
+    assert checkpoint.load_newest(tmp_path)[1]["step"] == 6
+
+
+def test_a_save_that_does_not_load_back_deletes_nothing(tmp_path, monkeypatch, capsys):
+    checkpoint.save(tmp_path, 2, _state(2), keep=1)
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda state, file: real_save({"step": 4}, file))  # written, but not whole
+    checkpoint.save(tmp_path, 4, _state(4), keep=1)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002.pt", "step_00000004.pt"]
+    err = capsys.readouterr().err
+    assert "step_00000004.pt does not load back" in err and err.count("\n") == 1
+
+
+def test_no_moment_shows_a_partial_checkpoint(tmp_path, monkeypatch):
+    """While the new file is written, the directory's checkpoints are the old, complete ones."""
+    checkpoint.save(tmp_path, 2, _state(2), keep=1)
+    real_save, seen = torch.save, []
+
+    def save_and_look(state, file):
+        real_save(state, file)
+        seen.append([p.name for p in checkpoint.list_checkpoints(tmp_path)])
+
+    monkeypatch.setattr(torch, "save", save_and_look)
+    checkpoint.save(tmp_path, 4, _state(4), keep=1)
+    assert seen == [["step_00000002.pt"]]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000004.pt"]
