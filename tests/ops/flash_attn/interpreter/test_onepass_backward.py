@@ -6,7 +6,8 @@ shapes cross tile edges, hit ragged last tiles of both queries and keys, and the
 
 import pytest
 import torch
-from flash_helpers import assert_close_to_reference, max_error, reference_with_grads
+from flash_helpers import assert_close_to_reference, reference_with_grads
+from numerics import assert_within_oracle
 
 from ops.flash_attn import launch
 from ops.flash_attn.launch_onepass import flash_backward_onepass
@@ -42,8 +43,9 @@ def test_onepass_matches_two_pass(causal):
     out, lse = launch.flash_forward(q, k, v, causal, 0.3)
     onepass = flash_backward_onepass(grad_out, q, k, v, out, lse, causal, 0.3)
     two_pass = launch.flash_backward(grad_out, q, k, v, out, lse, causal, 0.3)
-    for name, a, b in zip(("dQ", "dK", "dV"), onepass, two_pass):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+    exact = reference_with_grads(q, k, v, causal, grad_out)
+    for name, a, b, e in zip(("dQ", "dK", "dV"), onepass, two_pass, exact[1:4]):
+        assert_within_oracle(name, a, b, e)  # one-pass errs at most 2x what the two-pass kernels do
 
 
 def test_any_strides():
@@ -65,6 +67,7 @@ def test_padded_keys_do_not_poison_dq():
     v = torch.randn(1, 19, 16, generator=gen)
     grad_out = torch.randn(q.shape, generator=gen)
     _, dq, dk, dv = _onepass(q, k, v, False, grad_out)
-    _, dq_ref, dk_ref, dv_ref, _ = reference_with_grads(q, k, v, False, grad_out)
-    for name, a, b in zip(("dQ", "dK", "dV"), (dq, dk, dv), (dq_ref, dk_ref, dv_ref)):
-        assert max_error(a, b) <= 1e-3 * b.abs().max().item(), f"{name}: max error {max_error(a, b):.2e}"
+    exact = reference_with_grads(q, k, v, False, grad_out)
+    low = reference_with_grads(q, k, v, False, grad_out, dtype=torch.float32)
+    for name, a, lo, b in zip(("dQ", "dK", "dV"), (dq, dk, dv), low[1:4], exact[1:4]):
+        assert_within_oracle(name, a, lo, b)
