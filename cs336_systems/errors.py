@@ -4,12 +4,26 @@ argparse types of float flags, which refuse what float() accepts but no run can 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 
 
 class ConfigError(ValueError):
     """Bad user input (flags, presets, files): the message names the offending argument."""
+
+
+@contextlib.contextmanager
+def flags_renamed(names: dict[str, str]) -> Iterator[None]:
+    """ConfigErrors raised inside name the caller's flags: `names` maps the flags of the config that
+    checks the values (train's `--num-heads`) to those of the command that set them (`bench step
+    --heads`), so a command that maps its flags onto another's config still reports its own."""
+    try:
+        yield
+    except ConfigError as error:
+        message = re.sub(r"--[a-z0-9][a-z0-9-]*", lambda flag: names.get(flag.group(), flag.group()), str(error))
+        raise ConfigError(message) from None
 
 
 BOUNDS: dict[str, Callable[[float], bool]] = {

@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import (
     SELECTIVE_SAVED_MATMULS,
     CheckpointedBlocks,
@@ -237,8 +237,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     get_preset(args.preset)
-    model = ModelConfig(preset=args.preset, num_layers=args.layers, vocab_size=args.vocab_size,
-                        context_length=args.context_length, attention=args.attention)
+    with flags_renamed({"--num-layers": "--layers"}):  # ModelConfig names train's flags
+        model = ModelConfig(preset=args.preset, num_layers=args.layers, vocab_size=args.vocab_size,
+                            context_length=args.context_length, attention=args.attention)
     config = MemoryBenchConfig(model=model, batch_size=args.batch_size, context_length=args.context_length,
                                device=args.device, dtype=args.dtype,
                                group_sizes=tuple(args.group_sizes) if args.group_sizes else None)

@@ -32,6 +32,7 @@ runs out of memory becomes an OOM row naming the options that reduce memory.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import statistics
 import time
@@ -46,12 +47,13 @@ from torch.utils.checkpoint import checkpoint
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
 from cs336_systems.presets import JOB_PRESETS, ModelConfig
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.loss import lm_loss
+from cs336_systems.training.memory_plan import available_bytes, check_fits, estimate, largest_fitting
 from cs336_systems.training.optim import adamw
 from cs336_systems.training.report import training_flops
 
@@ -67,6 +69,10 @@ STOCK_LOSS_CHUNK = 8192
 """Tokens per checkpointed LM-head + cross-entropy chunk of the stock recipe."""
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 OOM_ADVICE = "reduce memory: --ac full (or every:K), a smaller --batch or --ctx"
+TRAIN_FLAGS = {"--num-layers": "--layers", "--num-heads": "--heads", "--vocab-size": "--vocab",
+               "--context-length": "--ctx", "--model-context-length": "--ctx", "--batch-size": "--batch",
+               "--activation-checkpointing": "--ac"}
+"""train's flag names (in the errors of ModelConfig and the checkpointing policies) -> this command's."""
 
 
 @dataclass(kw_only=True)
@@ -257,6 +263,7 @@ def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[st
     """Every contender's row (an OOM row where one runs out of memory) and the run's numbers;
     `on_row(rows, numbers)` after each contender (main writes the results so far: a long run that
     is stopped keeps them)."""
+    check_memory(config)
     flops = step_flops(config.model, config.batch, config.ctx)
     rate = matmul_tflops(config.matmul_size, config.device)
     print(f"{flops / 1e12:.4g} TFLOP per step; bf16 {config.matmul_size}^3 matmul: {rate:.4g} TFLOP/s", flush=True)
@@ -280,6 +287,28 @@ def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[st
         if on_row is not None:
             on_row(rows, numbers)
     return rows, numbers
+
+
+def check_memory(config: StepBenchConfig, available: int | None = None) -> None:
+    """Refuse, before anything is built, a contender whose memory floor (training/memory_plan.py: bf16
+    parameters, gradients and AdamW state, its checkpointing's activations) exceeds the device's memory,
+    `available` bytes (default: what is free now). On a CPU running out of memory kills the process."""
+    available = available_bytes(config.device) if available is None else available
+    model = config.model
+
+    def floor(contender: str, layers: int):
+        policy = "full" if contender_base(contender) == "stock" else config.policy(contender)
+        shape = dataclasses.replace(model.shape, num_layers=layers)
+        return estimate(shape, model.vocab_size, tokens=config.batch * config.ctx, param_bytes=2, activation_bytes=2,
+                        policy=policy)
+
+    for name in config.contenders:
+        layers = largest_fitting({str(k): floor(name, k) for k in range(1, model.num_layers)}, available)
+        advice = f"--layers {layers} fits; or" if layers else "reduce memory:"
+        what = (f"--contenders {name} ({model.shape.num_params(model.vocab_size) / 1e9:.3g} B parameters, "
+                f"--batch {config.batch} x --ctx {config.ctx})")
+        check_fits(floor(name, model.num_layers), available, what,
+                   f"{advice} --ac full, a smaller --batch or --ctx, or leave {name} out of --contenders")
 
 
 def _draw(rows: list[dict[str, Any]]):
@@ -326,6 +355,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> StepBenchConfig:
+    with flags_renamed(TRAIN_FLAGS):
+        return _config_from_args(args)
+
+
+def _config_from_args(args: argparse.Namespace) -> StepBenchConfig:
     preset = {key: value if getattr(args, key) is None else getattr(args, key)
               for key, value in STEP_PRESETS[args.preset].items() if key != "model"}
     ctx = max(preset["ctx"], 1)  # the model's RoPE table; a bad --ctx is reported by StepBenchConfig

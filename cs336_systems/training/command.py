@@ -32,6 +32,7 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.presets import ModelConfig
 from cs336_systems.training.config import TrainConfig, add_arguments, config_from_args
 from cs336_systems.training.data import load_splits
+from cs336_systems.training.memory_plan import check_train_memory
 from cs336_systems.training.report import Report, format_summary, summarize
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ def prepare(config: TrainConfig) -> None:
     data = config.data
     _, _, vocab = load_splits(data.data, data.val_data, data.corpus, config.context_length, config.model.vocab_size)
     config.model = with_vocab(config.model, vocab)
+    check_train_memory(config)
 
 
 def train(config: TrainConfig, hooks: Sequence[MetricsHook] = ()) -> dict[str, Any] | None:

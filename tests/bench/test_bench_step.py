@@ -159,9 +159,33 @@ def test_8b_32k_preset_resolves_without_building():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--ac", "sometimes"], "--activation-checkpointing"), (["--contenders", "fast"], "--contenders"),
+    (["--ac", "sometimes"], "--ac:"), (["--contenders", "fast"], "--contenders"),
     (["--steps", "0"], "--steps"), (["--ctx", "0"], "--ctx"),
 ])
 def test_bad_input_names_the_flag(argv, flag):
     with pytest.raises(ConfigError, match=flag):
         step_bench.config_from_args(parse(*argv))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ac", "sometimes"], "--ac: unknown policy"), (["--heads", "3"], "not divisible by --heads 3"),
+    (["--vocab", "0"], "--vocab must be positive"), (["--layers", "0"], "--layers must be positive"),
+])
+def test_errors_name_the_bench_flags_not_trains(argv, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        step_bench.config_from_args(parse(*argv))
+    assert not any(name in str(error.value) for name in step_bench.TRAIN_FLAGS), str(error.value)
+
+
+def test_a_contender_too_big_for_memory_is_refused_before_building(monkeypatch):
+    """The default 8b-32k on a machine with 16 GiB: refused from the memory floor (training/memory_plan.py),
+    naming what fits, before any tensor exists."""
+    config = step_bench.config_from_args(parse("--preset", "8b-32k", "--contenders", "stock", "ours"))
+    monkeypatch.setattr(step_bench, "matmul_tflops", lambda *args: pytest.fail("ran despite the refusal"))
+    monkeypatch.setattr(step_bench, "available_bytes", lambda device: 16 * 2**30)
+    with pytest.raises(ConfigError, match=r"^--contenders stock \(8.13 B parameters.*needs at least .* GiB.*"
+                                          r"16 GiB available; --layers \d+ fits; or --ac full"):
+        step_bench.run(config)
+    step_bench.check_memory(config, available=2**40)  # a terabyte: both fit
+    with pytest.raises(ConfigError, match="--contenders ours .* leave ours out of --contenders"):
+        step_bench.check_memory(config, available=70 * 2**30)  # stock (full) fits, ours (selective) does not

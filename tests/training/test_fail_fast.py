@@ -12,8 +12,9 @@ from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.errors import ConfigError
-from cs336_systems.training import command
-from cs336_systems.training.config import OptimizerConfig
+from cs336_systems.presets import PRESETS
+from cs336_systems.training import command, memory_plan
+from cs336_systems.training.config import OptimizerConfig, config_from_args
 
 
 def float_flags(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
@@ -94,3 +95,65 @@ def test_vocab_size_smaller_than_a_files_ids_names_the_file(tmp_path, capsys, no
     path = write_tokens(tmp_path / "tokens.npy", GOOD)
     assert cli.main([*TINY, "--data", path, "--vocab-size", "20", "--out-dir", str(tmp_path / "out")]) == 2
     assert_cli_error(capsys, "--vocab-size 20", "(50, in --data " + path)
+
+
+# ---------------------------------------------------------------- memory
+
+GIB = 2**30
+
+
+def test_memory_floor_counts_parameters_state_and_activations():
+    shape = PRESETS["tiny"]  # d 64, d_ff 256, 2 layers
+    n = shape.num_params(100)
+    plan = memory_plan.estimate(shape, 100, tokens=10, param_bytes=4, activation_bytes=4, policy="none")
+    kept = 6 + 2 * 256 / 64  # q, k, v, O, output projection, input + w1, w3 (d_ff wide), per token and block
+    assert (plan.parameters, plan.gradients, plan.optimizer) == (4 * n, 4 * n, 8 * n)
+    assert plan.activations == 10 * 64 * 2 * kept * 4
+    assert plan.per_process == plan.parameters + plan.optimizer + max(plan.gradients, plan.activations)
+    full = memory_plan.estimate(shape, 100, tokens=10, param_bytes=4, activation_bytes=4, policy="full")
+    assert full.activations == 10 * 64 * (2 * 1 + kept) * 4  # the inputs, and one block re-run in backward
+    unfused = memory_plan.estimate(shape, 100, tokens=10, param_bytes=4, activation_bytes=4, policy="none",
+                                   fused_loss=False)
+    assert unfused.activations == plan.activations + 10 * 100 * 4  # the logits
+
+
+def test_memory_floor_divides_what_is_sharded():
+    shape, kwargs = PRESETS["tiny"], dict(tokens=10, param_bytes=2, activation_bytes=2, policy="full")
+    one = memory_plan.estimate(shape, 100, **kwargs)
+    zero1 = memory_plan.estimate(shape, 100, world_size=4, shard_optimizer=True, **kwargs)
+    fsdp = memory_plan.estimate(shape, 100, world_size=4, fsdp=True, **kwargs)
+    assert (zero1.parameters, zero1.optimizer) == (one.parameters, one.optimizer // 4)
+    assert (fsdp.parameters, fsdp.gradients, fsdp.optimizer) == (one.parameters // 4, one.gradients // 4,
+                                                                 one.optimizer // 4)
+
+
+@pytest.mark.parametrize("policy, measured_gib", [("selective", 107), ("full", 76)])
+def test_memory_floor_of_the_8b_32k_step_is_under_its_measured_peak(policy, measured_gib):
+    """The leaderboard step on one H200 (docs/perf/train_step.md): a floor, so under what was measured,
+    and over the 60 GiB of bf16 parameters, gradients and AdamW state alone."""
+    plan = memory_plan.estimate(PRESETS["8b"], 151_936, tokens=2 * 32_768, param_bytes=2, activation_bytes=2,
+                                policy=policy)
+    assert 60 < plan.total / GIB < measured_gib
+
+
+def train_config(*argv: str):
+    return config_from_args(cli.build_parser(["train"]).parse_args(["train", *argv]))
+
+
+def test_a_run_too_big_for_memory_is_one_line_before_any_allocation(tmp_path, capsys, no_job, monkeypatch):
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device, processes=1: 16 * GIB)
+    out_dir = tmp_path / "out"
+    argv = ["train", "--preset", "8b-32k", "--device", "cpu", "--nproc", "1", "--out-dir", str(out_dir)]
+    assert cli.main(argv) == 2
+    assert_cli_error(capsys, "8.13 B parameters", "needs at least 84.1 GiB", "16 GiB available",
+                     "--preset medium fits", "--activation-checkpointing full")
+    assert not out_dir.exists()
+
+
+def test_a_run_that_fits_passes_the_memory_check(monkeypatch):
+    config = train_config("--preset", "tiny", "--device", "cpu", "--nproc", "2", "--vocab-size", "256")
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device, processes=1: GIB)
+    memory_plan.check_train_memory(config)
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device, processes=1: 2**20)
+    with pytest.raises(ConfigError, match="2 processes x .* lower memory with .*--nproc 1"):
+        memory_plan.check_train_memory(config)

@@ -1,0 +1,175 @@
+"""How much memory a training step needs at least, checked against the device before anything is allocated.
+
+An 8B model on a laptop used to run for two minutes, print nothing and be killed by the kernel; now
+`train` (from `prepare`) and `bench step` refuse it in one line. The estimate is a floor, per process:
+
+    parameters + AdamW state + max(gradients, activations)
+
+- parameters N values, gradients N, AdamW state 2 N (exp_avg, exp_avg_sq), all in the parameter dtype;
+  FSDP divides all three by the processes, a sharded optimizer divides the AdamW state. Gradients do not
+  exist during the forward (zero_grad sets them to None), activations are gone after the backward: the
+  peak holds one or the other, plus what lives across steps.
+- activations: tokens per forward x layers x the values per token and block that the checkpointing
+  policy keeps (`kept_per_token`), plus one checkpointed group's recomputation in the backward, plus the
+  logits when the loss is not fused. The counts are what backward needs that only a matmul can remake
+  (a compiler recomputes norms and pointwise work, eager keeps them too: docs/activation_checkpointing.md
+  measured 36 d_model per token and block for `none` where this counts 6 + 2 d_ff/d_model).
+
+Not counted: the allocator's slack, DDP's gradient buckets, FSDP's gathered layers, compiler workspaces,
+temporaries. A run under the floor can still run out of memory; a run over it cannot fit. For the 8b-32k
+leaderboard step the floor is 84 GiB with `selective` (measured peak: 107) and 68 with `full` (76).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
+from cs336_systems.presets import PRESETS, ModelShape
+from cs336_systems.runtime import PARAM_DTYPES
+
+if TYPE_CHECKING:
+    from cs336_systems.training.config import TrainConfig
+
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The memory floor of one process, in bytes, and how many processes share the device's memory."""
+
+    parameters: int
+    optimizer: int
+    gradients: int
+    activations: int
+    processes: int = 1
+    """Processes on this memory: the local workers on a CPU, 1 on a GPU (one process each)."""
+
+    @property
+    def per_process(self) -> int:
+        return self.parameters + self.optimizer + max(self.gradients, self.activations)
+
+    @property
+    def total(self) -> int:
+        return self.per_process * self.processes
+
+    def describe(self) -> str:
+        """The formula with its numbers, in GiB."""
+        terms = (f"parameters {self.parameters / GIB:.3g} + AdamW state {self.optimizer / GIB:.3g} + "
+                 f"max(gradients {self.gradients / GIB:.3g}, activations {self.activations / GIB:.3g}) GiB")
+        return f"{self.processes} processes x [{terms}]" if self.processes > 1 else terms
+
+
+def kept_per_token(shape: ModelShape, policy: ActivationCheckpointing) -> tuple[float, float]:
+    """(values each block keeps per token from forward to backward, values one block recomputes per token
+    in the backward), both in units of d_model.
+
+    A block's matmul outputs: q, k, v, the attention output O, the output projection (the residual
+    stream after attention), SwiGLU's w1 and w3 (d_ff wide); plus the block's input: 6 + 2 d_ff/d_model.
+    """
+    ff = shape.d_ff / shape.d_model
+    block = 6 + 2 * ff
+    if policy.mode == "none":
+        return block, 0.0
+    if policy.mode == "full":  # one input per group; backward re-runs a whole group
+        return 1 / policy.group_size, block * policy.group_size
+    # selective: the input and the matmul outputs it names (O too, but only when compiled: not counted)
+    saved = sum(ff if name in ("w1", "w3") else 1 for name in policy.saved_matmuls if name != "w2")
+    return 1 + saved, block - 1 - saved
+
+
+def estimate(shape: ModelShape, vocab_size: int, *, tokens: int, param_bytes: int, activation_bytes: int,
+             policy: str, fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
+             shard_optimizer: bool = False, processes: int = 1) -> MemoryPlan:
+    """The floor of one process training `shape` on `tokens` tokens per forward (see the module docstring)."""
+    values = shape.num_params(vocab_size)
+    params = values * param_bytes // (world_size if fsdp else 1)
+    optimizer = 2 * values * param_bytes // (world_size if fsdp or shard_optimizer else 1)
+    kept, recomputed = kept_per_token(shape, parse_policy(policy))
+    activations = tokens * shape.d_model * (shape.num_layers * kept + recomputed) * activation_bytes
+    if not fused_loss:  # the whole (tokens, vocabulary) logits exist at once
+        activations += tokens * vocab_size * activation_bytes
+    return MemoryPlan(parameters=params, optimizer=optimizer, gradients=params, activations=int(activations),
+                      processes=processes)
+
+
+def available_bytes(device: torch.device | str, processes: int = 1) -> int:
+    """Memory a run can take now: free memory of the CUDA device(s) the processes use (the least free),
+    or the CPU's available RAM (MemAvailable: free plus reclaimable caches)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        first = torch.cuda.current_device() if device.index is None else device.index
+        if "LOCAL_RANK" in os.environ:  # a torchrun worker checks its own GPU
+            first, processes = int(os.environ["LOCAL_RANK"]), 1
+        return min(torch.cuda.mem_get_info(first + i)[0] for i in range(processes))
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(plan: MemoryPlan, available: int, what: str, advice: str) -> None:
+    """A ConfigError when the floor of `what` (the flags that chose the run) is more than `available`;
+    `advice` says what would fit."""
+    if plan.total > available:
+        raise ConfigError(f"{what} needs at least {plan.total / GIB:.3g} GiB of memory ({plan.describe()}) but "
+                          f"the device has {available / GIB:.3g} GiB available; {advice}")
+
+
+def largest_fitting(candidates: dict[str, MemoryPlan], available: int) -> str | None:
+    """The last candidate (they come smallest first) whose floor fits `available`, or None."""
+    fitting = [name for name, plan in candidates.items() if plan.total <= available]
+    return fitting[-1] if fitting else None
+
+
+def check_train_memory(config: TrainConfig) -> None:
+    """`train`: refuse a run whose floor exceeds the device's memory, naming a preset that would fit and the
+    flags that lower memory. `config` is a TrainConfig whose vocabulary is resolved."""
+    model, runtime, parallel = config.model, config.runtime, config.parallel
+    device = torch.device(runtime.device)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size))
+    param_bytes = PARAM_DTYPES[runtime.param_dtype].itemsize
+
+    def plan(shape: ModelShape) -> MemoryPlan:
+        return estimate(shape, model.vocab_size, tokens=config.micro_batch_size * config.context_length,
+                        param_bytes=param_bytes, activation_bytes=2 if runtime.bf16 else param_bytes,
+                        policy=parallel.activation_checkpointing, fused_loss=config.loss == "fused",
+                        world_size=parallel.world_size, fsdp=parallel.fsdp,
+                        shard_optimizer=parallel.shard_optimizer,
+                        processes=local if device.type == "cpu" else 1)
+
+    free = available_bytes(device, parallel.world_size if device.type == "cuda" else 1)
+    smaller = largest_fitting({name: plan(shape) for name, shape in sorted(PRESETS.items(), key=_size)
+                               if shape.num_params() < model.shape.num_params()}, free)
+    advice = [f"--preset {smaller} fits (at this batch and context)"] if smaller else []
+    advice.append("lower memory with " + ", ".join(_lowering_flags(config)))
+    what = (f"this run ({model.shape.num_params(model.vocab_size) / 1e9:.3g} B parameters, "
+            f"{config.micro_batch_size} x {config.context_length} tokens per forward)")
+    check_fits(plan(model.shape), free, what, "; ".join(advice))
+
+
+def _size(item: tuple[str, ModelShape]) -> int:
+    return item[1].num_params()
+
+
+def _lowering_flags(config: TrainConfig) -> list[str]:
+    """The flags that would lower this run's memory, skipping those already at their lowest."""
+    flags = []
+    if config.parallel.activation_checkpointing not in ("full", "every:1"):
+        flags.append("--activation-checkpointing full")
+    if config.runtime.param_dtype == "fp32":
+        flags.append("--param-dtype bf16")
+    if torch.device(config.runtime.device).type == "cpu" and config.parallel.world_size > 1:
+        flags.append("--nproc 1")
+    elif not config.parallel.fsdp and config.parallel.world_size > 1:
+        flags.append("--fsdp")
+    return [*flags, "a smaller --batch-size or --context-length (or more --grad-accum-steps)"]
