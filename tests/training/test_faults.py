@@ -161,7 +161,7 @@ def test_the_job_holds_the_lock_while_it_trains(tmp_path):
 
 def announce_and_wait() -> None:
     """A spawned rank: says which process it is (and its parent, the forkserver), then waits for ever."""
-    print(os.getpid(), os.getppid(), flush=True)
+    os.write(1, f"{os.getpid()} {os.getppid()}\n".encode())  # one write: the two ranks' lines never interleave
     signal.pause()
 
 
