@@ -49,6 +49,14 @@ PASSES = ("forward", "backward", "forward+backward")
 # FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
 PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 LEADERBOARD_SHAPE = (16, 16384, 64)  # (heads, sequence length, head dim), bf16, causal
+# The least work of one timing: time_ms's warm-up call and its minimum of 3 timed calls (CUDA's do_bench
+# runs more, for --rep-ms; that time is the user's choice, not counted).
+TIMED_CALLS = 4
+# Attention FLOP rates above what any implementation reaches, so that the time estimated from them is a
+# floor: CPU per core (torch SDPA reached 10 to 25 GFLOP/s per core on a 2-core test machine, our tiled op
+# less), CUDA (past the bf16 dense peak of an H100 or H200).
+CPU_GFLOPS_PER_CORE = 10.0
+CUDA_TFLOPS = 1000.0
 # Shape flags a preset fills when they are not given (`--preset`).
 PRESETS = {"8b": {"batch": 2, "heads": 32, "seq_lens": [32768], "head_dims": [128], "dtypes": ["bf16"]}}
 
@@ -264,9 +272,8 @@ def leaderboard(args: argparse.Namespace, device: str) -> Results:
     q, k, v = qkv  # (heads, N, D) each: views of one leaf, as in the CS336 script
     compiled = torch.compile(FlashAttention2Triton.apply)
     contenders: dict[str, AttentionFn] = {"ours": lambda q, k, v: compiled(q, k, v, True)}
-    for impl in ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex"):
-        if device == "cuda" or impl not in CUDA_ONLY:
-            contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
+    for impl in leaderboard_impls(device)[1:]:
+        contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
     results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
                                            "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                                            "repeats": args.repeats})
@@ -280,6 +287,12 @@ def leaderboard(args: argparse.Namespace, device: str) -> Results:
             if row[key] is not None and ours[key] is not None:
                 row[key.replace("_ms", "_ours_over_this")] = ours[key] / row[key]
     return results
+
+
+def leaderboard_impls(device: str) -> list[str]:
+    """The leaderboard's contenders on `device`: ours, then the SDPA backends and FlexAttention that run there."""
+    others = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex")
+    return ["ours", *(impl for impl in others if device == "cuda" or impl not in CUDA_ONLY)]
 
 
 def _leaderboard_times(name: str, fn: AttentionFn, q, k, v, device: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -340,6 +353,58 @@ def _draw(rows: list[dict[str, Any]], pass_name: str) -> Callable[[Any], None]:
     return draw
 
 
+# ------------------------------------------------------------------------------------ time estimate
+
+
+def planned_flops(args: argparse.Namespace) -> float:
+    """The least FLOPs the run executes: every timed pass TIMED_CALLS times (the sweep also runs one
+    forward to record the graph each backward replays), per implementation that runs on the device,
+    shape and round."""
+    if args.leaderboard:
+        heads, n, d = args.leaderboard_shape
+        per_impl = TIMED_CALLS * (PASS_FLOP_FACTOR["forward"] + PASS_FLOP_FACTOR["forward+backward"])
+        return attention_flops((heads, n, d), True) * per_impl * len(leaderboard_impls(args.device)) * args.repeats
+    runnable = [impl for impl in args.impls if args.device == "cuda" or impl not in CUDA_ONLY]
+    per_shape = 1 + TIMED_CALLS * sum(PASS_FLOP_FACTOR[name] for name in args.passes)
+    shapes = sum(attention_flops((args.batch, args.heads, n, d), args.causal)
+                 for n in args.seq_lens for d in args.head_dims) * len(args.dtypes)
+    return shapes * per_shape * len(runnable) * args.repeats
+
+
+def device_flop_rate(device: str) -> float:
+    """FLOP/s no attention implementation beats on `device` (CPU: per core of torch's threads)."""
+    return CUDA_TFLOPS * 1e12 if device == "cuda" else CPU_GFLOPS_PER_CORE * 1e9 * torch.get_num_threads()
+
+
+def check_runtime(args: argparse.Namespace) -> None:
+    """Print the least time the run takes; refuse it (one line naming the flags) past --max-minutes."""
+    flops, rate = planned_flops(args), device_flop_rate(args.device)
+    seconds = flops / rate
+    estimate = (f"{flops / 1e9:,.0f} GFLOP of attention to time: at least {_duration(seconds)} "
+                f"at {rate / 1e9:,.0f} GFLOP/s")
+    if seconds > 60 * args.max_minutes:
+        if args.leaderboard:
+            what, smaller = f"--leaderboard-shape {_joined(args.leaderboard_shape)}", "a smaller shape"
+        else:
+            what = (f"the sweep (--batch {args.batch} --heads {args.heads} --seq-lens {_joined(args.seq_lens)} "
+                    f"--head-dims {_joined(args.head_dims)})")
+            smaller = "smaller sizes, fewer --impls"
+        raise ConfigError(f"{what} on --device {args.device}: {estimate}, over --max-minutes {args.max_minutes:g}; "
+                          f"use {smaller} or --repeats, a CUDA device, or a larger --max-minutes")
+    print(estimate, flush=True)
+
+
+def _joined(values: Iterable[int]) -> str:
+    return " ".join(map(str, values))
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:,.3g} {unit}"
+    return f"{seconds:.2g} s"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     cuda = torch.cuda.is_available()
     parser.add_argument("--leaderboard", action="store_true", help="the CS336 leaderboard timing instead of the sweep")
@@ -366,6 +431,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rep-ms", type=positive_float,
                         help="do_bench repetition time (default: 100; leaderboard: 10000)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--max-minutes", type=positive_float, default=10.0,
+                        help="refuse a run whose attention FLOPs need longer at an optimistic device rate "
+                             f"({CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, {CUDA_TFLOPS:g} TFLOP/s on CUDA) "
+                             "(default: %(default)s)")
     parser.add_argument("--out-dir", default="outputs/bench/attention", help="where .md/.json/.png go")
 
 
@@ -395,6 +464,7 @@ def _check(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _check(fill_shape(args))
+    check_runtime(args)
     defaults = (1000.0, 10000.0) if args.leaderboard else (25.0, 100.0)
     args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
     args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms

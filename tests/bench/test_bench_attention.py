@@ -106,3 +106,26 @@ def test_explicit_shape_flags_win_over_the_preset_and_defaults_fill_the_rest():
     assert (args.batch, args.heads, args.seq_lens, args.head_dims, args.dtypes) == (2, 32, [64], [128], ["fp32"])
     plain = _parsed("--device", "cpu")
     assert (plain.batch, plain.heads, plain.seq_lens, plain.head_dims) == (1, 1, [64, 128, 256], [16, 32])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--leaderboard"], ["--leaderboard-shape 16 16384 64 on --device cpu", "--max-minutes 10"]),
+    (["--preset", "8b"], ["--batch 2 --heads 32 --seq-lens 32768 --head-dims 128", "--max-minutes 10"]),
+])
+def test_a_shape_that_cannot_finish_on_the_device_is_refused(tmp_path, capsys, monkeypatch, argv, words):
+    """From its FLOPs at an optimistic rate: 10 GFLOP/s per CPU core (2 here, whatever the machine)."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(attention, "make_inputs", lambda *args: pytest.fail("ran despite the refusal"))
+    monkeypatch.setattr(attention.torch, "randn", lambda *args, **kwargs: pytest.fail("ran despite the refusal"))
+    assert run(tmp_path, *argv) == 2
+    assert_cli_error(capsys, "GFLOP of attention to time: at least", "at 20 GFLOP/s", *words)
+
+
+def test_planned_flops_count_every_timed_call():
+    args = _parsed("--device", "cpu", "--impls", "ours", "sdpa-cudnn", "--seq-lens", "64", "--head-dims", "16",
+                   "--passes", "forward", "backward")
+    # sdpa-cudnn does not run on a CPU; ours: one recording forward, then 4 calls of each pass
+    assert attention.planned_flops(args) == attention.attention_flops((1, 1, 64, 16), True) * (1 + 4 * 3.5)
+    board = _parsed("--device", "cpu", "--leaderboard", "--repeats", "2")
+    per_impl = attention.attention_flops((16, 16384, 64), True) * 4 * (1 + 3.5)
+    assert attention.planned_flops(board) == per_impl * len(attention.leaderboard_impls("cpu")) * 2
