@@ -88,7 +88,8 @@ def save(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
               file=sys.stderr, flush=True)
         return path
     older = [p for p in list_checkpoints(directory) if step_of(p) < step]
-    for old in older[: max(0, len(older) - (keep - 1))]:
+    excess = len(older) - (keep - 1)  # `path` is one of the `keep`
+    for old in older[:max(0, excess)]:
         old.unlink()
     _fsync_directory(directory)
     return path
@@ -222,8 +223,8 @@ def restore_trainer(trainer: Trainer) -> int | None:
     """Load the newest readable checkpoint into `trainer` on every rank; its step, or None if there is none.
 
     Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which. A checkpoint
-beyond --steps is a ConfigError, raised before anything is restored or written: the run never
-trains past --steps, and a shorter --steps must not make it prune the longer run's checkpoints.
+    beyond --steps is a ConfigError, raised before anything is restored or written: the run never
+    trains past --steps, and a shorter --steps must not make it prune the longer run's checkpoints.
     """
     world = trainer.world
     choice: list[Any] = [None, None]  # [path, error]
