@@ -10,7 +10,8 @@
 
 --batch-size is the global batch: each process takes a disjoint slice of every batch, so N processes
 train like one. Token files are flat arrays of token ids, memory-mapped: `.npy` (np.save) or raw `.bin`
-(uint16). OUT_DIR receives config.json, metrics.jsonl, loss.png and checkpoints/. See docs/training.md.
+(uint16). OUT_DIR receives config.json, metrics.jsonl, loss.png and checkpoints/, and holds .lock while a job
+runs: one job per OUT_DIR. See docs/training.md ("Faults: what the job guarantees").
 """
 
 from __future__ import annotations
