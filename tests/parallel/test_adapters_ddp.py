@@ -21,6 +21,8 @@ from adapters import (
     get_ddp_bucketed,
     get_ddp_individual_parameters,
 )
+from helpers import max_distance, split_sgd_step
+from numerics import ORACLE_FACTOR
 from torch import nn
 
 from cs336_systems.distributed.launch import launch
@@ -81,10 +83,13 @@ def _train(case: Case) -> dict:
     started_apart = any(not torch.equal(p, q) for p, q in zip(reference.parameters(), _own_initial(case, rank)))
     same_start = all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
 
+    split = ToyModel(case.tied)  # the oracle: plain torch averaging the two halves' gradients itself
+    split.load_state_dict(reference.state_dict())
     optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
     reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+    split_optimizer = torch.optim.SGD(split.parameters(), lr=0.1)
     x, y = _data()
-    errors = []
+    errors, gaps = [], []
     for step in range(STEPS):
         order = torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(42 + step))
         x, y = x[order], y[order]
@@ -103,8 +108,10 @@ def _train(case: Case) -> dict:
         reference_optimizer.zero_grad()
         F.cross_entropy(reference(x), y).backward()
         reference_optimizer.step()
-        errors.append(max((p - q).abs().max().item() for p, q in zip(model.parameters(), reference.parameters())))
-    return {"started_apart": started_apart, "same_start": same_start, "errors": errors}
+        split_sgd_step(split, split_optimizer, x, y)
+        errors.append(max_distance(model.parameters(), reference.parameters()))
+        gaps.append(max_distance(split.parameters(), reference.parameters()))
+    return {"started_apart": started_apart, "same_start": same_start, "errors": errors, "gaps": gaps}
 
 
 def _own_initial(case: Case, rank: int) -> list[torch.Tensor]:
@@ -127,8 +134,11 @@ def test_wrapping_broadcasts_rank0_weights(ranks: list[dict], case: Case) -> Non
     assert all(results[case.id]["same_start"] for results in ranks)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_full_batch_training_every_step(ranks: list[dict], case: Case) -> None:
+    """Over every step, within twice what plain torch moves from the full batch by averaging the two
+    halves' gradients itself (measured on each rank: no data-parallel code is closer on every CPU)."""
     for rank, results in enumerate(ranks):
-        errors = results[case.id]["errors"]
-        assert max(errors) < 1e-6, f"rank {rank}: max parameter difference per step {errors}"
+        errors, gaps = results[case.id]["errors"], results[case.id]["gaps"]
+        assert max(errors) <= ORACLE_FACTOR * max(gaps), f"rank {rank}: {errors} vs oracle {gaps}"

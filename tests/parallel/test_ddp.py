@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from numerics import ORACLE_FACTOR
 from torch import nn
 
 from cs336_systems.distributed.launch import launch
@@ -111,22 +112,50 @@ def _optimizer(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
 
 
-def _reference(case: Case) -> dict[str, torch.Tensor]:
-    """One process, whole batch, rank 0's initialisation."""
+def _reference(case: Case, split: bool = False, compiled: bool = False) -> dict[str, torch.Tensor]:
+    """One process, rank 0's initialisation: whole batch, or (`split`) each rank's micro-batches'
+    gradients summed and the two halves averaged, as the ranks do; eager or compiled (aot_eager)."""
     torch.manual_seed(SEED)
     model = ToyLM()
+    forward = torch.compile(model, backend="aot_eager") if compiled else model
     opt = _optimizer(model)
     x, y = _batch()
     half = BATCH // 2
     for _ in range(STEPS):
-        if case.disagree:  # rank 0's half uses `extra`, rank 1's does not; the mean of both losses
-            loss = (_loss(model, x[:half], y[:half], True) + _loss(model, x[half:], y[half:], False)) / 2
+        if split:
+            _split_gradients(forward, model, case, x, y)
+        elif case.disagree:  # rank 0's half uses `extra`, rank 1's does not; the mean of both losses
+            loss = (_loss(forward, x[:half], y[:half], True) + _loss(forward, x[half:], y[half:], False)) / 2
+            loss.backward()
         else:
-            loss = _loss(model, x, y, False)
-        loss.backward()
+            _loss(forward, x, y, False).backward()
         opt.step()
         opt.zero_grad()
     return _state(model)
+
+
+def _split_gradients(forward: nn.Module, model: nn.Module, case: Case, x: torch.Tensor, y: torch.Tensor) -> None:
+    """.grad = the mean over the two halves of each half's accumulated micro-batch gradients."""
+    halves = []
+    for rank, (xh, yh) in enumerate(zip(x.chunk(2), y.chunk(2))):
+        model.zero_grad()
+        for xm, ym in zip(xh.chunk(case.accumulate), yh.chunk(case.accumulate)):
+            (_loss(forward, xm, ym, case.disagree and rank == 0) / case.accumulate).backward()
+        halves.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name, p in model.named_parameters():
+        grads = [h[name] for h in halves if name in h]
+        p.grad = sum(grads[1:], grads[0]) / 2 if grads else None
+
+
+def _gaps(case: Case, whole: dict[str, torch.Tensor]) -> float:
+    """The oracle: plain torch's own distance from the whole-batch run when it splits the batch as
+    the ranks do, plus when it compiles the model (aot_eager rounds unlike the eager kernels)."""
+    gap = _distance(_reference(case, split=True), whole)
+    return gap + (_distance(_reference(case, compiled=True), whole) if case.mode != "eager" else 0.0)
+
+
+def _distance(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    return max((t - theirs[n]).abs().max().item() for n, t in ours.items())
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -185,6 +214,7 @@ def _train(case: Case) -> dict:
     reference = _reference(case)
     return {
         "errors": {n: (t - reference[n]).abs().max().item() for n, t in _state(model).items()},
+        "oracle": _gaps(case, reference),
         "started_apart": started_apart,
         "buckets": n_buckets,
         "in_flight": in_flight,
@@ -247,11 +277,14 @@ def ranks() -> list[dict]:
     return launch(_run_everything, 2, backend="gloo")
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_matches_single_process(ranks: list[dict], case: Case) -> None:
+    """Within twice what plain torch itself moves from the whole-batch run by splitting the batch
+    (and compiling) the same way, measured on each rank (`_gaps`)."""
     for rank, results in enumerate(ranks):
-        errors = results[case.id]["errors"]
-        assert max(errors.values()) < 1e-5, f"rank {rank}: parameters differ from single-process training: {errors}"
+        errors, bound = results[case.id]["errors"], ORACLE_FACTOR * results[case.id]["oracle"]
+        assert max(errors.values()) <= bound, f"rank {rank}: parameters differ from one process by {errors} > {bound}"
 
 
 def test_ranks_start_from_different_parameters(ranks: list[dict]) -> None:
