@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from numerics import ORACLE_FACTOR
 from torch import nn
 
 from cs336_systems.distributed.launch import find_free_port, launch
@@ -244,10 +245,29 @@ def ranks() -> list[dict]:
     return launch(_run_all, 2, backend="gloo")
 
 
-def _assert_same_params(ours: dict, theirs: dict, rtol: float = 1e-6, atol: float = 1e-7) -> None:
+def _assert_same_params(ours: dict, theirs: dict) -> None:
     assert len(ours["params"]) == len(theirs["params"])
     for mine, reference in zip(ours["params"], theirs["params"], strict=True):
-        np.testing.assert_allclose(mine, reference, rtol=rtol, atol=atol)
+        np.testing.assert_array_equal(mine, reference)
+
+
+def _distance(ours: dict, theirs: dict) -> float:
+    return max(float(np.abs(a - b).max()) for a, b in zip(ours["params"], theirs["params"], strict=True))
+
+
+def _assert_within_compile_gap(ranks, variant: str, scenario: str) -> None:
+    """Compiled: ours may differ from the eager unsharded AdamW by twice what torch's own compiled
+    AdamW differs from it, the largest over the scenarios (measured on this machine: its bias
+    corrections are float32 tensors there, Python floats in eager, and its graphs round unlike the
+    eager kernels; which scenario shows it depends on the machine, the model and update are the same)."""
+    for result in ranks:
+        gap = max(_distance(result[variant][name]["reference"], result["eager"][name]["reference"])
+                  for name in COMPARED)
+        error = _distance(result[variant][scenario]["sharded"], result["eager"][scenario]["reference"])
+        assert error <= ORACLE_FACTOR * gap, f"{variant} {scenario}: {error:.3e} > {ORACLE_FACTOR} x {gap:.3e}"
+
+
+COMPARED = ["tied", "groups", "late_group", "scheduler", "relayout", "rank_without_params"]
 
 
 def _outcomes(ranks, variant: str, scenario: str):
@@ -255,26 +275,25 @@ def _outcomes(ranks, variant: str, scenario: str):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("scenario", ["tied", "groups", "late_group", "scheduler", "relayout", "rank_without_params"])
+@pytest.mark.parametrize("scenario", COMPARED)
 def test_matches_unsharded_adamw(ranks, variant, scenario):
-    # Compiled, torch 2.11's AdamW step rounds differently when the local optimizer holds a subset of
-    # a group's parameters (seen: a few float32 ulps a step, 5e-5 relative after the scenario's steps);
-    # eager stays at float32 rounding. A wrong update (stale LR, missed group) is orders larger.
-    rtol, atol = (1e-6, 1e-7) if variant == "eager" else (1e-4, 1e-6)
+    # Eager: each parameter's update is the same elementwise arithmetic whichever rank holds it, so the
+    # parameters are bit-identical. Compiled, torch 2.11's AdamW step rounds differently when the local
+    # optimizer holds a subset of a group's parameters: bounded by torch's own compile gap.
     for sharded, reference in _outcomes(ranks, variant, scenario):
-        _assert_same_params(sharded, reference, rtol=rtol, atol=atol)
+        if variant == "eager":
+            _assert_same_params(sharded, reference)
         assert {k: v for k, v in sharded.items() if k != "params"} == \
                {k: v for k, v in reference.items() if k != "params"}
+    if variant != "eager":
+        _assert_within_compile_gap(ranks, variant, scenario)
 
 
 @pytest.mark.parametrize("variant", ["compiled", "compiled-step"])
 def test_compiled_variant_compiles_and_matches_eager(ranks, variant):
     for result in ranks:
         assert result["graphs"]["eager"] == 0 < result["graphs"][variant]  # no silent eager fallback
-        # Compiled AdamW takes its bias corrections in float32 tensors, eager in Python floats: the
-        # two differ by float32 rounding, hence a looser tolerance than sharded-vs-unsharded.
-        _assert_same_params(result[variant]["tied"]["sharded"], result["eager"]["tied"]["reference"],
-                            rtol=1e-5, atol=1e-6)
+    _assert_within_compile_gap(ranks, variant, "tied")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
