@@ -28,6 +28,7 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("causal", [False, True])
@@ -39,6 +40,7 @@ def test_matches_float64_fp32(shape, causal, impl, device, gen):
     assert_close_to_reference(ours, q, k, v, causal, grad_out)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
@@ -51,6 +53,7 @@ def test_matches_float64_low_precision(shape, causal, dtype, device, gen):
     assert_close_to_reference(ours, q, k, v, causal, grad_out)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [False, True])
 def test_logsumexp_output(causal, device, gen):
@@ -68,6 +71,7 @@ def test_saves_exactly_one_logsumexp_tensor(function, gen):
     assert len(matches) == 1
 
 
+@pytest.mark.numerics
 def test_explicit_scale_and_noncontiguous_inputs(gen):
     # (B, N, H, D) viewed as (B, H, N, D): strided, as attention layers usually produce it.
     q, k, v = transposed_inputs(gen)

@@ -84,6 +84,7 @@ def assert_close_to_reference(ours, x, weight, targets, ignore_index, reduction,
 CASES = [((133,), 64, 10000), ((7,), 96, 50257), ((2, 3), 64, 151936), ((1,), 128, 10000), ((3, 5), 128, 300)]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_matches_float64_fp32(case, reduction, gen):
@@ -93,6 +94,7 @@ def test_matches_float64_fp32(case, reduction, gen):
     assert_close_to_reference(ours, x, weight, targets, -100, reduction, grad)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", LOW)
 @pytest.mark.parametrize("case", CASES[:3], ids=str)
@@ -115,6 +117,7 @@ def test_leading_dims_and_empty(lead, reduction, entry, device):
     assert_close_to_reference(ours, x, weight, targets, -100, reduction, grad)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype", [torch.float32, LOW[0]])
 @pytest.mark.parametrize("device", DEVICES)
 def test_noncontiguous_inputs(dtype, device):
@@ -141,6 +144,7 @@ def test_autocast_does_not_reach_inside(reduction, device):
     assert_close_to_reference(ours, x, weight, targets, -100, reduction, grad)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_op_recomputes_every_reduction(reduction, device):
@@ -179,6 +183,7 @@ def test_custom_ignore_index_and_many_chunks(gen, monkeypatch):
         assert_close_to_reference(ours, x, weight, targets, 0, reduction, grad)
 
 
+@pytest.mark.numerics
 # Logits 100x larger carry 100x the absolute rounding of the matmul, which the softmax turns into
 # relative error of the gradients: the oracle (torch's same math at the same magnitude) scales with it.
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
