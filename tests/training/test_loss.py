@@ -1,8 +1,11 @@
 """training.loss.lm_loss: the fused LM head gives the unfused loss and gradients, eager and compiled,
 through the wrappers a job uses."""
 
+import copy
+
 import pytest
 import torch
+from numerics import assert_within_oracle
 
 from cs336_systems.presets import ModelConfig
 from cs336_systems.training.loss import lm_loss
@@ -29,9 +32,11 @@ def test_fused_matches_unfused(compiled):
     forward = torch.compile(model, backend="aot_eager", fullgraph=True) if compiled else model
     loss, grads = _loss_and_grads(model, forward, x, y, "fused")
     assert loss.dtype == torch.float32
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    exact_model = copy.deepcopy(model).double()  # the oracle: the unfused loss in float64
+    exact_loss, exact_grads = _loss_and_grads(exact_model, exact_model, x, y, "unfused")
+    assert_within_oracle("loss", loss, ref_loss, exact_loss, torch.float32)
     for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        assert_within_oracle(name, grads[name], grad, exact_grads[name], torch.float32)
 
 
 def test_fused_under_bf16_autocast_is_close():
