@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -71,3 +73,26 @@ def _float_type(bound: str) -> Callable[[str], float]:
 finite_float = _float_type("finite")
 positive_float = _float_type("positive")
 nonnegative_float = _float_type("non-negative")
+
+
+def directory_problem(path: str) -> str | None:
+    """Why no output directory can be made at `path` (it, or a folder above it, is a file; or the nearest
+    existing folder is not writable), or None. Checked before a run, not when its results are written."""
+    target = Path(path)
+    for folder in (target, *target.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                return f"{folder} is a file, not a directory"
+            if not os.access(folder, os.W_OK | os.X_OK):
+                return f"cannot create or write {path}: {folder} is not writable"
+            return None
+    return None
+
+
+def directory(text: str) -> str:
+    """An argparse `type=` for output directories (`--out-dir`): refuses what `directory_problem` finds;
+    "" (no output, where a command allows it) passes."""
+    problem = directory_problem(text) if text else None
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text

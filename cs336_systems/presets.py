@@ -71,10 +71,12 @@ CS336_PRESETS = ("small", "medium", "large", "xl", "2.7B")
 """The sizes the CS336 handout benchmarks, in increasing order."""
 
 
-def get_preset(name: str, flag: str = "--preset") -> ModelShape:
-    """`PRESETS[name]`, or a ConfigError naming `flag` and listing the choices."""
+def get_preset(name: str, flag: str = "--preset", jobs: bool = False) -> ModelShape:
+    """`PRESETS[name]`, or a ConfigError naming `flag` and listing the choices: with `jobs`, the JOB_PRESETS
+    too (for a command that takes them, which has expanded them before asking for the shape)."""
     if name not in PRESETS:
-        raise ConfigError(f"{flag}: unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+        choices = [*PRESETS, *JOB_PRESETS] if jobs else list(PRESETS)
+        raise ConfigError(f"{flag}: unknown preset {name!r} (choose from {', '.join(choices)})")
     return PRESETS[name]
 
 
@@ -193,6 +195,8 @@ def model_config_from_args(args: argparse.Namespace, *, context_length: int) -> 
 def apply_job_preset(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
     """`args` with a JOB_PRESETS name in `args.preset` expanded into the flags it sets that were not
     given (None), so explicit flags win; then every flag of `defaults` still None takes its default."""
+    if args.preset not in JOB_PRESETS:
+        get_preset(args.preset, jobs=True)  # an unknown name: the error lists the job presets as well
     values = vars(args).copy()
     for name, value in JOB_PRESETS.get(args.preset, {}).items():
         if name == "preset" or values.get(name) is None:

@@ -27,10 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cs336_systems.bench.common import Results, Stopwatch, environment
+from cs336_systems.bench.common import Results, Stopwatch, check_backend, environment
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
-from cs336_systems.errors import ConfigError, positive_float
+from cs336_systems.errors import ConfigError, directory, positive_float
 
 MB = 10**6  # the handout's sizes are decimal megabytes: 1 MB = 250,000 float32
 DEFAULT_NPROC = (2, 4, 6)  # CS336's rank counts
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="float32 tensor sizes in MB (default: 1 10 100 1000)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed all-reduces per size")
     parser.add_argument("--iters", type=int, default=5, help="timed all-reduces per size")
-    parser.add_argument("--out-dir", default="docs/perf", help="where allreduce.{md,json,png} go")
+    parser.add_argument("--out-dir", type=directory, default="docs/perf", help="where allreduce.{md,json,png} go")
 
 
 def timed_collective(fn: Callable[[], Any], device: torch.device, warmup: int, iters: int) -> list[float]:
@@ -102,7 +102,7 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     backends = args.backend or ["gloo"] + ["nccl"] * (gpus >= 2)
     plan = [(b, n) for b in backends for n in args.nproc or DEFAULT_NPROC if n <= room[b]]
     if not plan:
-        raise ConfigError(f"--nproc {args.nproc}: NCCL needs one GPU per rank, found {gpus}")
+        check_backend("nccl", min(args.nproc or DEFAULT_NPROC))  # the only way to plan nothing: too few GPUs
     return plan
 
 

@@ -40,7 +40,7 @@ from cs336_systems.bench.common import (
     is_oom,
     time_ms,
 )
-from cs336_systems.errors import ConfigError, nonnegative_float, positive_float
+from cs336_systems.errors import ConfigError, directory, nonnegative_float, positive_float
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 T = TypeVar("T")
@@ -435,7 +435,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="refuse a run whose attention FLOPs need longer at an optimistic device rate "
                              f"({CPU_GFLOPS_PER_CORE:g} GFLOP/s per CPU core, {CUDA_TFLOPS:g} TFLOP/s on CUDA) "
                              "(default: %(default)s)")
-    parser.add_argument("--out-dir", default="outputs/bench/attention", help="where .md/.json/.png go")
+    parser.add_argument("--out-dir", type=directory, default="outputs/bench/attention", help="where .md/.json/.png go")
 
 
 def _sweep_defaults(device: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.timing import Stopwatch, synchronize
 
 __all__ = ["OOM", "UNSUPPORTED", "Results", "Stopwatch", "environment", "free_device_memory", "git_revision",
-           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags", "extra_peak_mib"]
+           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags", "check_backend",
+           "extra_peak_mib"]
 
 OOM = "OOM"
 UNSUPPORTED = "unsupported"
@@ -154,6 +155,17 @@ def check_flags(impls: list[str], known: tuple[str, ...] | list[str], device: st
     for flag, values in positive.items():
         if any(value <= 0 for value in values):
             raise ConfigError(f"{flag} must be positive, got {values}")
+
+
+def check_backend(backend: str, nproc: int) -> None:
+    """NCCL runs one rank per CUDA GPU: a ConfigError naming --backend when there are too few (torchrun
+    sets the ranks and their GPUs itself), instead of a traceback from the launcher."""
+    if backend != "nccl" or "RANK" in os.environ:
+        return
+    gpus = torch.cuda.device_count()
+    if gpus < nproc:
+        raise ConfigError(f"--backend nccl: {nproc} ranks need {nproc} CUDA GPUs (one per rank), found {gpus}; "
+                          "use --backend gloo or a smaller --nproc")
 
 
 def extra_peak_mib(run: Callable[[], Any], device: str, kept_bytes: int = 0) -> float | None:

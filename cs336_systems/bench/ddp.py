@@ -32,10 +32,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cs336_systems.bench.common import Results, environment, free_device_memory, is_oom, synchronize
+from cs336_systems.bench.common import (
+    Results,
+    check_backend,
+    environment,
+    free_device_memory,
+    is_oom,
+    synchronize,
+)
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
-from cs336_systems.errors import ConfigError, positive_float
+from cs336_systems.errors import ConfigError, directory, positive_float
 from cs336_systems.parallel.ddp import DDPBucketed, DDPIndividualParameters
 from cs336_systems.parallel.ddp_baselines import FlatDDP, NaiveDDP
 from cs336_systems.presets import PRESETS, VOCAB_SIZE, ModelConfig
@@ -84,6 +91,7 @@ class DDPBenchConfig:
             raise ConfigError("--warmup must be >= 0")
         if self.nproc < 2:
             raise ConfigError("--nproc: data parallelism needs at least 2 ranks")
+        check_backend(self.backend, self.nproc)
         if any(size <= 0 for size in self.bucket_sizes_mb):
             raise ConfigError("--bucket-sizes-mb must be positive")
         unknown = set(self.variants or ()) - set(self.all_variants)
@@ -114,7 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--rounds", type=int, default=defaults.rounds)
-    parser.add_argument("--out-dir", default="docs/perf", help="where ddp.{md,json,png} go")
+    parser.add_argument("--out-dir", type=directory, default="docs/perf", help="where ddp.{md,json,png} go")
 
 
 # ------------------------------------------------------------------------------ on each rank

@@ -42,6 +42,7 @@ from cs336_systems.bench.common import Results, environment, free_device_memory,
 from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, memory_rows, rss_mib, slowest
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
+from cs336_systems.errors import directory
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer
@@ -64,7 +65,7 @@ class FSDPBenchConfig(RankBenchConfig):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_rank_arguments(parser, FSDPBenchConfig(backend="gloo"))
     parser.add_argument("--trace", metavar="DIR", help="write fsdp_trace.json (profiler trace of one FSDP step) here")
-    parser.add_argument("--out-dir", default="docs/perf", help="where fsdp{,_memory}.{md,json} go")
+    parser.add_argument("--out-dir", type=directory, default="docs/perf", help="where fsdp{,_memory}.{md,json} go")
 
 
 # ------------------------------------------------------------------------------ on each rank

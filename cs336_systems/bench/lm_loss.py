@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench import common
 from cs336_systems.bench.common import OOM, UNSUPPORTED, Results
-from cs336_systems.errors import nonnegative_float, positive_float
+from cs336_systems.errors import directory, nonnegative_float, positive_float
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -152,7 +152,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-ms", type=nonnegative_float, default=100.0, help="do_bench warm-up (default: 100)")
     parser.add_argument("--rep-ms", type=positive_float, default=1000.0,
                         help="do_bench repetition time (default: 1000)")
-    parser.add_argument("--out-dir", default="outputs/bench", help="where lm_loss.md/.json go")
+    parser.add_argument("--out-dir", type=directory, default="outputs/bench", help="where lm_loss.md/.json go")
 
 
 def _check(args: argparse.Namespace) -> None:

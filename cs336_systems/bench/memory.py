@@ -33,7 +33,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize
-from cs336_systems.errors import ConfigError, flags_renamed
+from cs336_systems.errors import ConfigError, directory, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import (
     SELECTIVE_SAVED_MATMULS,
     CheckpointedBlocks,
@@ -232,7 +232,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--group-sizes", type=int, nargs="+", metavar="K",
                        help="K of the every:K policies (default: every divisor of the layer count)")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    group.add_argument("--out-dir", default="outputs/bench/memory", help="where memory*.{md,json,png} go")
+    group.add_argument("--out-dir", type=directory, default="outputs/bench/memory",
+                       help="where memory*.{md,json,png} go")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from cs336_systems.bench.common import OOM, Results, Stopwatch, environment, free_device_memory, is_oom, mean_std
-from cs336_systems.errors import ConfigError
+from cs336_systems.errors import ConfigError, directory
 from cs336_systems.parallel.parallelize import parallelize
 from cs336_systems.presets import (
     CS336_PRESETS,
@@ -315,7 +315,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--context-length", type=int, default=128, help="tokens per sequence (default: 128)")
     group.add_argument("-w", "--warmup", type=int, default=5, help="untimed steps first (default: 5)")
     group.add_argument("-n", "--steps", type=int, default=10, help="timed steps (default: 10)")
-    group.add_argument("--out-dir", default="outputs/bench/model", help="where model.{md,json,png} go")
+    group.add_argument("--out-dir", type=directory, default="outputs/bench/model", help="where model.{md,json,png} go")
     group = parser.add_argument_group("sweep (either list implies --sweep)")
     group.add_argument("--sweep", action="store_true", help="time every preset x context length below")
     group.add_argument("--sweep-presets", nargs="+", metavar="NAME",

@@ -11,8 +11,9 @@ from typing import ClassVar
 
 import torch
 
+from cs336_systems.bench.common import check_backend
 from cs336_systems.distributed.launch import default_backend
-from cs336_systems.errors import ConfigError, positive_float
+from cs336_systems.errors import ConfigError, check_float, positive_float
 from cs336_systems.presets import PRESETS, get_preset
 
 MIB = 2**20
@@ -54,8 +55,8 @@ class RankBenchConfig:
         for name, least in minimums.items():
             if getattr(self, name) < least:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        check_float(self.lr, "--lr", "positive")
+        check_backend(self.backend, self.nproc)
         unknown = set(self.variants) - set(self.VARIANTS)
         if unknown:
             raise ConfigError(f"--variants: unknown {sorted(unknown)} (choose from {', '.join(self.VARIANTS)})")

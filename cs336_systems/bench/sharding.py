@@ -39,7 +39,7 @@ from cs336_systems.bench.common import Results, environment, free_device_memory,
 from cs336_systems.bench.ranks import MIB, RankBenchConfig, add_rank_arguments, memory_rows, rss_mib, slowest
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
-from cs336_systems.errors import ConfigError, positive_float
+from cs336_systems.errors import ConfigError, directory, positive_float
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer, state_bytes
 from cs336_systems.presets import VOCAB_SIZE, ModelConfig
@@ -67,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ShardingBenchConfig(backend="gloo")
     add_rank_arguments(parser, defaults)
     parser.add_argument("--bucket-size-mb", type=positive_float, default=defaults.bucket_size_mb)
-    parser.add_argument("--out-dir", default="docs/perf", help="where sharding{,_memory}.{md,json} go")
+    parser.add_argument("--out-dir", type=directory, default="docs/perf", help="where sharding{,_memory}.{md,json} go")
 
 
 # ------------------------------------------------------------------------------ on each rank

@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
-from cs336_systems.errors import ConfigError, flags_renamed
+from cs336_systems.errors import ConfigError, directory, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
 from cs336_systems.presets import JOB_PRESETS, ModelConfig
@@ -351,7 +351,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", action="store_true",
                        help="one more step per contender under torch.profiler: kernel time by category, in "
                             "step.md/json (run two --layers values and subtract for one layer's share)")
-    group.add_argument("--out-dir", default="outputs/bench/step", help="where step.{md,json,png} go")
+    group.add_argument("--out-dir", type=directory, default="outputs/bench/step", help="where step.{md,json,png} go")
 
 
 def config_from_args(args: argparse.Namespace) -> StepBenchConfig:

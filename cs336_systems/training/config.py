@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from cs336_systems.errors import ConfigError, check_float, nonnegative_float, positive_float
+from cs336_systems.errors import ConfigError, check_float, directory, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.presets import ModelConfig, add_model_arguments, apply_job_preset, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
@@ -274,7 +274,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="global batches per evaluation (default: %(default)s)")
     group.add_argument("--log-every", type=int, default=train("log_every"),
                        help="steps between metrics records (default: %(default)s)")
-    group.add_argument("--out-dir", default=train("out_dir"), help="config, metrics, plot and checkpoints go here")
+    group.add_argument("--out-dir", type=directory, default=train("out_dir"),
+                       help="config, metrics, plot and checkpoints go here")
     group.add_argument("--checkpoint-every", type=int, default=ckpt("every"), metavar="K",
                        help="checkpoint every K steps and at the end, 0 = never (default: %(default)s)")
     group.add_argument("--keep-checkpoints", type=int, default=ckpt("keep"), metavar="N",

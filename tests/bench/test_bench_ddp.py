@@ -72,10 +72,8 @@ def test_allreduce_rank_counts(monkeypatch, cores, nproc, expected):
 
 BAD_INPUT = [
     ("allreduce", ["--nproc", "1"], "--nproc"),
-    ("allreduce", ["--sizes-mb", "0"], "--sizes-mb"),
     ("allreduce", ["--iters", "0"], "--iters"),
     ("ddp", ["--preset", "huge"], "--preset"),
-    ("ddp", ["--bucket-sizes-mb", "0"], "--bucket-sizes-mb"),
     ("ddp", ["--variants", "nope"], "--variants"),
     ("ddp", ["--nproc", "1"], "--nproc"),
     ("ddp", ["--steps", "0"], "--steps"),
@@ -86,4 +84,14 @@ BAD_INPUT = [
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, name, argv, flag):
     assert cli.main(["bench", name, "--backend", "gloo", *argv, "--out-dir", str(tmp_path)]) == 2
     assert_cli_error(capsys, flag)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("name, flag", [("allreduce", "--sizes-mb"), ("ddp", "--bucket-sizes-mb")])
+@pytest.mark.parametrize("value", ["0", "nan", "inf"])
+def test_sizes_must_be_finite_and_positive(tmp_path, capsys, name, flag, value):
+    """Refused by the flag's argparse type (errors.positive_float), before any rank starts."""
+    with pytest.raises(SystemExit):
+        cli.main(["bench", name, "--backend", "gloo", flag, value, "--out-dir", str(tmp_path)])
+    assert f"argument {flag}: must be a finite positive number" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())

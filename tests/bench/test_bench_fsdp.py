@@ -62,3 +62,11 @@ def test_trace_is_written(out):
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, argv, message):
     assert cli.main(["bench", "fsdp", *FAST, *argv, "--out-dir", str(tmp_path)]) == 2
     assert_cli_error(capsys, message)
+
+
+@pytest.mark.parametrize("name", ["fsdp", "sharding", "ddp", "allreduce"])
+def test_nccl_without_enough_gpus_is_a_one_line_error(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)  # as on a machine without GPUs
+    monkeypatch.delenv("RANK", raising=False)
+    assert cli.main(["bench", name, "--backend", "nccl", "--nproc", "2", "--out-dir", str(tmp_path)]) == 2
+    assert_cli_error(capsys, "--backend nccl: 2 ranks need 2 CUDA GPUs", "found 0")

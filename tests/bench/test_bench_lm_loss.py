@@ -72,3 +72,16 @@ def test_every_bench_float_flag_refuses_nan_and_inf(capsys):
                         parser.parse_args(["bench", name, f"{flag}={value}"])
                     assert f"argument {flag}: must be a finite" in capsys.readouterr().err
     assert {"lm-loss --rep-ms", "attention --warmup-ms", "allreduce --sizes-mb", "ddp --bucket-sizes-mb"} <= seen
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_every_bench_out_dir_that_is_a_file_is_one_line(tmp_path, capsys, under):
+    """`--out-dir FILE` (or a folder under a file) is an argparse error, before any benchmark runs."""
+    from cs336_systems import cli
+
+    file = tmp_path / "results"
+    file.write_text("")
+    for name in cli.BENCHMARKS:
+        with pytest.raises(SystemExit):
+            cli.main(["bench", name, "--out-dir", str(file / under)])
+        assert f"argument --out-dir: {file} is a file, not a directory" in capsys.readouterr().err, name

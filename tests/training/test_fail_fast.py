@@ -157,3 +157,20 @@ def test_a_run_that_fits_passes_the_memory_check(monkeypatch):
     monkeypatch.setattr(memory_plan, "available_bytes", lambda device, processes=1: 2**20)
     with pytest.raises(ConfigError, match="2 processes x .* lower memory with .*--nproc 1"):
         memory_plan.check_train_memory(config)
+
+
+# ---------------------------------------------------------------- smaller
+
+
+def test_unknown_preset_lists_the_job_presets_too(capsys, no_job):
+    assert cli.main(["train", "--preset", "huge"]) == 2
+    assert_cli_error(capsys, "--preset: unknown preset 'huge'", "2.7B, 8b, 8b-32k)")
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys, no_job, under):
+    file = tmp_path / "results"
+    file.write_text("")
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--preset", "tiny", "--out-dir", str(file / under)])
+    assert f"argument --out-dir: {file} is a file, not a directory" in capsys.readouterr().err
