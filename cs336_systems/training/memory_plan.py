@@ -99,14 +99,18 @@ def estimate(shape: ModelShape, vocab_size: int, *, tokens: int, param_bytes: in
 
 
 def available_bytes(device: torch.device | str, processes: int = 1) -> int:
-    """Memory a run can take now: free memory of the CUDA device(s) the processes use (the least free),
-    or the CPU's available RAM (MemAvailable: free plus reclaimable caches)."""
+    """Memory a run can take now: the CPU's available RAM (MemAvailable: free plus reclaimable caches), or
+    on CUDA the free memory of the GPU this process trains on. For `processes` > 1 spawned ranks, one GPU
+    each, the least total memory of their GPUs: reading free memory would open a CUDA context (hundreds
+    of MiB) on every GPU in the launching process, held for the whole job."""
     device = torch.device(device)
     if device.type == "cuda":
         first = torch.cuda.current_device() if device.index is None else device.index
         if "LOCAL_RANK" in os.environ:  # a torchrun worker checks its own GPU
             first, processes = int(os.environ["LOCAL_RANK"]), 1
-        return min(torch.cuda.mem_get_info(first + i)[0] for i in range(processes))
+        if processes == 1:
+            return torch.cuda.mem_get_info(first)[0]
+        return min(torch.cuda.get_device_properties(first + i).total_memory for i in range(processes))
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:

@@ -174,3 +174,14 @@ def test_out_dir_that_is_a_file_is_one_line(tmp_path, capsys, no_job, under):
     with pytest.raises(SystemExit):
         cli.main(["train", "--preset", "tiny", "--out-dir", str(file / under)])
     assert f"argument --out-dir: {file} is a file, not a directory" in capsys.readouterr().err
+
+
+def test_available_memory_on_cuda_reads_free_memory_only_of_the_gpu_this_process_uses(monkeypatch):
+    """Spawned ranks' launcher reads total memory: free memory would open a CUDA context on every GPU."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setattr("torch.cuda.current_device", lambda: 0)
+    monkeypatch.setattr("torch.cuda.mem_get_info", lambda index: (5 * GIB, 80 * GIB))
+    monkeypatch.setattr("torch.cuda.get_device_properties", lambda index: argparse.Namespace(total_memory=80 * GIB))
+    assert memory_plan.available_bytes("cuda", processes=1) == 5 * GIB
+    assert memory_plan.available_bytes("cuda", processes=4) == 80 * GIB
+    assert memory_plan.available_bytes("cpu") > 0
