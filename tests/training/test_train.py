@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import assert_cli_error
+from numerics import ORACLE_FACTOR
 
 from cs336_systems import cli
 from cs336_systems.errors import ConfigError
@@ -33,6 +34,7 @@ COMMON = ["--preset", "tiny", "--context-length", "32", "--batch-size", "8", "--
 REFERENCE_RUNS = {  # name -> flags; every run checkpoints at its end
     "one": ["--nproc", "1", "--checkpoint-every", "2"],
     "one-accum": ["--nproc", "1", "--grad-accum-steps", "2", "--checkpoint-every", "6"],
+    "one-accum4": ["--nproc", "1", "--grad-accum-steps", "4", "--checkpoint-every", "6"],
     "two": ["--nproc", "2", "--no-shard-optimizer", "--checkpoint-every", "6"],
     "two-sharded-accum": ["--nproc", "2", "--grad-accum-steps", "2", "--checkpoint-every", "2"],
 }
@@ -72,39 +74,43 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def initial_weights() -> dict[str, torch.Tensor]:
-    """The weights every run starts from (the seed fixes them)."""
-    config = parse()
-    train.prepare(config)
-    torch.manual_seed(config.seed)
-    return config.model.build().state_dict()
-
-
-def assert_same_weights(ours: dict, theirs: dict, initial: dict | None = None) -> None:
-    """Bit-equal weights, or with `initial`: equal up to float rounding, that is, the two runs moved
-    every tensor from `initial` by the same amount up to 1e-3 of that amount. (Adam turns rounding
-    differences in near-zero gradients into larger ones in the update, so elementwise tolerances
-    would have to be loose; a wrong gradient or batch gives errors of order 1.)"""
+def assert_same_weights(ours: dict, theirs: dict) -> None:
+    """Bit-equal weights (a resumed run repeats the same arithmetic in the same order)."""
     assert ours.keys() == theirs.keys()
     for name, ours_tensor in ours.items():
-        if initial is None:
-            assert torch.equal(ours_tensor, theirs[name]), name
-        else:
-            moved = (theirs[name] - initial[name]).norm()
-            assert (ours_tensor - theirs[name]).norm() <= 1e-3 * moved, name
+        assert torch.equal(ours_tensor, theirs[name]), name
 
 
 # ---------------------------------------------------------------- data parallelism
 
 
-@pytest.mark.parametrize("name", ["two", "two-sharded-accum", "one-accum"])
-def test_same_global_batch_trains_the_same(runs, initial_weights, name):
-    """2 processes (plain or sharded AdamW) and gradient accumulation all match one process."""
-    assert_same_weights(final_weights(runs[name]), final_weights(runs["one"]), initial_weights)
-    ours, theirs = train_losses(runs[name]), train_losses(runs["one"])
-    assert [s for s, _ in ours] == list(range(1, STEPS + 1)) == [s for s, _ in theirs]
-    torch.testing.assert_close([loss for _, loss in ours], [loss for _, loss in theirs], rtol=1e-4, atol=1e-5)
+# Each run that splits the global batch, and its oracles: one process accumulating 2 or 4 micro-batches.
+SPLIT_ORACLES = {"two": ["one-accum", "one-accum4"], "two-sharded-accum": ["one-accum", "one-accum4"],
+                 "one-accum": ["one-accum4"], "one-accum4": ["one-accum"]}
+
+
+@pytest.mark.numerics
+@pytest.mark.parametrize("name", list(SPLIT_ORACLES))
+def test_same_global_batch_trains_the_same(runs, name):
+    """2 processes (plain or sharded AdamW) and gradient accumulation all match one process: the
+    largest difference over all weights (and over the logged losses) is at most twice what one
+    process accumulating the same batch in pieces shows, measured here. Splitting the batch changes
+    the order of the sums, so no split run equals the whole-batch one on every CPU; Adam turns that
+    rounding in near-zero gradients into updates of up to ~lr, in a few elements, so the measure is
+    the largest element, not a norm. A wrong gradient or batch differs in every element."""
+    whole = final_weights(runs["one"])
+    assert [s for s, _ in train_losses(runs[name])] == list(range(1, STEPS + 1))
+
+    def distances(run: str) -> tuple[float, float]:
+        weights, losses = final_weights(runs[run]), train_losses(runs[run])
+        assert weights.keys() == whole.keys()
+        return (max((weights[key] - tensor).abs().max().item() for key, tensor in whole.items()),
+                max(abs(a - b) for (_, a), (_, b) in zip(losses, train_losses(runs["one"]), strict=True)))
+
+    ours, gaps = distances(name), [distances(oracle) for oracle in SPLIT_ORACLES[name]]
+    for what, i in (("weights", 0), ("losses", 1)):
+        bound = ORACLE_FACTOR * max(gap[i] for gap in gaps)
+        assert ours[i] <= bound, f"{what}: {ours[i]:.3e} > {bound:.3e} ({SPLIT_ORACLES[name]}: {gaps})"
 
 
 def test_outputs(runs):
