@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from numerics import ORACLE_FACTOR
 
 from cs336_systems import cli
 from cs336_systems.errors import ConfigError
@@ -70,22 +71,34 @@ def test_resume_on_the_same_ranks_is_bit_exact(uninterrupted: Path, tmp_path: Pa
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+@pytest.mark.numerics
 def test_resume_on_one_rank_continues_the_run(uninterrupted: Path, tmp_path: Path) -> None:
-    """1 process (no sharding) from the 2-rank FSDP checkpoint: the same training up to float rounding."""
-    _resume_from_step_3(uninterrupted, tmp_path, "--nproc", "1")
-    ours, theirs = _final(tmp_path), _final(uninterrupted)
-    initial = checkpoint.load(checkpoint.checkpoint_path(uninterrupted / "checkpoints", 3))["model"]
-    for name, tensor in theirs.items():  # moved by the same amount from step 3 up to 1e-3 of that amount
-        assert (ours[name] - tensor).norm() <= 1e-3 * (tensor - initial[name]).norm() + 1e-7, name
+    """1 process (no sharding) from the 2-rank FSDP checkpoint: the same training up to float rounding,
+    at most twice what one process's own accumulation over the two halves differs by (measured)."""
+    _resume_from_step_3(uninterrupted, tmp_path / "ours", "--nproc", "1")
+    _resume_from_step_3(uninterrupted, tmp_path / "halves", "--nproc", "1", "--grad-accum-steps", "2")
+    ours, halves = _final(tmp_path / "ours"), _final(tmp_path / "halves")
+    assert _largest_difference(ours, _final(uninterrupted)) <= ORACLE_FACTOR * _largest_difference(ours, halves)
 
 
+@pytest.mark.numerics
 def test_gradient_accumulation_trains_like_one_micro_batch(uninterrupted: Path, tmp_path: Path) -> None:
-    """Micro-batches each reduce-scatter (no_sync is a no-op: a shard has no full gradient to hold)."""
-    _train(tmp_path, "--fsdp", "--nproc", "2", "--grad-accum-steps", "2")
-    ours, theirs = _final(tmp_path), _final(uninterrupted)
-    initial = checkpoint.load(checkpoint.checkpoint_path(uninterrupted / "checkpoints", 3))["model"]
-    for name, tensor in theirs.items():
-        assert (ours[name] - tensor).norm() <= 1e-3 * (tensor - initial[name]).norm() + 1e-7, name
+    """Micro-batches each reduce-scatter (no_sync is a no-op: a shard has no full gradient to hold).
+    2 ranks x 2 micro-batches against 2 x 1: at most twice what one process accumulating 4 pieces
+    against 2 differs by (measured)."""
+    _train(tmp_path / "ours", "--fsdp", "--nproc", "2", "--grad-accum-steps", "2")
+    _train(tmp_path / "four", "--nproc", "1", "--grad-accum-steps", "4")
+    _train(tmp_path / "two", "--nproc", "1", "--grad-accum-steps", "2")
+    gap = _largest_difference(_final(tmp_path / "four"), _final(tmp_path / "two"))
+    assert _largest_difference(_final(tmp_path / "ours"), _final(uninterrupted)) <= ORACLE_FACTOR * gap
+
+
+def _largest_difference(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> float:
+    """The largest element of all weights' differences: Adam turns rounding in near-zero gradients into
+    updates of up to ~lr in a few elements, so a norm would depend on how many; a wrong gradient or
+    batch differs in every element."""
+    assert ours.keys() == theirs.keys()
+    return max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
 
 
 def test_fsdp_excludes_an_explicit_shard_optimizer() -> None:
