@@ -32,7 +32,10 @@ def test_time_rows_cover_every_variant_with_equal_weights(out):
     for row in rows:
         for key in ("step_ms", "step_vs_torch-fsdp2"):
             assert isinstance(row[key], float) and math.isfinite(row[key]) and row[key] > 0, key
-        assert row["max_abs_diff"] < 1e-5  # the same training; on 2 ranks in fact bit-identical
+        # The same training, bit-identical by construction on 2 ranks: each rank computes its slice's
+        # gradients with the same kernels, the two are added (a + b: exact in either order) and halved
+        # (exact), and AdamW is elementwise.
+        assert row["max_abs_diff"] == 0.0
     ours = next(r for r in rows if r["variant"] == "fsdp")
     assert 0 <= ours["late_gathers"] <= 1 and ours["late_wait_ms"] >= 0
 
