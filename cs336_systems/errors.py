@@ -1,5 +1,7 @@
-"""The one exception type the CLI turns into a one-line message instead of a traceback, and the
-argparse types of float flags, which refuse what float() accepts but no run can use (nan, inf)."""
+"""Bad user input, caught before a run starts: the one exception type the CLI turns into a one-line
+message instead of a traceback (and `flags_renamed`, which makes it name the command's own flags), and
+the argparse types shared by every command: float flags, which refuse what float() accepts but no run
+can use (nan, inf), and output directories."""
 
 from __future__ import annotations
 
