@@ -235,7 +235,8 @@ def test_no_graph_no_gradients(mode, compiled, fresh_dynamo, device):
     with mode(), FlopCounterMode(display=False) as counter:
         loss = fn(x, weight, targets)
     assert counter.get_total_flops() == 2 * 50 * 32 * 300
-    assert torch.allclose(loss, reference_loss_and_grads(x, weight, targets)[0].float())
+    low = reference_loss_and_grads(x, weight, targets, dtype=torch.float32)[0]
+    assert_within_oracle("loss", loss, low, reference_loss_and_grads(x, weight, targets)[0])
 
 
 def test_gradients_only_where_required(gen):
