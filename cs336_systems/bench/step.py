@@ -53,7 +53,7 @@ from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
 from cs336_systems.presets import JOB_PRESETS, ModelConfig
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.loss import lm_loss
-from cs336_systems.training.memory_plan import available_bytes, check_fits, estimate, largest_fitting
+from cs336_systems.training.memory_plan import MemoryPlan, available_bytes, check_fits, estimate, largest_fitting
 from cs336_systems.training.optim import adamw
 from cs336_systems.training.report import training_flops
 
@@ -296,13 +296,15 @@ def check_memory(config: StepBenchConfig, available: int | None = None) -> None:
     available = available_bytes(config.device) if available is None else available
     model = config.model
 
-    def floor(contender: str, layers: int):
+    def floor(contender: str, layers: int) -> MemoryPlan:
         policy = "full" if contender_base(contender) == "stock" else config.policy(contender)
         shape = dataclasses.replace(model.shape, num_layers=layers)
         return estimate(shape, model.vocab_size, tokens=config.batch * config.ctx, param_bytes=2, activation_bytes=2,
                         policy=policy)
 
     for name in config.contenders:
+        if floor(name, model.num_layers).total <= available:
+            continue
         layers = largest_fitting({str(k): floor(name, k) for k in range(1, model.num_layers)}, available)
         advice = f"--layers {layers} fits; or" if layers else "reduce memory:"
         what = (f"--contenders {name} ({model.shape.num_params(model.vocab_size) / 1e9:.3g} B parameters, "
