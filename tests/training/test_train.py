@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import assert_cli_error
-from numerics import ORACLE_FACTOR
+from numerics import oracle_bound
 
 from cs336_systems import cli
 from cs336_systems.errors import ConfigError
@@ -89,15 +89,16 @@ SPLIT_ORACLES = {"two": ["one-accum", "one-accum4"], "two-sharded-accum": ["one-
                  "one-accum": ["one-accum4"], "one-accum4": ["one-accum"]}
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("name", list(SPLIT_ORACLES))
 def test_same_global_batch_trains_the_same(runs, name):
     """2 processes (plain or sharded AdamW) and gradient accumulation all match one process: the
     largest difference over all weights (and over the logged losses) is at most twice what one
-    process accumulating the same batch in pieces shows, measured here. Splitting the batch changes
-    the order of the sums, so no split run equals the whole-batch one on every CPU; Adam turns that
-    rounding in near-zero gradients into updates of up to ~lr, in a few elements, so the measure is
-    the largest element, not a norm. A wrong gradient or batch differs in every element."""
+    process accumulating the same batch in pieces shows, measured here, plus one eps of the values
+    (their last rounding: a logged loss may differ by that where the oracle's happens not to).
+    Splitting the batch changes the order of the sums, so no split run equals the whole-batch one on
+    every CPU; Adam turns that rounding in near-zero gradients into updates of up to ~lr, in a few
+    elements, so the measure is the largest element, not a norm. A wrong gradient or batch differs in
+    every element."""
     whole = final_weights(runs["one"])
     assert [s for s, _ in train_losses(runs[name])] == list(range(1, STEPS + 1))
 
@@ -108,8 +109,10 @@ def test_same_global_batch_trains_the_same(runs, name):
                 max(abs(a - b) for (_, a), (_, b) in zip(losses, train_losses(runs["one"]), strict=True)))
 
     ours, gaps = distances(name), [distances(oracle) for oracle in SPLIT_ORACLES[name]]
+    scales = (max(t.abs().max().item() for t in whole.values()),
+              max(abs(loss) for _, loss in train_losses(runs["one"])))
     for what, i in (("weights", 0), ("losses", 1)):
-        bound = ORACLE_FACTOR * max(gap[i] for gap in gaps)
+        bound = oracle_bound(max(gap[i] for gap in gaps), torch.float32, scales[i])
         assert ours[i] <= bound, f"{what}: {ours[i]:.3e} > {bound:.3e} ({SPLIT_ORACLES[name]}: {gaps})"
 
 
