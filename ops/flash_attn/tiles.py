@@ -1,6 +1,6 @@
 """Tile tables of the Triton attention kernels and the rule that picks one for an input.
 
-Every number here was measured (cs336_systems' `python -m ops.flash_attn.tune`, docs/perf/flash_attention.md);
+Every number here was measured (`python -m tools.tune_flash_tiles`, docs/perf/flash_attention.md);
 the launchers only ask `kernel_configs` and `precision`.
 """
 
@@ -48,7 +48,7 @@ _INTERPRETER = KernelConfigs(*[Blocks(16, 16, 1, 1)] * 4)
 # float32 inputs. With three-TF32 products (see precision) by padded head dim: tiles from an
 # offline sm_90 compile survey (those with no or the fewest register spills; the spilling FMA kernels
 # ran 6-8x slower than torch's efficient backend at D = 128), then the fastest of them and a few wider
-# ones in `python -m ops.flash_attn.tune --dtype fp32` on an H100 (D = 128 forward -33 %, D = 64 each
+# ones in `python -m tools.tune_flash_tiles --dtype fp32` on an H100 (D = 128 forward -33 %, D = 64 each
 # kernel -4 to -9 %).
 # At D = 32 the survey's backward tiles stayed ahead (2.77 vs 3.23 ms at 1 x 16384, same machine);
 # docs/perf/flash_attention.md.
@@ -69,7 +69,7 @@ _FP32_FMA = {
 }
 FP32_TENSOR_CORE_MAX_D = 128  # wider fp32 tiles do not fit three-TF32 products in registers
 # 16-bit inputs, by (padded head dim BLOCK_D, long sequence). Measured on an H100 with
-# ops.flash_attn.tune; the numbers are in docs/perf/flash_attention.md. The single
+# tools/tune_flash_tiles.py; the numbers are in docs/perf/flash_attention.md. The single
 # pass is timed with descriptors; dispatch.py uses it at D = 64 only (at D = 128 it lost at every tile).
 LONG_SEQUENCE = 8192  # query rows from which the long-sequence forward tiles win
 _HALF = {

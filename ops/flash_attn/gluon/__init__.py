@@ -2,7 +2,7 @@
 
 Files: kernels_fwd.py (the warp-specialised forward), kernels_bwd.py (the one-pass backward),
 launch.py / launch_bwd.py (descriptors, tiles, launch, and `compile_forward` / `compile_backward`, the
-ahead-of-time sm_90 compiles CI runs on CPU), gpu_check.py (the GPU correctness and timing script).
+ahead-of-time sm_90 compiles CI runs on CPU), tools/gluon_timings.py (the GPU timing script).
 This module imports no Gluon: it only decides.
 
 Gluon is experimental and its API moves between Triton releases, so the kernels are used only with

@@ -101,7 +101,7 @@ def flash_forward_gluon(q, k, v, is_causal: bool, scale: float,
                         tiles: GluonTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
 
-    `tiles` overrides the table (gpu_check.py times variants with it).
+    `tiles` overrides the table (tools/gluon_timings.py times variants with it).
     """
     out, o4 = output_like(q)  # q's layout: for a transposed (B, N, H, D) q, O.transpose(1, 2) is a view
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
