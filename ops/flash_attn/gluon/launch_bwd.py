@@ -55,7 +55,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     """(dQ, dK, dV) in the input dtypes, each laid out like its input (torch.empty_like); dO may have
     any strides (it is copied only if TMA cannot read it).
 
-    `tiles` overrides the table (the tests and tools/gluon_timings.py run variants with it).
+    `tiles` overrides the table (the tests run variants with it).
     """
     q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, H, N, D) views
     o4 = heads_view(out)  # read by pointers (the preprocess): any strides
