@@ -15,8 +15,9 @@ step). The file holds only tensors and plain containers, so it loads with `torch
      "data": {"seed": int, "step": int, ...},       # batches are a function of (seed, step)
      "rng": [rng_state() of rank 0, rank 1, ...]}
 
-`save_trainer(trainer)` / `restore_trainer(trainer)` write and read a training run's state (a
-collective on every rank of the job).
+This module only lays out, writes and reads the files: what goes into one is
+`training.trainer.Trainer.state_dict()`, and resuming a run (`training.trainer.restore_trainer`)
+picks the file with `load_newest`.
 
 `load_newest(DIR)` tries checkpoints newest first; one that does not load (truncated, corrupt,
 not a checkpoint) is reported on stderr by file name and the previous one is tried.
@@ -30,19 +31,10 @@ import random
 import re
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-
-from cs336_systems.distributed.collectives import barrier, gather_from_ranks
-from cs336_systems.errors import ConfigError
-
-if TYPE_CHECKING:
-    from cs336_systems.distributed.world import World
-    from cs336_systems.training.config import TrainConfig
-    from cs336_systems.training.trainer import Trainer
 
 FORMAT = "cs336-train-checkpoint/1"
 _NAME = re.compile(r"step_(\d+)\.pt")
@@ -181,87 +173,3 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          np_state["has_gauss"], np_state["cached_gaussian"]))
     py_state = state["python"]
     random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
-
-
-# ---------------------------------------------------------------- a training run
-
-
-def save_trainer(trainer: Trainer) -> None:
-    """A collective: every rank contributes its optimizer shard and RNG state; rank 0 writes."""
-    config, world = trainer.config, trainer.world
-    model_state, optimizer_state = _full_states(trainer)  # unsharded: collectives when sharded
-    rng = gather_from_ranks(rng_state()) if world.world_size > 1 else [rng_state()]
-    if world.is_main:
-        state = {
-            "format": FORMAT, "step": trainer.step,
-            "model": model_state, "optimizer": optimizer_state,
-            "schedule": {"step": trainer.step},
-            "data": {"seed": config.seed, "step": trainer.step, "batch_size": config.batch_size,
-                     "context_length": config.context_length},
-            "rng": rng,
-        }
-        save(trainer.checkpoint_dir, trainer.step, state, config.checkpoint.keep)
-    barrier(world)  # no rank runs ahead (or dies) before the checkpoint is complete
-
-
-def _fsdp(trainer: Trainer):
-    """The trainer's FSDP wrapper, or None (imported here: the launching process never needs it)."""
-    from cs336_systems.parallel.fsdp import FSDP
-
-    return trainer.ddp if isinstance(trainer.ddp, FSDP) else None
-
-
-def _full_states(trainer: Trainer) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(model, optimizer) state dicts in the unsharded format, whatever the run shards: FSDP gathers
-    its shards (so the checkpoint resumes on any number of ranks), a ShardedOptimizer its state."""
-    if (fsdp := _fsdp(trainer)) is not None:
-        return fsdp.full_state_dict(), fsdp.full_optim_state_dict(trainer.optimizer)
-    return trainer.model.state_dict(), trainer.optimizer.state_dict()
-
-
-def restore_trainer(trainer: Trainer) -> int | None:
-    """Load the newest readable checkpoint into `trainer` on every rank; its step, or None if there is none.
-
-    Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which. A checkpoint
-    beyond --steps is a ConfigError, raised before anything is restored or written: the run never
-    trains past --steps, and a shorter --steps must not make it prune the longer run's checkpoints.
-    """
-    world = trainer.world
-    choice: list[Any] = [None, None]  # [path, error]
-    found = None
-    if world.is_main:
-        try:
-            found = load_newest(trainer.checkpoint_dir)
-            choice[0] = str(found[0]) if found else None
-        except CheckpointError as error:
-            choice[1] = str(error)
-    if world.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    if choice[1] is not None:
-        raise CheckpointError(choice[1])
-    if choice[0] is None:
-        return None
-    state = found[1] if found else load(Path(choice[0]))  # rank 0 has it loaded already
-    if state["step"] > trainer.config.steps:  # every rank raises: none waits in a collective for the others
-        raise ConfigError(f"--steps {trainer.config.steps} is below step {state['step']} of the checkpoint to resume "
-                          f"({choice[0]}): pass --steps {state['step']} or more, or another --out-dir")
-    if (fsdp := _fsdp(trainer)) is not None:  # each rank keeps its slices of the full tensors
-        fsdp.load_full_state_dict(state["model"])
-        fsdp.load_full_optim_state_dict(trainer.optimizer, state["optimizer"])
-    else:
-        trainer.model.load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.step = state["schedule"]["step"]
-    _check_data_position(trainer.config, state["data"], world)
-    rng = state["rng"]
-    set_rng_state(rng[world.rank] if len(rng) == world.world_size else rng[0])
-    return trainer.step
-
-
-def _check_data_position(config: TrainConfig, data: dict[str, Any], world: World) -> None:
-    ours = {"seed": config.seed, "batch_size": config.batch_size, "context_length": config.context_length}
-    changed = {key: (data[key], value) for key, value in ours.items() if data.get(key) != value}
-    if changed and world.is_main:
-        text = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-        print(f"warning: resuming with different data settings ({text}): batches differ from the interrupted run",
-              file=sys.stderr)

@@ -76,8 +76,7 @@ def _train_rank(config: TrainConfig, world: World, hooks: tuple[MetricsHook, ...
     """One process's share of the job; rank 0 returns the summary."""
     # Imported here: DDP and the sharded optimizer pull in torch._dynamo, which the launching
     # process of a multi-process job never needs.
-    from cs336_systems.training.checkpoint import restore_trainer
-    from cs336_systems.training.trainer import build_trainer, fit
+    from cs336_systems.training.trainer import build_trainer, fit, restore_trainer
 
     with _job_lock(config, in_worker=True, is_main=world.is_main):
         trainer = build_trainer(config, world)

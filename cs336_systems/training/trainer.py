@@ -25,6 +25,7 @@ import contextlib
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from cs336_systems.distributed.collectives import reduce_mean
+from cs336_systems.distributed.collectives import barrier, gather_from_ranks, reduce_mean
 from cs336_systems.distributed.world import World
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.ddp import DDPBucketed
@@ -80,6 +81,43 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return Path(self.config.out_dir) / "checkpoints"
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds of this run (the format in training/checkpoint.py); a collective on every
+        rank: FSDP gathers its shards and a ShardedOptimizer its state (so the checkpoint resumes on any
+        number of ranks), and every rank's RNG state is collected. Rank 0's dict is the one to write."""
+        config = self.config
+        if isinstance(self.ddp, FSDP):
+            model, optimizer = self.ddp.full_state_dict(), self.ddp.full_optim_state_dict(self.optimizer)
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        rng = gather_from_ranks(checkpoint.rng_state()) if self.world.world_size > 1 else [checkpoint.rng_state()]
+        return {"format": checkpoint.FORMAT, "step": self.step, "model": model, "optimizer": optimizer,
+                "schedule": {"step": self.step},
+                "data": {"seed": config.seed, "step": self.step, "batch_size": config.batch_size,
+                         "context_length": config.context_length},
+                "rng": rng}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state` (a `state_dict()`, on every rank): under FSDP each rank keeps its slices of
+        the full tensors; each rank takes its own RNG state (rank 0's when the number of ranks changed).
+        Rank 0 warns when the data settings differ from the saved run's (the batches then differ)."""
+        if isinstance(self.ddp, FSDP):
+            self.ddp.load_full_state_dict(state["model"])
+            self.ddp.load_full_optim_state_dict(self.optimizer, state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["schedule"]["step"]
+        config, data = self.config, state["data"]
+        ours = {"seed": config.seed, "batch_size": config.batch_size, "context_length": config.context_length}
+        changed = {key: (data[key], value) for key, value in ours.items() if data.get(key) != value}
+        if changed and self.world.is_main:
+            text = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            print(f"warning: resuming with different data settings ({text}): batches differ from the interrupted "
+                  "run", file=sys.stderr)
+        rng = state["rng"]
+        checkpoint.set_rng_state(rng[self.world.rank] if len(rng) == self.world.world_size else rng[0])
+
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
@@ -111,6 +149,47 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
                                          config.micro_batch_size, config.context_length, world.rank,
                                          world.world_size, world.device)
     return Trainer(config, world, model, forward, ddp, optimizer, batches, val_batches, comm)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def save_trainer(trainer: Trainer) -> None:
+    """Checkpoint `trainer` into its checkpoint_dir: a collective (see Trainer.state_dict); rank 0 writes."""
+    state = trainer.state_dict()
+    if trainer.world.is_main:
+        checkpoint.save(trainer.checkpoint_dir, trainer.step, state, trainer.config.checkpoint.keep)
+    barrier(trainer.world)  # no rank runs ahead (or dies) before the checkpoint is complete
+
+
+def restore_trainer(trainer: Trainer) -> int | None:
+    """Load the newest readable checkpoint into `trainer` on every rank; its step, or None if there is none.
+
+    Rank 0 picks the file (reporting and skipping damaged ones) and tells the others which. A checkpoint
+    beyond --steps is a ConfigError, raised before anything is restored or written: the run never
+    trains past --steps, and a shorter --steps must not make it prune the longer run's checkpoints.
+    """
+    world = trainer.world
+    choice: list[Any] = [None, None]  # [path, error]
+    found = None
+    if world.is_main:
+        try:
+            found = checkpoint.load_newest(trainer.checkpoint_dir)
+            choice[0] = str(found[0]) if found else None
+        except checkpoint.CheckpointError as error:
+            choice[1] = str(error)
+    if world.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if choice[1] is not None:
+        raise checkpoint.CheckpointError(choice[1])
+    if choice[0] is None:
+        return None
+    state = found[1] if found else checkpoint.load(Path(choice[0]))  # rank 0 has it loaded already
+    if state["step"] > trainer.config.steps:  # every rank raises: none waits in a collective for the others
+        raise ConfigError(f"--steps {trainer.config.steps} is below step {state['step']} of the checkpoint to resume "
+                          f"({choice[0]}): pass --steps {state['step']} or more, or another --out-dir")
+    trainer.load_state_dict(state)
+    return trainer.step
 
 
 # ---------------------------------------------------------------- one step
@@ -241,7 +320,7 @@ def _loop(trainer: Trainer, emit: MetricsHook | None) -> dict[str, float]:
         if every and (trainer.step % every == 0 or trainer.step == config.steps):
             start = time.perf_counter()
             with clock.paused():
-                checkpoint.save_trainer(trainer)
+                save_trainer(trainer)
             checkpoint_seconds += time.perf_counter() - start
         _maybe_die(trainer)
     comm = reduce_mean(torch.tensor(trainer.comm.seconds, device=world.device), world).item()
