@@ -6,12 +6,15 @@ to train or benchmark on a laptop CPU in seconds.
 
 `ModelConfig` is what `train` and `bench model` build a `BasicsTransformerLM` from: a preset with
 any field overridden by flags, validated in `__post_init__` so bad input fails before any tensor
-exists. This module imports no torch, so reading the table stays cheap.
+exists. This module imports no torch, so reading the table stays cheap. Training settings that go
+with a size (`train --preset 8b-32k`: batch, parameter dtype, checkpointing) are job presets, in
+`cs336_systems/training/jobs.py`.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -56,26 +59,18 @@ PRESETS: dict[str, ModelShape] = {
     "xl": ModelShape(d_model=1600, d_ff=6400, num_layers=48, num_heads=25),
     "2.7B": ModelShape(d_model=2560, d_ff=10240, num_layers=32, num_heads=32),
     # The CS336 2026 leaderboard model (8.1 B parameters with its 151936-token vocabulary); the
-    # `8b-32k` preset of `bench step` and `train` adds its context and batch.
+    # `8b-32k` job preset of `bench step` and `train` (training/jobs.py) adds its context and batch.
     "8b": ModelShape(d_model=4096, d_ff=11008, num_layers=34, num_heads=32),
 }
-JOB_PRESETS: dict[str, dict[str, Any]] = {
-    # The CS336 2026 leaderboard step: the 8b model at 2 x 32768 tokens with bf16 parameters, and the
-    # checkpointing that measured fastest within one H200's memory (docs/perf/train_step.md).
-    "8b-32k": {"preset": "8b", "vocab_size": 151_936, "context_length": 32_768, "batch_size": 2,
-               "param_dtype": "bf16", "activation_checkpointing": "selective"},
-}
-"""`train --preset NAME` for a whole job: these flags' values, where the command line leaves them at
-their defaults."""
 CS336_PRESETS = ("small", "medium", "large", "xl", "2.7B")
 """The sizes the CS336 handout benchmarks, in increasing order."""
 
 
-def get_preset(name: str, flag: str = "--preset", jobs: bool = False) -> ModelShape:
-    """`PRESETS[name]`, or a ConfigError naming `flag` and listing the choices: with `jobs`, the JOB_PRESETS
-    too (for a command that takes them, which has expanded them before asking for the shape)."""
+def get_preset(name: str, flag: str = "--preset", also: Iterable[str] = ()) -> ModelShape:
+    """`PRESETS[name]`, or a ConfigError naming `flag` and listing the choices: the sizes, then `also`
+    (other names the command takes, e.g. training.jobs.JOB_PRESETS, expanded before asking for a shape)."""
     if name not in PRESETS:
-        choices = [*PRESETS, *JOB_PRESETS] if jobs else list(PRESETS)
+        choices = [*PRESETS, *also]
         raise ConfigError(f"{flag}: unknown preset {name!r} (choose from {', '.join(choices)})")
     return PRESETS[name]
 
@@ -164,12 +159,13 @@ def _flag(field_name: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "mini",
-                        default_attention: str = "naive") -> None:
-    """The model-shape flags shared by `train` and `bench model` (see ModelConfig)."""
+                        default_attention: str = "naive", jobs: Iterable[str] = ()) -> None:
+    """The model-shape flags shared by `train` and `bench model` (see ModelConfig); `jobs`: the names of
+    whole jobs --preset also takes (train: training.jobs.JOB_PRESETS), listed in its help."""
+    whole_jobs = f"; or a whole job: {', '.join(jobs)}" if jobs else ""
     group = parser.add_argument_group("model")
     group.add_argument("--preset", default=default_preset, metavar="NAME",
-                       help=f"model size: {', '.join(PRESETS)} (default: {default_preset}); train also "
-                            f"takes a whole job: {', '.join(JOB_PRESETS)}")
+                       help=f"model size: {', '.join(PRESETS)} (default: {default_preset}){whole_jobs}")
     for name, text in (("d_model", "residual width"), ("d_ff", "feed-forward width"),
                        ("num_layers", "number of blocks"), ("num_heads", "attention heads")):
         group.add_argument(_flag(name), type=int, metavar="N", help=f"{text} (default: the preset's)")
@@ -191,17 +187,3 @@ def model_config_from_args(args: argparse.Namespace, *, context_length: int) -> 
         context_length=args.model_context_length or context_length,
     )
 
-
-def apply_job_preset(args: argparse.Namespace, defaults: dict[str, Any]) -> argparse.Namespace:
-    """`args` with a JOB_PRESETS name in `args.preset` expanded into the flags it sets that were not
-    given (None), so explicit flags win; then every flag of `defaults` still None takes its default."""
-    if args.preset not in JOB_PRESETS:
-        get_preset(args.preset, jobs=True)  # an unknown name: the error lists the job presets as well
-    values = vars(args).copy()
-    for name, value in JOB_PRESETS.get(args.preset, {}).items():
-        if name == "preset" or values.get(name) is None:
-            values[name] = value
-    for name, value in defaults.items():
-        if values.get(name) is None:
-            values[name] = value
-    return argparse.Namespace(**values)

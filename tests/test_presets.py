@@ -1,9 +1,14 @@
-"""Model presets: the parameter count computed from a shape equals the built model's."""
+"""Model presets: the parameter count computed from a shape equals the built model's. Job presets
+(training/jobs.py): a model size plus `train` flags, which explicit flags override."""
+
+import argparse
 
 import pytest
 import torch
 
 from cs336_systems.presets import PRESETS, ModelConfig
+from cs336_systems.training.config import add_arguments
+from cs336_systems.training.jobs import JOB_PRESETS, apply_job_preset
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -13,3 +18,22 @@ def test_num_params_counts_the_built_model(name, vocab_size):
         model = ModelConfig(preset=name, vocab_size=vocab_size, context_length=64).build()
     built = sum(p.numel() for p in model.parameters())
     assert PRESETS[name].num_params(vocab_size) == built
+
+
+@pytest.mark.parametrize("name", list(JOB_PRESETS))
+def test_a_job_preset_is_a_model_size_and_train_flags(name):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = set(vars(parser.parse_args([])))
+    assert JOB_PRESETS[name]["preset"] in PRESETS and name not in PRESETS
+    assert set(JOB_PRESETS[name]) <= flags
+    assert name in parser.format_help()  # --preset's help lists the whole jobs
+
+
+def test_a_job_preset_fills_only_the_flags_not_given():
+    given = argparse.Namespace(preset="8b-32k", batch_size=4, context_length=None, vocab_size=None,
+                               param_dtype=None, activation_checkpointing=None, steps=None)
+    args = apply_job_preset(given, {"steps": 10, "batch_size": 1})
+    assert (args.preset, args.batch_size, args.context_length, args.steps) == ("8b", 4, 32_768, 10)
+    plain = apply_job_preset(argparse.Namespace(preset="tiny", batch_size=None), {"batch_size": 1})
+    assert (plain.preset, plain.batch_size) == ("tiny", 1)

@@ -50,8 +50,9 @@ from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
 from cs336_systems.errors import ConfigError, directory, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import parse_policy
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
-from cs336_systems.presets import JOB_PRESETS, ModelConfig
+from cs336_systems.presets import ModelConfig
 from cs336_systems.runtime import pick_device
+from cs336_systems.training.jobs import JOB_PRESETS
 from cs336_systems.training.loss import lm_loss
 from cs336_systems.training.memory_plan import MemoryPlan, available_bytes, check_fits, estimate, largest_fitting
 from cs336_systems.training.optim import adamw

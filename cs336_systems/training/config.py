@@ -17,9 +17,10 @@ import torch
 
 from cs336_systems.errors import ConfigError, check_float, directory, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import parse_policy
-from cs336_systems.presets import ModelConfig, add_model_arguments, apply_job_preset, model_config_from_args
+from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
 from cs336_systems.training.corpus import CorpusConfig
+from cs336_systems.training.jobs import JOB_PRESETS, apply_job_preset
 from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS
 
 
@@ -229,7 +230,7 @@ def _default(config_class: type, name: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every `train` flag (see the config fields above for what each means)."""
-    add_model_arguments(parser, default_preset="mini", default_attention="flash")
+    add_model_arguments(parser, default_preset="mini", default_attention="flash", jobs=JOB_PRESETS)
     train, opt = functools.partial(_default, TrainConfig), functools.partial(_default, OptimizerConfig)
     par, ckpt = functools.partial(_default, ParallelConfig), functools.partial(_default, CheckpointConfig)
     group = parser.add_argument_group("training")
