@@ -40,7 +40,13 @@ from cs336_systems.presets import (
     get_preset,
     model_config_from_args,
 )
-from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, autocast, runtime_config_from_args
+from cs336_systems.runtime import (
+    DTYPE_NAMES,
+    RuntimeConfig,
+    add_runtime_arguments,
+    autocast,
+    runtime_config_from_args,
+)
 from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS, lm_loss
 
 PHASES = {"forward": ("forward",), "forward-backward": ("forward", "backward"),
@@ -145,13 +151,14 @@ def _build_case(config: ModelBenchConfig, model_config: ModelConfig, context_len
     if config.runtime.compile:
         torch.compiler.reset()  # each case is a new module: start from an empty cache, not its recompile limit
     torch.manual_seed(0)
-    model = model_config.build().to(config.device)
+    model = model_config.build().to(config.device, config.runtime.precision.param)
     optimizer = AdamW(model.parameters(), lr=1e-4) if config.mode == "train-step" else None
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch_size, context_length + 1), generator=generator)
     tokens = tokens.to(config.device)  # (B, T + 1)
     runtime = config.runtime
-    forward, _ = parallelize(model, 1, compile_model=runtime.compile, compile_backend=runtime.compile_backend)
+    forward, _ = parallelize(model, 1, compile_model=runtime.compile, compile_backend=runtime.compile_backend,
+                             precision=runtime.precision)
     return _Case(model, forward, optimizer, tokens[:, :-1], tokens[:, 1:])
 
 
@@ -247,7 +254,7 @@ def _row(config: ModelBenchConfig, model: ModelConfig, context_length: int, samp
         preset=model.preset or "custom", context_length=context_length,
         params_m=model.shape.num_params(model.vocab_size) / 1e6, **asdict(model.shape),
         batch_size=config.batch_size, mode=config.mode, attention=model.attention,
-        dtype="bf16-autocast" if config.runtime.bf16 else "fp32",
+        dtype="bf16-autocast" if config.runtime.precision.autocast else DTYPE_NAMES[config.runtime.precision.param],
         compile=config.runtime.compile_backend if config.runtime.compile else None,
     )
     if samples is None:

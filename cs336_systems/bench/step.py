@@ -178,7 +178,7 @@ def stock_setup(model: nn.Module, config: StepBenchConfig) -> tuple[Callable, to
 
 def ours_setup(model: nn.Module, config: StepBenchConfig, policy: str) -> tuple[Callable, torch.optim.Optimizer]:
     forward, _ = parallelize(model, 1, compile_model=config.compile, compile_backend=config.compile_backend,
-                             compile_mode=config.compile_mode, activation_checkpointing=policy)
+                             compile_mode=config.compile_mode, activation_checkpointing=parse_policy(policy))
     optimizer_cls, extra = adamw("auto", torch.device(config.device))
     optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
     return (lambda x, y: lm_loss(forward, x, y)), optimizer

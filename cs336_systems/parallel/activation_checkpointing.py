@@ -1,6 +1,7 @@
 """Activation checkpointing: keep fewer activations in forward, recompute them in backward.
 
-    apply_activation_checkpointing(model, "full")   # before compile and before DDP/FSDP (parallelize.py)
+    policy = parse_policy("full")                    # once, at configuration time (training/config.py)
+    apply_activation_checkpointing(model, policy)    # before compile and before DDP/FSDP (parallelize.py)
 
 Policies (the `--activation-checkpointing` flag):
 
@@ -48,7 +49,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from cs336_systems.errors import ConfigError
 
-__all__ = ["POLICIES", "SELECTIVE_SAVED_MATMULS", "ActivationCheckpointing", "CheckpointedBlocks",
+__all__ = ["NO_CHECKPOINTING", "POLICIES", "SELECTIVE_SAVED_MATMULS", "ActivationCheckpointing", "CheckpointedBlocks",
            "apply_activation_checkpointing", "parse_policy", "selective_context"]
 
 POLICIES = ("none", "full", "every:K", "selective", "selective:NAMES")
@@ -90,6 +91,20 @@ class ActivationCheckpointing:
     saved_matmuls: tuple[str, ...] = SELECTIVE_SAVED_MATMULS
     """Block matmuls whose outputs `selective` keeps (ignored by the other modes)."""
 
+    def __eq__(self, other: object) -> bool:
+        """Equal to another policy with the same fields, or to a spelling of this policy ("every:1" is "full")."""
+        if isinstance(other, str):
+            try:
+                other = parse_policy(other)
+            except ConfigError:
+                return False
+        if not isinstance(other, ActivationCheckpointing):
+            return NotImplemented
+        return (self.mode, self.group_size, self.saved_matmuls) == (other.mode, other.group_size, other.saved_matmuls)
+
+    def __hash__(self) -> int:
+        return hash((self.mode, self.group_size, self.saved_matmuls))
+
     def __str__(self) -> str:
         if self.mode == "full" and self.group_size > 1:
             return f"every:{self.group_size}"
@@ -98,9 +113,17 @@ class ActivationCheckpointing:
         return self.mode
 
 
-def parse_policy(text: str) -> ActivationCheckpointing:
+NO_CHECKPOINTING = ActivationCheckpointing(mode="none")
+"""The policy "none"."""
+
+
+def parse_policy(text: str | ActivationCheckpointing) -> ActivationCheckpointing:
     """"none" | "full" | "every:K" | "selective" | "selective:NAMES" -> ActivationCheckpointing;
-    ConfigError otherwise."""
+    ConfigError otherwise. A policy already parsed is returned as it is."""
+    if isinstance(text, ActivationCheckpointing):
+        return text
+    if not isinstance(text, str):
+        raise TypeError(f"an activation checkpointing policy is a string or ActivationCheckpointing, got {text!r}")
     if text in ("none", "full", "selective"):
         return ActivationCheckpointing(mode=text)
     match = re.fullmatch(r"every:(\d+)", text)
@@ -186,7 +209,7 @@ def apply_activation_checkpointing(model: nn.Module, policy: str | ActivationChe
 
     Call before compiling (so compiled graphs hold the recomputation) and before DDP/FSDP wrap it.
     """
-    policy = parse_policy(policy) if isinstance(policy, str) else policy
+    policy = parse_policy(policy)
     if policy.mode == "none":
         return model
     layers = getattr(model, "layers", None)

@@ -86,11 +86,15 @@ BACKWARD_PREFETCH = 1
 class FSDP(nn.Module):
     """`module` with its Linear/Embedding parameters sharded over the ranks; `forward` delegates."""
 
-    def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+    def __init__(self, module: nn.Module, compute_dtype: torch.dtype | None = None,
+                 reduce_dtype: torch.dtype | None = None) -> None:
+        """`compute_dtype`: the dtype weights are gathered and computed in; `reduce_dtype`: the one the
+        sharded layers' gradients are reduce-scattered in (then rounded to the shard's dtype once). None:
+        the parameters' own. parallelize() takes both from the run's Precision."""
         super().__init__()
-        floating = isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point
-        if compute_dtype is not None and not floating:
-            raise ValueError(f"FSDP: compute_dtype must be a floating-point torch.dtype or None, got {compute_dtype!r}")
+        for what, dtype in (("compute_dtype", compute_dtype), ("reduce_dtype", reduce_dtype)):
+            if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise ValueError(f"FSDP: {what} must be a floating-point torch.dtype or None, got {dtype!r}")
         require_process_group("FSDP")
         check_same_parameters(module, "FSDP")
         broadcast_from_rank0(module)
@@ -99,6 +103,9 @@ class FSDP(nn.Module):
         self.world_size = dist.get_world_size()
         self.gather_stats = GatherStats()
         self._layers, self._units, self._sharded = _shard(module, compute_dtype, self.gather_stats)
+        self.reduce_dtype = reduce_dtype
+        for sp in self._sharded:
+            sp.reduce_dtype = reduce_dtype or sp.shard.dtype
         self._by_shard = {sp.shard: sp for sp in self._sharded}
         sharded_ids = {id(sp.shard) for sp in self._sharded}
         replicated = [p for p in module.parameters() if p.requires_grad and id(p) not in sharded_ids]

@@ -50,7 +50,8 @@ class GatherStats:
 class ShardedParam:
     """One Parameter, flattened, padded to a multiple of the world size and split in dim 0."""
 
-    def __init__(self, param: nn.Parameter, compute_dtype: torch.dtype | None, stats: GatherStats) -> None:
+    def __init__(self, param: nn.Parameter, compute_dtype: torch.dtype | None, stats: GatherStats,
+                 reduce_dtype: torch.dtype | None = None) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.shape, self.numel = param.shape, param.numel()
         self.shard_numel = -(-self.numel // self.world_size)  # ceil
@@ -59,6 +60,7 @@ class ShardedParam:
         flat[:self.numel] = param.detach().reshape(-1)
         self.shard = nn.Parameter(self._my_slice(flat).clone(), requires_grad=param.requires_grad)
         self.dtype = compute_dtype or param.dtype
+        self.reduce_dtype = reduce_dtype or param.dtype  # gradients are averaged in this dtype
         self.flat = torch.empty(padded, dtype=self.dtype, device=param.device)
         self.stats = stats
         self._nbytes = padded * self.flat.element_size()
@@ -148,11 +150,12 @@ class ShardedParam:
     # ---------------------------------------------------------------- reduce-scatter
 
     def reduce_scatter(self, grad: torch.Tensor) -> None:
-        """Start averaging `grad` (the full weight's gradient on this rank) into this rank's shard, in fp32."""
-        send = torch.zeros(self.shard_numel * self.world_size, dtype=self.shard.dtype, device=grad.device)
+        """Start averaging `grad` (the full weight's gradient on this rank) into this rank's shard, in the
+        reduce dtype (the shard's unless FSDP was given another; `finish` rounds the result to the shard's)."""
+        send = torch.zeros(self.shard_numel * self.world_size, dtype=self.reduce_dtype, device=grad.device)
         send[:self.numel] = grad.reshape(-1)
         send.div_(self.world_size)  # SUM of grad / world is the mean (gloo has no ReduceOp.AVG)
-        out = torch.empty(self.shard_numel, dtype=self.shard.dtype, device=grad.device)
+        out = torch.empty(self.shard_numel, dtype=self.reduce_dtype, device=grad.device)
         self._grads.append((dist.reduce_scatter_tensor(out, send, async_op=True), out, send))
         self.free()  # every use's backward has run: the full weight is not needed any more
 
@@ -161,6 +164,7 @@ class ShardedParam:
         self.free()
         for work, out, _ in self._grads:
             work.wait()
+            out = out.to(self.shard.dtype)  # a no-op unless reduced in another dtype
             if self.shard.grad is None:
                 self.shard.grad = out
             else:

@@ -1,13 +1,20 @@
 """The one place that turns a plain model into what a job trains: activation checkpointing, then
 compilation, then the data-parallel wrapper. `train` and every benchmark call `parallelize`.
 
-    forward, ddp = parallelize(model, world_size, compile_model=True, activation_checkpointing="full")
+    forward, ddp = parallelize(model, world_size, compile_model=True, activation_checkpointing=parse_policy("full"),
+                               precision=Precision(compute=torch.bfloat16))
     loss = lm_loss(forward, x, y)                      # forward: the module to call
     ...; ddp.finish_gradient_synchronization()         # ddp: the wrapper, or None with one rank
 
 Order matters: checkpointing wraps blocks before they are compiled (so the compiled graph holds
 the recomputation), and the DDP or FSDP (`fsdp=True`) wrapper goes around the compiled module (its
 hooks and collectives stay in eager code, outside any traced graph).
+
+Engines (`engine`): "ours" (DDPBucketed, FSDP) or "torch" (torch's DistributedDataParallel and
+FSDP2's fully_shard, behind the same interface: torch_engines.py), the trusted references ours
+are tested against. The precision policy is one value (runtime.Precision): FSDP gathers weights in
+its compute dtype and reduces gradients in its reduce dtype, ours and torch's alike; DDP reduces in
+the parameters' dtype (a Precision asking otherwise is refused).
 
 Compilation is regional by default: each block (or checkpointed group of blocks) is compiled in
 place with `module.compile()`, and since every block runs the same code on same-shaped tensors,
@@ -22,9 +29,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cs336_systems.parallel.activation_checkpointing import apply_activation_checkpointing
+from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.activation_checkpointing import (
+    NO_CHECKPOINTING,
+    ActivationCheckpointing,
+    apply_activation_checkpointing,
+)
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
+from cs336_systems.parallel.torch_engines import TorchDDP, TorchFSDP2
+from cs336_systems.runtime import FP32, Precision
+
+ENGINES = ("ours", "torch")
+"""Values of `engine` (train's --engine): our DDP/FSDP, or torch's DistributedDataParallel/FSDP2."""
+
+Wrapper = DDPBucketed | FSDP | TorchDDP | TorchFSDP2
+"""What `parallelize` returns beside the module to call (None with one rank)."""
 
 COMPILE_MODES = ("regional", "model")
 """How `apply_compile` compiles: each repeated block in place, or the whole model as one graph."""
@@ -58,31 +78,46 @@ def apply_ddp(module: nn.Module, world_size: int, bucket_size_mb: float | None) 
     return DDPBucketed(module, bucket_size_mb=bucket_size_mb)
 
 
-def apply_fsdp(module: nn.Module, world_size: int, compute_dtype: torch.dtype | None) -> FSDP | None:
+def apply_fsdp(module: nn.Module, world_size: int, precision: Precision = FP32) -> FSDP | None:
     """Our FSDP around `module` when there are several ranks, else None. It shards `module`'s
     Linear/Embedding parameters in place: afterwards `model.parameters()` are the local shards (plus
-    the replicated norms), what the optimizer must get; checkpoints go through `full_state_dict()`."""
+    the replicated norms), what the optimizer must get; checkpoints go through `full_state_dict()`.
+    Weights are gathered in `precision`'s compute dtype, gradients reduce-scattered in its reduce dtype."""
     if world_size == 1:
         return None
-    return FSDP(module, compute_dtype=compute_dtype)
+    return FSDP(module, compute_dtype=precision.gather_dtype, reduce_dtype=precision.reduce_dtype)
 
 
 def parallelize(model: nn.Module, world_size: int, *, compile_model: bool = False, compile_backend: str = "inductor",
-                compile_mode: str = "regional", activation_checkpointing: str = "none",
-                bucket_size_mb: float | None = 25.0, fsdp: bool = False,
-                fsdp_compute_dtype: torch.dtype | None = None) -> tuple[nn.Module, DDPBucketed | FSDP | None]:
+                compile_mode: str = "regional", activation_checkpointing: ActivationCheckpointing = NO_CHECKPOINTING,
+                bucket_size_mb: float | None = 25.0, fsdp: bool = False, engine: str = "ours",
+                precision: Precision = FP32) -> tuple[nn.Module, Wrapper | None]:
     """(the module to call, the DDP or FSDP wrapper or None) for `model` on `world_size` ranks.
 
-    `activation_checkpointing` is a policy of activation_checkpointing.py ("none", "full", "every:K",
-    "selective"); it wraps `model.layers` in place, before compilation. `fsdp` shards instead of
-    replicating (`fsdp_compute_dtype`: the dtype weights are gathered and computed in).
+    `activation_checkpointing` is a parsed policy (activation_checkpointing.parse_policy, called once
+    where the configuration is read); it wraps `model.layers` in place, before compilation. `fsdp`
+    shards instead of replicating; `engine` picks ours or torch's (ENGINES); `precision` is the run's
+    precision policy (the model must already be in its parameter dtype).
     """
+    if not isinstance(activation_checkpointing, ActivationCheckpointing):
+        raise TypeError("parallelize: activation_checkpointing must be a parsed policy (parse_policy), "
+                        f"got {activation_checkpointing!r}")
+    if engine not in ENGINES:
+        raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    precision.check_engine(fsdp)
     apply_activation_checkpointing(model, activation_checkpointing)
     compiled = apply_compile(model, compile_model, compile_backend, compile_mode)
-    # After compiling: FSDP's and DDP's hooks and collectives stay in eager code around the
-    # compiled blocks (regional compile breaks each block's graph at FSDP's per-layer hooks).
-    if fsdp:
-        wrapper = apply_fsdp(compiled, world_size, fsdp_compute_dtype)
-    else:
-        wrapper = apply_ddp(compiled, world_size, bucket_size_mb)
-    return (wrapper or compiled), wrapper
+    if world_size == 1:
+        return compiled, None
+    # After compiling: the wrappers' hooks and collectives stay in eager code around the compiled
+    # blocks (regional compile breaks each block's graph at our FSDP's per-layer hooks).
+    if engine == "torch":
+        if fsdp:  # in place on the plain model, which the regional compile leaves the module to call
+            if compiled is not model:
+                raise ValueError("torch's FSDP2 here needs the regional compile (or none), not compile_mode 'model'")
+            wrapper = TorchFSDP2(model, precision)
+            return wrapper.module, wrapper
+        ddp = TorchDDP(compiled, bucket_size_mb)
+        return ddp.module, ddp
+    wrapper = apply_fsdp(compiled, world_size, precision) if fsdp else apply_ddp(compiled, world_size, bucket_size_mb)
+    return wrapper, wrapper

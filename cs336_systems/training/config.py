@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from cs336_systems.errors import ConfigError, check_float, directory, nonnegative_float, positive_float
-from cs336_systems.parallel.activation_checkpointing import parse_policy
+from cs336_systems.parallel.activation_checkpointing import NO_CHECKPOINTING, ActivationCheckpointing, parse_policy
+from cs336_systems.parallel.parallelize import ENGINES
 from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
 from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
 from cs336_systems.training.corpus import CorpusConfig
@@ -90,12 +91,17 @@ class ParallelConfig:
     """Shard AdamW's state over the processes (ShardedOptimizer); no effect with one process. None (the
     default): on, unless `fsdp` (which shards the optimizer state with the parameters already)."""
     fsdp: bool = False
-    """Shard parameters, gradients and optimizer state (parallel/fsdp.py) instead of DDP; with --bf16
-    the weights are gathered and computed in bf16. Excludes an explicit --shard-optimizer."""
+    """Shard parameters, gradients and optimizer state (parallel/fsdp.py) instead of DDP; weights are
+    gathered in the compute dtype (bf16 with --bf16), gradients reduced in the reduce dtype
+    (runtime.Precision). Excludes an explicit --shard-optimizer."""
+    engine: str = "ours"
+    """Whose data parallelism: "ours" (DDPBucketed, or FSDP with `fsdp`) or "torch" (torch's
+    DistributedDataParallel, or FSDP2's fully_shard with `fsdp`): parallel/torch_engines.py."""
     bucket_size_mb: float = 25.0
-    """Gradient bucket cap of DDPBucketed, in MiB."""
-    activation_checkpointing: str = "none"
-    """Activation checkpointing policy: none, full, every:K or selective (parallel/activation_checkpointing.py)."""
+    """Gradient bucket cap of DDPBucketed (and of torch's DDP), in MiB."""
+    activation_checkpointing: ActivationCheckpointing = NO_CHECKPOINTING
+    """Activation checkpointing policy (parallel/activation_checkpointing.py), parsed once here from its
+    flag spelling (none, full, every:K, selective, selective:NAMES; a string given is parsed)."""
     torchrun: bool = field(default=False, init=False)
     """Set by `resolve`: this process is one of torchrun's workers (RANK and WORLD_SIZE are set)."""
     world_size: int = field(default=1, init=False)
@@ -105,7 +111,10 @@ class ParallelConfig:
         if self.nproc is not None and self.nproc < 1:
             raise ConfigError(f"--nproc must be >= 1, got {self.nproc}")
         check_float(self.bucket_size_mb, "--bucket-size-mb", "positive")
-        parse_policy(self.activation_checkpointing)  # a ConfigError naming --activation-checkpointing
+        # Parsed once, here: a ConfigError naming --activation-checkpointing; the value goes to parallelize.
+        self.activation_checkpointing = parse_policy(self.activation_checkpointing)
+        if self.engine not in ENGINES:
+            raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.fsdp and self.shard_optimizer:
             raise ConfigError("--fsdp and --shard-optimizer are mutually exclusive: FSDP shards the optimizer "
                               "state with the parameters (drop --shard-optimizer)")
@@ -204,6 +213,7 @@ class TrainConfig:
         if not 0 <= self.optimizer.warmup_steps <= self.steps:
             raise ConfigError(f"--warmup-steps must be in [0, --steps], got {self.optimizer.warmup_steps}")
         self.parallel.resolve(torch.device(self.runtime.device))
+        self.runtime.precision.check_engine(self.parallel.fsdp)  # --reduce-dtype other than --param-dtype: FSDP
         if self.optimizer.implementation == "torch-fused" and torch.device(self.runtime.device).type != "cuda":
             raise ConfigError(f"--optimizer torch-fused needs a CUDA device, got --device {self.runtime.device}")
         if self.batch_size % (self.parallel.world_size * self.grad_accum_steps):
@@ -261,6 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="shard AdamW's state over the processes (default: on, off with --fsdp)")
     group.add_argument("--fsdp", action="store_true",
                        help="fully sharded data parallel: parameters, gradients and AdamW state sharded")
+    group.add_argument("--engine", choices=ENGINES, default=par("engine"),
+                       help="whose data parallelism: ours (DDP, --fsdp: our FSDP) or torch (DistributedDataParallel, "
+                            "--fsdp: FSDP2) (default: %(default)s)")
     group.add_argument("--bucket-size-mb", type=positive_float, default=par("bucket_size_mb"),
                        help="DDP gradient bucket cap (default: %(default)s)")
     group.add_argument("--activation-checkpointing", metavar="POLICY",
@@ -301,7 +314,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                   implementation=args.optimizer),
         runtime=runtime_config_from_args(args),
         parallel=ParallelConfig(nproc=args.nproc, shard_optimizer=args.shard_optimizer, fsdp=args.fsdp,
-                                bucket_size_mb=args.bucket_size_mb,
+                                engine=args.engine, bucket_size_mb=args.bucket_size_mb,
                                 activation_checkpointing=args.activation_checkpointing),
         checkpoint=CheckpointConfig(every=args.checkpoint_every, resume=args.resume, keep=args.keep_checkpoints),
         steps=args.steps, batch_size=args.batch_size, grad_accum_steps=args.grad_accum_steps,

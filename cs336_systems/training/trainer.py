@@ -43,7 +43,8 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.parallelize import parallelize
-from cs336_systems.runtime import PARAM_DTYPES, autocast
+from cs336_systems.parallel.torch_engines import TorchFSDP2
+from cs336_systems.runtime import autocast
 from cs336_systems.timing import Clock, Stopwatch
 from cs336_systems.training import checkpoint
 from cs336_systems.training.config import TrainConfig
@@ -130,16 +131,18 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
     train_tokens, val_tokens, _ = load_splits(config.data.data, config.data.val_data, config.data.corpus,
                                               config.context_length)
     seed_everything(config.seed)
-    model = config.model.build().to(world.device, PARAM_DTYPES[config.runtime.param_dtype])
+    precision = config.runtime.precision  # the one precision policy: model dtype, autocast, DDP/FSDP dtypes
+    model = config.model.build().to(world.device, precision.param)
     forward, ddp = parallelize(model, world.world_size, compile_model=config.runtime.compile,
                                compile_backend=config.runtime.compile_backend,
                                activation_checkpointing=config.parallel.activation_checkpointing,
-                               fsdp=config.parallel.fsdp,
-                               fsdp_compute_dtype=torch.bfloat16 if config.runtime.bf16 else None,
+                               fsdp=config.parallel.fsdp, engine=config.parallel.engine, precision=precision,
                                bucket_size_mb=config.parallel.bucket_size_mb)
     comm = Stopwatch(world.device)
     shard = config.parallel.shard_optimizer and world.world_size > 1
     optimizer = build_optimizer(model.parameters(), config.optimizer, shard=shard, communication_timer=comm)
+    if isinstance(ddp, TorchFSDP2):  # its optimizer state is DTensors: checkpoints gather them too
+        ddp.full_state_dicts(optimizer)
     batches = TokenBatches(tokens=train_tokens, batch_size=config.batch_size, context_length=config.context_length,
                            accumulation=config.grad_accum_steps, seed=config.seed, rank=world.rank,
                            world_size=world.world_size, device=world.device)

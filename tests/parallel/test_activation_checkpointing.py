@@ -46,7 +46,7 @@ def test_policy_matches_the_plain_model(policy, compiled):
     expected_loss, expected_grads = loss_and_grads(plain := tiny_model(), plain)
     model = tiny_model()
     forward, _ = parallelize(model, 1, compile_model=compiled, compile_backend="aot_eager",
-                             activation_checkpointing=policy)
+                             activation_checkpointing=parse_policy(policy))
     loss, grads = loss_and_grads(model, forward)
     torch.testing.assert_close(loss, expected_loss)
     for grad, expected in zip(grads, expected_grads, strict=True):
@@ -108,7 +108,7 @@ def test_selective_saves_our_attention_op_when_compiled():
     for policy, runs in (("selective", 1), ("full", 2)):
         model = tiny_model()
         forward, _ = parallelize(model, 1, compile_model=True, compile_backend="aot_eager",
-                                 activation_checkpointing=policy)
+                                 activation_checkpointing=parse_policy(policy))
         with torch.profiler.profile() as prof:
             loss_and_grads(model, forward)
         assert [e.name for e in prof.events()].count("cs336::flash_attn_fwd") == runs * LAYERS, policy
@@ -148,7 +148,8 @@ def test_compiles_one_graph_for_all_layers():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     model = tiny_model()
-    forward, _ = parallelize(model, 1, compile_model=True, compile_backend="aot_eager", activation_checkpointing="full")
+    forward, _ = parallelize(model, 1, compile_model=True, compile_backend="aot_eager",
+                             activation_checkpointing=parse_policy("full"))
     loss_and_grads(model, forward)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # the block wrapper and the final norm
     assert not torch._dynamo.utils.counters["recompiles"]
@@ -171,6 +172,14 @@ def test_bad_policy_names_the_flag(text):
 def test_parse_policy(text, policy):
     assert parse_policy(text) == policy
     assert str(policy) == ("full" if text == "every:1" else text)
+    assert parse_policy(policy) is policy  # parsed once: a parsed policy passes through
+    assert policy == text and policy != "sometimes"  # a policy equals its flag spelling
+
+
+def test_parallelize_refuses_a_policy_string():
+    """Parsed once, where the configuration is read: parallelize takes the value, not its spelling."""
+    with pytest.raises(TypeError, match="parse_policy"):
+        parallelize(tiny_model(), 1, activation_checkpointing="full")
 
 
 def test_twice_is_an_error():
@@ -187,7 +196,7 @@ def test_cuda_inductor_policy_matches(policy):
     plain = tiny_model(device="cuda")
     expected_loss, expected_grads = loss_and_grads(plain, parallelize(plain, 1, compile_model=True)[0])
     model = tiny_model(device="cuda")
-    forward, _ = parallelize(model, 1, compile_model=True, activation_checkpointing=policy)
+    forward, _ = parallelize(model, 1, compile_model=True, activation_checkpointing=parse_policy(policy))
     loss, grads = loss_and_grads(model, forward)
     torch.testing.assert_close(loss, expected_loss)
     for grad, expected in zip(grads, expected_grads, strict=True):
