@@ -7,37 +7,62 @@ this file only wires them together. Running with no subcommand runs `train` with
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import sys
+from types import ModuleType
 
 from cs336_systems.errors import ConfigError
 
-# subcommand -> (module, one-line help). Only the chosen command's module is imported (the others
-# cost seconds of start-up: dynamo, distributed); every module is checked to exist, so a typo here
-# fails loudly instead of hiding a command.
-COMMANDS = {"train": ("cs336_systems.training.command", "train a Transformer LM (the default command)")}
+# subcommand -> one-line help; `load` imports the command's module.
+COMMANDS = {"train": "train a Transformer LM (the default command)"}
 BENCHMARKS = {
-    "model": ("cs336_systems.bench.model", "end-to-end model forward/backward/step timing (CS336 benchmarking)"),
-    "attention": ("cs336_systems.bench.attention", "attention implementations: latency, TFLOP/s, leaderboard"),
-    "allreduce": ("cs336_systems.bench.allreduce", "all-reduce latency and bus bandwidth over ranks and sizes"),
-    "ddp": ("cs336_systems.bench.ddp", "DDP variants: time per step and communication share"),
-    "sharding": ("cs336_systems.bench.sharding", "optimizer state sharding: memory breakdown and step time"),
-    "fsdp": ("cs336_systems.bench.fsdp", "FSDP (ours) vs DDP, ZeRO-1 and torch FSDP2: per-rank memory and step time"),
-    "lm-loss": ("cs336_systems.bench.lm_loss", "fused LM head + cross-entropy vs chunked and compiled PyTorch"),
-    "step": ("cs336_systems.bench.step", "the CS336 2026 leaderboard training step: ours vs the stock recipe"),
-    "memory": ("cs336_systems.bench.memory", "activation memory per checkpointing policy and group size"),
+    "model": "end-to-end model forward/backward/step timing (CS336 benchmarking)",
+    "attention": "attention implementations: latency, TFLOP/s, leaderboard",
+    "allreduce": "all-reduce latency and bus bandwidth over ranks and sizes",
+    "ddp": "DDP variants: time per step and communication share",
+    "sharding": "optimizer state sharding: memory breakdown and step time",
+    "fsdp": "FSDP (ours) vs DDP, ZeRO-1 and torch FSDP2: per-rank memory and step time",
+    "lm-loss": "fused LM head + cross-entropy vs chunked and compiled PyTorch",
+    "step": "the CS336 2026 leaderboard training step: ours vs the stock recipe",
+    "memory": "activation memory per checkpointing policy and group size",
 }
 
 
-def _add_module_parser(subparsers, name: str, module_name: str, help_text: str, load: bool) -> None:
-    if importlib.util.find_spec(module_name) is None:
-        raise ModuleNotFoundError(f"cs336_systems.cli: command {name!r} names a missing module {module_name}",
-                                  name=module_name)
-    if not load:  # listed with its help; its flags are read only when it is the command being run
+def load(command: str) -> ModuleType:
+    """The module of `command` ("train" or "bench NAME"). Imported here, when the command is chosen:
+    the others cost seconds of start-up (dynamo, distributed). A name listed above without a module
+    here is a LookupError, so a command is never hidden."""
+    match command.split():
+        case ["train"]:
+            from cs336_systems.training import command as module
+        case ["bench", "model"]:
+            from cs336_systems.bench import model as module
+        case ["bench", "attention"]:
+            from cs336_systems.bench import attention as module
+        case ["bench", "allreduce"]:
+            from cs336_systems.bench import allreduce as module
+        case ["bench", "ddp"]:
+            from cs336_systems.bench import ddp as module
+        case ["bench", "sharding"]:
+            from cs336_systems.bench import sharding as module
+        case ["bench", "fsdp"]:
+            from cs336_systems.bench import fsdp as module
+        case ["bench", "lm-loss"]:
+            from cs336_systems.bench import lm_loss as module
+        case ["bench", "step"]:
+            from cs336_systems.bench import step as module
+        case ["bench", "memory"]:
+            from cs336_systems.bench import memory as module
+        case _:
+            raise LookupError(f"cs336_systems.cli: no module for the command {command!r}")
+    return module
+
+
+def _add_command_parser(subparsers, command: str, help_text: str, wanted: str | None) -> None:
+    name = command.split()[-1]
+    if wanted not in (None, command):  # listed with its help; its flags are read only when it is the command run
         subparsers.add_parser(name, help=help_text, add_help=False)
         return
-    module = importlib.import_module(module_name)
+    module = load(command)
     parser = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
@@ -49,12 +74,12 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     wanted = _command(argv)
     parser = argparse.ArgumentParser(prog="cs336-systems", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", metavar="{train,bench}")
-    for name, (module_name, help_text) in COMMANDS.items():
-        _add_module_parser(commands, name, module_name, help_text, wanted in (None, name))
+    for name, help_text in COMMANDS.items():
+        _add_command_parser(commands, name, help_text, wanted)
     bench = commands.add_parser("bench", help="benchmarks (writes markdown + JSON + PNG)")
     benchmarks = bench.add_subparsers(dest="benchmark", metavar="{" + ",".join(BENCHMARKS) + "}", required=True)
-    for name, (module_name, help_text) in BENCHMARKS.items():
-        _add_module_parser(benchmarks, name, module_name, help_text, wanted in (None, f"bench {name}"))
+    for name, help_text in BENCHMARKS.items():
+        _add_command_parser(benchmarks, f"bench {name}", help_text, wanted)
     return parser
 
 

@@ -52,9 +52,13 @@ def test_imports_point_down(package):
     assert not offenders, offenders
 
 
+def _modules() -> dict[str, Path]:
+    return {_module_name(p).removesuffix(".__init__"): p for p in _sources()}
+
+
 def _graph() -> dict[str, set[str]]:
     """module -> our modules it imports, anywhere in it (module level, functions, TYPE_CHECKING blocks)."""
-    modules = {_module_name(p).removesuffix(".__init__"): p for p in _sources()}
+    modules = _modules()
 
     def ours(name: str) -> str | None:  # the module `name` is, or the one it is an attribute of
         while name and name not in modules:
@@ -115,6 +119,16 @@ def test_a_circle_is_found():
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_cli_is_on_top():
+    """The entry point imports every command (a module with a top-level `main`) and nothing imports it
+    but `python -m cs336_systems`."""
+    graph, cli = _graph(), "cs336_systems.cli"
+    commands = {module for module, path in _modules().items() if module != cli and any(
+        isinstance(node, ast.FunctionDef) and node.name == "main" for node in ast.parse(path.read_text()).body)}
+    assert commands and commands <= graph[cli], commands - graph[cli]
+    assert {module for module, imported in graph.items() if cli in imported} == {"cs336_systems.__main__"}
 
 
 def test_no_file_over_500_lines():
