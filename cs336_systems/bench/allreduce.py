@@ -83,8 +83,8 @@ def _measure(sizes_mb: list[float], warmup: int, iters: int) -> list[dict[str, A
     return rows
 
 
-def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """(backend, nproc) pairs to run, validated."""
+def plan(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The (backend, nproc) pairs that `main(args)` runs, validated: a ConfigError names a bad flag."""
     if args.warmup < 0 or args.iters < 1:
         raise ConfigError("--warmup must be >= 0 and --iters >= 1")
     if any(size <= 0 for size in args.sizes_mb):
@@ -100,10 +100,10 @@ def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
     # NCCL needs a GPU per rank; gloo ranks get a core each unless --nproc asks for more.
     room = {"nccl": gpus, "gloo": float("inf") if args.nproc else max(2, os.cpu_count() or 1)}
     backends = args.backend or ["gloo"] + ["nccl"] * (gpus >= 2)
-    plan = [(b, n) for b in backends for n in args.nproc or DEFAULT_NPROC if n <= room[b]]
-    if not plan:
+    runs = [(b, n) for b in backends for n in args.nproc or DEFAULT_NPROC if n <= room[b]]
+    if not runs:
         check_backend("nccl", min(args.nproc or DEFAULT_NPROC))  # the only way to plan nothing: too few GPUs
-    return plan
+    return runs
 
 
 def _draw(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
@@ -120,15 +120,15 @@ def _draw(rows: list[dict[str, Any]]) -> Callable[[Any], None]:
 
 
 def main(args: argparse.Namespace) -> int:
-    plan = _plan(args)
+    runs = plan(args)
     rows = []
-    for backend, nproc in plan:
+    for backend, nproc in runs:
         print(f"all-reduce: {backend}, {nproc} ranks, sizes {args.sizes_mb} MB")
         result = run_on_ranks(_measure, nproc, backend, args.sizes_mb, args.warmup, args.iters)
         if result is None:  # a torchrun rank other than 0: rank 0 writes
             return 0
         rows += result
-    device = "cuda" if any(b == "nccl" for b, _ in plan) else "cpu"
+    device = "cuda" if any(b == "nccl" for b, _ in runs) else "cpu"
     results = Results("allreduce", meta={**environment(device), "warmup": args.warmup, "iters": args.iters})
     results.rows = rows
     results.write(args.out_dir)

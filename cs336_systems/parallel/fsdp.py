@@ -294,6 +294,21 @@ class FSDP(nn.Module):
         """Bytes of gathered full weights held now."""
         return self.gather_stats.current
 
+    @property
+    def sharded_layers(self) -> tuple[nn.Module, ...]:
+        """The layers whose parameters are sharded (SHARDED_LAYERS), in registration order; read-only."""
+        return tuple(self._layers)
+
+    @property
+    def sharded_params(self) -> tuple[ShardedParam, ...]:
+        """One ShardedParam per sharded Parameter (tied ones once), in layer order; read-only."""
+        return tuple(self._sharded)
+
+    @property
+    def reduce_scatters_in_flight(self) -> int:
+        """Gradient reduce-scatters that backward started and finish_gradient_synchronization has not waited for."""
+        return sum(len(sp._grads) for sp in self._sharded)
+
     def _full_name(self, name: str, value: torch.Tensor) -> tuple[str, ShardedParam | None]:
         sp = self._by_shard.get(value)
         return (name.removesuffix(SHARD_SUFFIX), sp) if sp is not None else (name, None)

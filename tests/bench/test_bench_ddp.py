@@ -67,7 +67,7 @@ def test_allreduce_rank_counts(monkeypatch, cores, nproc, expected):
     monkeypatch.setattr(allreduce.torch.cuda, "device_count", lambda: 0)
     argv = ["bench", "allreduce", "--backend", "gloo"] + (["--nproc", *nproc] if nproc else [])
     args = cli.build_parser().parse_args(argv)
-    assert allreduce._plan(args) == [("gloo", n) for n in expected]
+    assert allreduce.plan(args) == [("gloo", n) for n in expected]
 
 
 BAD_INPUT = [

@@ -189,7 +189,7 @@ def _train(case: Case) -> dict:
         opt.step()
         opt.zero_grad()
     full = {_plain_name(n): t for n, t in fsdp.gather_full_params().items()}
-    largest = max(sp.shard_numel * world * sp.flat.element_size() for sp in fsdp._sharded)
+    largest = max(sp.shard_numel * world * sp.flat.element_size() for sp in fsdp.sharded_params)
     result = {"grads": grads, "replicated": replicated, "in_flight": in_flight,
               "peak_gathered_layers": fsdp.gather_stats.peak / largest, "gathered_after": fsdp.gathered_bytes()}
     accumulated = _reference(case, world)
@@ -220,10 +220,10 @@ def _plain_name(name: str) -> str:
 
 def _probe_overlap(fsdp: FSDP, seen: list[int]) -> None:
     """Reduce-scatters in flight when backward reaches the embedding (the last backward compute)."""
-    embedding = fsdp._layers[0]
+    embedding = fsdp.sharded_layers[0]
 
     def on_forward(module, args, out):
-        out.register_hook(lambda grad: seen.append(sum(len(sp._grads) for sp in fsdp._sharded)))
+        out.register_hook(lambda grad: seen.append(fsdp.reduce_scatters_in_flight))
 
     embedding.register_forward_hook(on_forward)
 
