@@ -109,6 +109,7 @@ def test_selective_saves_our_attention_op_when_compiled():
         model = tiny_model()
         forward, _ = parallelize(model, 1, compile_model=True, compile_backend="aot_eager",
                                  activation_checkpointing=parse_policy(policy))
+        loss_and_grads(model, forward)  # compiles (or hits a cache an earlier test filled): tracing calls the op too
         with torch.profiler.profile() as prof:
             loss_and_grads(model, forward)
         assert [e.name for e in prof.events()].count("cs336::flash_attn_fwd") == runs * LAYERS, policy
