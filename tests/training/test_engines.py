@@ -1,8 +1,9 @@
 """`train --engine torch`: torch's DistributedDataParallel and FSDP2 train like ours on 2 gloo processes.
 
-Each pair (ours and torch's DDP, ours and torch's FSDP) trains the `tiny` model for 6 steps of the same
-global batches; their final weights and logged losses may differ by at most twice what one process
-accumulating the same two halves differs by from one process taking the whole batch (measured here),
+Each pair (ours and torch's DDP; ours and torch's FSDP in fp32, with bf16 parameters and fp32
+reduction, and with --bf16) trains the `tiny` model for 6 steps of the same global batches; their
+final weights and logged losses may differ by at most twice what one process accumulating the same
+two halves differs by from one process taking the whole batch (measured here, in the same precision),
 plus one eps of the values (their last rounding), in the largest element: a wrong gradient or a
 missed reduction differs in every element. Checkpoints hold full tensors for every engine, so a run
 of ours resumes under torch's FSDP2 and ends where ours does.
@@ -36,12 +37,17 @@ RUNS = {
     "one-accum-bf16": ["--nproc", "1", "--grad-accum-steps", "2", "--param-dtype", "bf16"],
     "ours-fsdp-bf16": ["--nproc", "2", "--fsdp", *BF16],
     "torch-fsdp2-bf16": ["--nproc", "2", "--fsdp", "--engine", "torch", *BF16],
+    "one-mixed": ["--nproc", "1", "--bf16"],
+    "one-accum-mixed": ["--nproc", "1", "--grad-accum-steps", "2", "--bf16"],
+    "ours-fsdp-mixed": ["--nproc", "2", "--fsdp", "--bf16"],
+    "torch-fsdp2-mixed": ["--nproc", "2", "--fsdp", "--engine", "torch", "--bf16"],
 }
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/training/conftest.py
 
 PAIRS = [("torch-ddp", "ours-ddp", ""), ("torch-fsdp2", "ours-fsdp", ""),
-         ("torch-fsdp2-bf16", "ours-fsdp-bf16", "-bf16")]
-"""(torch's run, ours, the suffix of its one-process oracles: "-bf16" for bf16 parameters)."""
+         ("torch-fsdp2-bf16", "ours-fsdp-bf16", "-bf16"), ("torch-fsdp2-mixed", "ours-fsdp-mixed", "-mixed")]
+"""(torch's run, ours, the suffix of its one-process oracles: "-bf16" for bf16 parameters, "-mixed" for
+--bf16: fp32 parameters, bf16 compute, where FSDP gathers bf16 weights: ours per layer, FSDP2 per block)."""
 
 
 def _train(out_dir: Path, *flags: str) -> None:
