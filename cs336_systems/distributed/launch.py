@@ -14,6 +14,7 @@ Spawned ranks die with the launching process (`_die_with_launcher`): killing it 
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import select
 import signal
@@ -60,6 +61,12 @@ def init_from_env(backend: str | None = None) -> tuple[int, int]:
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
     if not dist.is_initialized():
+        # Before the group exists: torch._dynamo, imported once a group exists, keeps references to it
+        # (ten in torch 2.11, none visible to gc), so destroy_process_group() no longer ends it and its
+        # gloo threads (pt_gloo_runloop, the work thread) run on into interpreter shutdown. Spawned
+        # ranks have it from the forkserver's preload; torchrun's workers imported it only later, with
+        # the job's modules (DDP, the sharded optimizer). Workers import it anyway: this costs nothing.
+        importlib.import_module("torch._dynamo")
         store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=DEFAULT_TIMEOUT))
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"cs336/attempt_{attempt}", store), rank=rank,
