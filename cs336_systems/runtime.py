@@ -16,6 +16,11 @@ import torch
 
 from cs336_systems.errors import ConfigError
 
+ENGINES = ("ours", "torch")
+"""Values of `parallelize`'s `engine` (train's --engine): our DDP/FSDP, or torch's
+DistributedDataParallel/FSDP2. Here, not in parallelize.py: the flag's parser must not import
+torch._dynamo (seconds of start-up)."""
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """The dtypes a precision flag accepts, by name."""
 PARAM_DTYPES = DTYPES

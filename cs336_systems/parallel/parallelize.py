@@ -38,10 +38,7 @@ from cs336_systems.parallel.activation_checkpointing import (
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.torch_engines import TorchDDP, TorchFSDP2
-from cs336_systems.runtime import FP32, Precision
-
-ENGINES = ("ours", "torch")
-"""Values of `engine` (train's --engine): our DDP/FSDP, or torch's DistributedDataParallel/FSDP2."""
+from cs336_systems.runtime import ENGINES, FP32, Precision
 
 Wrapper = DDPBucketed | FSDP | TorchDDP | TorchFSDP2
 """What `parallelize` returns beside the module to call (None with one rank)."""

@@ -17,9 +17,8 @@ import torch
 
 from cs336_systems.errors import ConfigError, check_float, directory, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import NO_CHECKPOINTING, ActivationCheckpointing, parse_policy
-from cs336_systems.parallel.parallelize import ENGINES
 from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
-from cs336_systems.runtime import RuntimeConfig, add_runtime_arguments, runtime_config_from_args
+from cs336_systems.runtime import ENGINES, RuntimeConfig, add_runtime_arguments, runtime_config_from_args
 from cs336_systems.training.corpus import CorpusConfig
 from cs336_systems.training.jobs import JOB_PRESETS, apply_job_preset
 from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS
