@@ -36,13 +36,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from cs336_systems.errors import ConfigError
+
 FORMAT = "cs336-train-checkpoint/1"
 _NAME = re.compile(r"step_(\d+)\.pt")
 REQUIRED_KEYS = ("format", "step", "model", "optimizer", "schedule", "data", "rng")
 
 
-class CheckpointError(RuntimeError):
-    """No checkpoint in a directory could be loaded."""
+class CheckpointError(ConfigError):
+    """No checkpoint in a directory could be loaded (a ConfigError: the CLI prints it as one line)."""
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:

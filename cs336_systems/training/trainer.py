@@ -191,8 +191,24 @@ def restore_trainer(trainer: Trainer) -> int | None:
     if state["step"] > trainer.config.steps:  # every rank raises: none waits in a collective for the others
         raise ConfigError(f"--steps {trainer.config.steps} is below step {state['step']} of the checkpoint to resume "
                           f"({choice[0]}): pass --steps {state['step']} or more, or another --out-dir")
+    check_same_model(trainer.config, state["model"], choice[0])
     trainer.load_state_dict(state)
     return trainer.step
+
+
+def check_same_model(config: TrainConfig, saved: dict[str, torch.Tensor], path: str) -> None:
+    """A ConfigError naming the first tensor whose shape differs between the checkpoint at `path` and the
+    model `config` builds (a model on the meta device: shapes only, no memory), before anything is loaded."""
+    with torch.device("meta"):
+        expected = {name: tuple(t.shape) for name, t in config.model.build().state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in saved.items()}
+    if expected == found:
+        return
+    differs = [n for n in expected if found.get(n) != expected[n]] + [n for n in found if n not in expected]
+    name = differs[0]
+    raise ConfigError(f"--resume: {path} holds another model: {name} is {found.get(name, 'missing')} there and "
+                      f"{expected.get(name, 'missing')} here; resume with the model flags it was trained with "
+                      "(its run's config.json), or choose another --out-dir")
 
 
 # ---------------------------------------------------------------- one step

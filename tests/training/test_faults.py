@@ -228,3 +228,21 @@ def test_two_cpu_runs_on_two_threads_are_bit_equal(tmp_path):
         torch.set_num_threads(1)
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
+
+
+def test_resuming_another_model_is_one_line_naming_a_tensor_and_both_shapes(six_steps, tmp_path):
+    """A checkpoint of the tiny preset resumed with --d-model 128: one line before anything is loaded."""
+    (tmp_path / "checkpoints").mkdir()
+    newest = checkpoint.list_checkpoints(six_steps / "checkpoints")[-1]
+    (tmp_path / "checkpoints" / newest.name).write_bytes(newest.read_bytes())
+    with pytest.raises(ConfigError, match=r"^--resume: .* holds another model: \S+ is \(\d+, 64\) there and "
+                                          r"\(\d+, 128\) here"):
+        run(tmp_path, 8, "--d-model", "128", "--resume")
+
+
+def test_no_loadable_checkpoint_is_a_config_error(tmp_path):
+    """Only damaged checkpoints: the CLI prints one line (a ConfigError), not a traceback."""
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "step_00000002.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConfigError):
+        run(tmp_path, 4, "--resume")
