@@ -27,6 +27,7 @@ from cs336_systems.training import checkpoint
 from cs336_systems.training import command as train
 from cs336_systems.training.config import config_from_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs in this process: one thread, like each rank
 COMMON = ["--nproc", "1", "--preset", "tiny", "--context-length", "32", "--batch-size", "8", "--log-every", "1",
           "--eval-every", "0", "--lr", "1e-2", "--no-progress"]
 TESTS = Path(__file__).resolve().parent.parent
@@ -46,14 +47,6 @@ def run(out_dir: Path, steps: int, *flags: str) -> dict:
 
 def snapshot(out_dir: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in checkpoint.list_checkpoints(out_dir / "checkpoints")}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from cs336_systems.training import checkpoint
 from cs336_systems.training import command as train
 from cs336_systems.training.config import config_from_args
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # runs in this process: one thread, like each rank
 STEPS = 6
 COMMON = ["--preset", "tiny", "--context-length", "32", "--batch-size", "8", "--steps", str(STEPS),
           "--log-every", "1", "--eval-every", "3", "--eval-batches", "1", "--lr", "1e-2", "--no-progress"]
@@ -54,15 +55,6 @@ def final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
 def train_losses(out_dir: Path) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Single-process runs happen in this process: one intra-op thread, like each spawned rank."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
