@@ -81,8 +81,13 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 def _bounds(runs: dict[str, Path], suffix: str = "") -> tuple[float, float]:
     """(weights, losses): twice one process's own split-batch difference, plus one eps of the values
-    (in the parameters' dtype for the weights; a logged loss is an fp32 mean)."""
+    (in the parameters' dtype for the weights; a logged loss is an fp32 mean). With --bf16 the two
+    engines do not round the same values in another order: they cast weights to bf16 at different
+    places (ours per layer, FSDP2 per block), so there the oracle is what bf16 compute itself moves
+    one process's run from the fp32 one."""
     one, accum = runs["one" + suffix], runs["one-accum" + suffix]
+    if suffix == "-mixed":
+        one, accum = runs["one"], runs["one-mixed"]
     whole, halves = _state(one)["model"], _state(accum)["model"]
     weights_gap = _largest_difference(whole, halves)
     losses_gap = max(abs(a - b) for a, b in zip(_losses(one), _losses(accum), strict=True))
@@ -91,7 +96,6 @@ def _bounds(runs: dict[str, Path], suffix: str = "") -> tuple[float, float]:
             oracle_bound(losses_gap, torch.float32, max(abs(x) for x in _losses(one))))
 
 
-@pytest.mark.numerics
 @pytest.mark.parametrize("theirs, ours, suffix", PAIRS, ids=[pair[0] for pair in PAIRS])
 def test_torch_engine_trains_like_ours(runs, theirs, ours, suffix):
     weights_bound, losses_bound = _bounds(runs, suffix)
