@@ -430,6 +430,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-ms", type=nonnegative_float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
     parser.add_argument("--rep-ms", type=positive_float,
                         help="do_bench repetition time (default: 100; leaderboard: 10000)")
+    parser.add_argument("--kv-heads", type=int, help="grouped-query heads: k and v get this many heads (--heads a "
+                        "multiple of it); the variant sweep of bench/attention_variants.py")
+    parser.add_argument("--documents", type=float, nargs="+", metavar="MEAN",
+                        help="packed documents: rows filled with documents of these mean lengths (log-normal); "
+                             "the variant sweep of bench/attention_variants.py")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--max-minutes", type=positive_float, default=10.0,
                         help="refuse a run whose attention FLOPs need longer at an optimistic device rate "
@@ -468,6 +473,10 @@ def main(args: argparse.Namespace) -> int:
     defaults = (1000.0, 10000.0) if args.leaderboard else (25.0, 100.0)
     args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
     args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms
+    if args.kv_heads is not None or args.documents is not None:
+        from cs336_systems.bench import attention_variants
+
+        return attention_variants.main(args, DTYPES)
     if args.leaderboard:
         columns = ["impl", "forward_ms", "fwd_bwd_ms", "forward_ours_over_this", "fwd_bwd_ours_over_this", "status"]
         leaderboard(args, args.device).write(args.out_dir, columns)
