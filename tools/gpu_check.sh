@@ -13,6 +13,10 @@
 #                (the difference of the two tables, halved, is one layer's share)
 #   step         bench step: the CS336 2026 leaderboard step, ours@selective vs stock vs ours-sdpa@selective
 #   gluon        (not in the default list) tools/gluon_timings.py: the Gluon kernels vs tl and cuDNN, op level
+#   gqa          (not in the default list) bench attention --kv-heads 8: Hq 32 / Hkv 8, D 128, N 4096-32768,
+#                ours vs SDPA (enable_gqa) and FlexAttention
+#   documents    (not in the default list) bench attention --documents: 32768-token rows of documents with mean
+#                length 512-8192, ours vs FlexAttention's document mask and SDPA's dense mask
 #
 # Prints the GPU and the git revision, each test part's pytest summary line and each benchmark's markdown
 # table; writes OUT_DIR/<part>.log (the full output) and each benchmark's md/json/png under OUT_DIR/<part>/.
@@ -69,14 +73,24 @@ gluon() {
     run gluon "${TIME_GLUON:-300}" $PYTHON -m tools.gluon_timings --timeout "$((${TIME_GLUON:-300} - 30))"
     tail -n 14 "$OUT_DIR/gluon.log"
 }
+gqa() {
+    bench gqa "${TIME_GQA:-240}" attention --kv-heads 8 --heads 32 --batch 1 --head-dims 128 --dtypes bf16 \
+        --seq-lens 4096 8192 16384 32768 --passes forward forward+backward --impls ours sdpa-cudnn sdpa-flash flex
+}
+documents() {
+    bench documents "${TIME_DOCUMENTS:-300}" attention --documents 512 1024 2048 4096 8192 --heads 16 --batch 1 \
+        --head-dims 128 --dtypes bf16 --seq-lens 32768 --passes forward forward+backward \
+        --impls ours flex sdpa-cudnn sdpa-efficient
+}
 step() {
     bench step "${TIME_STEP:-400}" step --steps 3 --warmup 1 --contenders ours@selective stock ours-sdpa@selective
 }
 
 for part in $PARTS; do
     case $part in
-        tests | attention | leaderboard | profile | step | gluon) ;;
-        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon)" >&2; exit 2 ;;
+        tests | attention | leaderboard | profile | step | gluon | gqa | documents) ;;
+        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon gqa documents)" >&2
+           exit 2 ;;
     esac
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
