@@ -25,6 +25,7 @@ from helpers import assert_cli_error
 from cs336_basics.optimizer import AdamW
 from cs336_systems import cli
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.activation_checkpointing import apply_activation_checkpointing, parse_policy
 from cs336_systems.presets import ModelConfig
 from cs336_systems.training import checkpoint
 from cs336_systems.training.config import OptimizerConfig, config_from_args
@@ -68,10 +69,12 @@ def train(model, optimizer, data, first_step: int = 1, compiled: bool = False, b
             optimizer.zero_grad(set_to_none=True)
 
 
-def both_ways(factory, compiled: bool = False, device: str = "cpu", backend: str = "aot_eager", **model_args):
+def both_ways(factory, compiled: bool = False, device: str = "cpu", backend: str = "aot_eager",
+              checkpointing: str = "none", **model_args):
     """(model, optimizer) after STEPS steps: stepped after backward, and stepped inside it."""
     data = batches(STEPS, device=device, vocab_size=model_args.get("vocab_size", 300))
     after = tiny_model(device, **model_args)
+    apply_activation_checkpointing(after, parse_policy(checkpointing))
     inside = copy.deepcopy(after)
     runs = [(after, factory(list(after.parameters()))), (inside, attach(inside, factory))]
     for model, optimizer in runs:
@@ -100,6 +103,15 @@ def test_same_bits_as_stepping_after_backward(name, compiled):
     assert_same_bits(inside.state_dict(), after.state_dict(), "model")
     assert_same_bits(in_backward.state_dict(), optimizer.state_dict(), "optimizer")  # the same format, too
     assert float(in_backward.state_dict()["state"][0]["step"]) == STEPS
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_same_bits_with_activation_checkpointing(policy):
+    """Recomputed blocks make their gradients inside backward too; the hooks still run once per
+    parameter, after its gradient is complete."""
+    (after, optimizer), (inside, in_backward) = both_ways(FACTORIES["cs336"], checkpointing=policy)
+    assert_same_bits(inside.state_dict(), after.state_dict(), "model")
+    assert_same_bits(in_backward.state_dict(), optimizer.state_dict(), "optimizer")
 
 
 def roundtrip(state: dict) -> dict:
@@ -256,9 +268,12 @@ def final_state(out_dir: Path) -> dict:
     return state
 
 
+def records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(out_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+    return [(r["step"], r["loss"]) for r in records(out_dir) if r["kind"] == "train"]
 
 
 def test_train_ends_with_the_same_bits(runs):
@@ -266,6 +281,14 @@ def test_train_ends_with_the_same_bits(runs):
     assert_same_bits(inside["model"], after["model"], "model")
     assert_same_bits(inside["optimizer"], after["optimizer"], "optimizer")
     assert losses(runs[True]) == losses(runs[False]) and len(losses(runs[True])) == 4
+
+
+def test_train_logs_the_same_metrics(runs):
+    """No logged value depends on gradients that no longer exist: the records have the same fields
+    with the option, and none is a gradient norm (train logs none)."""
+    fields = [set(record) for record in records(runs[True])]
+    assert fields == [set(record) for record in records(runs[False])]
+    assert not any("grad" in key for keys in fields for key in keys)
 
 
 @pytest.mark.parametrize("resume_inside", [True, False], ids=["after-to-inside", "inside-to-after"])
