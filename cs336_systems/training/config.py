@@ -66,6 +66,10 @@ class OptimizerConfig:
     """AdamW code (the same update): "cs336" (cs336_basics.optimizer.AdamW), "torch-fused"
     (torch.optim.AdamW(fused=True): one kernel per step for all parameters; CUDA only) or "auto"
     (torch-fused on CUDA, cs336 elsewhere)."""
+    in_backward: bool = False
+    """Step each parameter's AdamW inside backward, as soon as its gradient is complete, and free that
+    gradient at once (training/optim_in_backward.py): no moment holds every gradient. Needs grad_clip 0,
+    one process and one micro-batch per step (TrainConfig checks the last two)."""
 
     def __post_init__(self) -> None:
         if self.implementation not in OPTIMIZER_IMPLEMENTATIONS:
@@ -77,6 +81,10 @@ class OptimizerConfig:
             raise ConfigError(f"--min-lr must be in [0, --lr], got {self.min_lr}")
         check_float(self.weight_decay, "--weight-decay", "non-negative")
         check_float(self.grad_clip, "--grad-clip", "non-negative")
+        if self.in_backward and self.grad_clip:
+            raise ConfigError(f"--optimizer-in-backward needs --grad-clip 0 (got {self.grad_clip}): clipping scales "
+                              "every gradient by the norm of all of them, known only after the last one, by when "
+                              "the others have been applied and freed")
 
 
 @dataclass(kw_only=True)
@@ -212,6 +220,7 @@ class TrainConfig:
         if not 0 <= self.optimizer.warmup_steps <= self.steps:
             raise ConfigError(f"--warmup-steps must be in [0, --steps], got {self.optimizer.warmup_steps}")
         self.parallel.resolve(torch.device(self.runtime.device))
+        self._check_optimizer_in_backward()
         self.runtime.precision.check_engine(self.parallel.fsdp)  # --reduce-dtype other than --param-dtype: FSDP
         if self.optimizer.implementation == "torch-fused" and torch.device(self.runtime.device).type != "cuda":
             raise ConfigError(f"--optimizer torch-fused needs a CUDA device, got --device {self.runtime.device}")
@@ -222,6 +231,24 @@ class TrainConfig:
             raise ConfigError("--checkpoint-every and --resume need --out-dir")
         if self.wandb_project and importlib.util.find_spec("wandb") is None:
             raise ConfigError("--wandb needs the wandb package: install the extra (uv sync --extra wandb)")
+
+    def _check_optimizer_in_backward(self) -> None:
+        """--optimizer-in-backward applies a gradient the moment backward completes it: only where nothing
+        else still has to happen to it (after `parallel.resolve`: the number of processes)."""
+        if not self.optimizer.in_backward:
+            return
+        if self.grad_accum_steps > 1:
+            raise ConfigError(f"--optimizer-in-backward and --grad-accum-steps {self.grad_accum_steps}: accumulating "
+                              "keeps every gradient from one micro-batch to the next, the memory the option saves; "
+                              "use one micro-batch per step (--grad-accum-steps 1)")
+        if self.parallel.world_size > 1:
+            raise ConfigError(f"--optimizer-in-backward needs one process, got {self.parallel.world_size} (--nproc or "
+                              "torchrun): DDP, FSDP and the sharded optimizer reduce each gradient over the processes "
+                              "after backward completes it; use --nproc 1")
+        for flag, given in (("--fsdp", self.parallel.fsdp), ("--engine torch", self.parallel.engine == "torch")):
+            if given:
+                raise ConfigError(f"--optimizer-in-backward and {flag}: a data-parallel engine reduces each gradient "
+                                  "after backward completes it, and the option runs in one process; drop one")
 
     @property
     def micro_batch_size(self) -> int:
@@ -259,6 +286,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="max gradient norm, 0 = off (default: %(default)s)")
     group.add_argument("--optimizer", choices=OPTIMIZER_IMPLEMENTATIONS, default=opt("implementation"),
                        help="AdamW code: cs336, torch-fused (CUDA), auto = torch-fused on CUDA (default: %(default)s)")
+    group.add_argument("--optimizer-in-backward", action="store_true",
+                       help="step each parameter inside backward and free its gradient at once: no moment holds "
+                            "every gradient (one process, --grad-clip 0, --grad-accum-steps 1)")
     group.add_argument("--loss", choices=LOSS_IMPLEMENTATIONS, default=train("loss"),
                        help="fused LM head + cross-entropy, or logits then cross-entropy (default: %(default)s)")
     group.add_argument("--seed", type=int, default=train("seed"),
@@ -310,7 +340,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         data=DataConfig(data=args.data, val_data=args.val_data),
         optimizer=OptimizerConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                                   weight_decay=args.weight_decay, grad_clip=args.grad_clip,
-                                  implementation=args.optimizer),
+                                  implementation=args.optimizer, in_backward=args.optimizer_in_backward),
         runtime=runtime_config_from_args(args),
         parallel=ParallelConfig(nproc=args.nproc, shard_optimizer=args.shard_optimizer, fsdp=args.fsdp,
                                 engine=args.engine, bucket_size_mb=args.bucket_size_mb,

@@ -10,6 +10,7 @@ import torch
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.sharded_optimizer import ShardedOptimizer
 from cs336_systems.training.config import OptimizerConfig
+from cs336_systems.training.optim_in_backward import InBackwardOptimizer
 
 
 def adamw(implementation: str, device: torch.device) -> tuple[type[torch.optim.Optimizer], dict]:
@@ -29,12 +30,18 @@ def adamw(implementation: str, device: torch.device) -> tuple[type[torch.optim.O
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], config: OptimizerConfig, *, shard: bool = False,
-                    communication_timer: contextlib.AbstractContextManager | None = None) -> torch.optim.Optimizer:
+                    communication_timer: contextlib.AbstractContextManager | None = None,
+                    ) -> torch.optim.Optimizer | InBackwardOptimizer:
     """AdamW (config.implementation) over `params` with `config`'s hyperparameters; sharded over the
-    ranks (ZeRO-1) when `shard`, with `communication_timer` around its parameter broadcast."""
+    ranks (ZeRO-1) when `shard`, with `communication_timer` around its parameter broadcast; stepped
+    inside backward, one AdamW per parameter, when `config.in_backward` (optim_in_backward.py)."""
     params = list(params)
     optimizer_cls, extra = adamw(config.implementation, params[0].device if params else torch.device("cpu"))
     kwargs = {"lr": config.lr, "betas": config.betas, "eps": config.eps, "weight_decay": config.weight_decay, **extra}
+    if config.in_backward:
+        if shard:  # TrainConfig refuses several processes with --optimizer-in-backward before this
+            raise ValueError("build_optimizer: the optimizer step inside backward cannot be sharded")
+        return InBackwardOptimizer(params, lambda own: optimizer_cls(own, **kwargs))
     if shard:
         return ShardedOptimizer(params, optimizer_cls, communication_timer=communication_timer, **kwargs)
     return optimizer_cls(params, **kwargs)

@@ -2,14 +2,17 @@
 
 One optimizer step on each rank:
 
+    set the learning rate of this step
     ddp.on_train_batch_start()
     for each of the A micro-batches of this rank's slice of the global batch (train_data.TokenBatches):
         (loss / A).backward()              # all but the last under ddp.no_sync(): grads accumulate locally
     ddp.finish_gradient_synchronization()  # .grad = mean over ranks of the accumulated gradients
-    clip the global gradient norm; set the learning rate of this step; optimizer.step()
+    clip the global gradient norm; optimizer.step()
 
 so N processes compute the gradient of the mean loss over the same global batch as one process
-does, and take the same step up to float rounding. Metrics are emitted as records to a hook
+does, and take the same step up to float rounding. With --optimizer-in-backward (one process, one
+micro-batch, no clipping) the backward itself steps each parameter and frees its gradient
+(optim_in_backward.py): the same step, bit for bit. Metrics are emitted as records to a hook
 (`kind` "train" or "eval"); the losses in them are means over all ranks.
 
 Communication time is measured on the host around `finish_gradient_synchronization` (the part of
@@ -51,6 +54,7 @@ from cs336_systems.training.config import TrainConfig
 from cs336_systems.training.data import Batch, TokenBatches, load_splits, validation_batches
 from cs336_systems.training.loss import lm_loss
 from cs336_systems.training.optim import build_optimizer, learning_rate
+from cs336_systems.training.optim_in_backward import InBackwardOptimizer
 
 MetricsHook = Callable[[dict[str, Any]], None]
 """Called with every metrics record: {"kind": "train" | "eval", "step": ..., ...}."""
@@ -72,7 +76,7 @@ class Trainer:
     model: nn.Module  # the plain model: checkpoints hold its state_dict
     forward: nn.Module  # what training calls: DDP wrapper around the (compiled) model, or the latter alone
     ddp: DDPBucketed | FSDP | None  # FSDP: `model`'s parameters are its shards; checkpoints hold full tensors
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | InBackwardOptimizer  # the latter steps inside backward (--optimizer-in-backward)
     batches: TokenBatches
     val_batches: list[Batch] | None  # this rank's share (maybe empty); None: no evaluation at all
     comm: Stopwatch  # host seconds of exposed communication (gradient sync wait + sharded all-gather)
@@ -222,6 +226,8 @@ def train_step(trainer: Trainer) -> torch.Tensor:
     micro_batches = trainer.batches.micro_batches(trainer.step + 1)
     if ddp is not None:
         ddp.on_train_batch_start()
+    for group in trainer.optimizer.param_groups:  # before backward: an InBackwardOptimizer steps inside it
+        group["lr"] = learning_rate(config.optimizer, trainer.step + 1, config.steps)
     total = torch.zeros((), device=trainer.world.device)
     for i, (inputs, targets) in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
@@ -238,10 +244,9 @@ def train_step(trainer: Trainer) -> torch.Tensor:
             ddp.clip_grad_norm_(config.optimizer.grad_clip)
         else:
             clip_gradient(trainer.model.parameters(), config.optimizer.grad_clip)
-    for group in trainer.optimizer.param_groups:
-        group["lr"] = learning_rate(config.optimizer, trainer.step + 1, config.steps)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    if not isinstance(trainer.optimizer, InBackwardOptimizer):  # that one stepped and freed every gradient in backward
+        trainer.optimizer.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
     trainer.step += 1
     return total
 
