@@ -10,9 +10,10 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
-from cs336_basics.attention import get_attention, scaled_dot_product_attention
+from cs336_basics.attention import get_attention, scaled_dot_product_attention, takes_document_ids
 from cs336_basics.nn_utils import check_positive_int, softmax
 
 __all__ = [
@@ -25,50 +26,64 @@ class BasicsTransformerLM(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size).
 
     `attention` names an implementation in `cs336_basics.attention` ("naive", "sdpa", "flash", or one
-    added with `register_attention`); `set_attention` switches every layer later.
+    added with `register_attention`); `set_attention` switches every layer later. `num_kv_heads`
+    (grouped-query attention): key/value heads, each shared by num_heads // num_kv_heads query heads;
+    None means num_heads (multi-head attention).
     """
 
     def __init__(self, vocab_size: int, context_length: int, d_model: int, num_layers: int, num_heads: int,
-                 d_ff: int, rope_theta: float = 10000.0, attention: str = "naive"):
+                 d_ff: int, rope_theta: float = 10000.0, attention: str = "naive", num_kv_heads: int | None = None):
         super().__init__()
         check_positive_int(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
                            num_layers=num_layers, num_heads=num_heads, d_ff=d_ff)
-        _check_heads(d_model, num_heads)
+        _check_heads(d_model, num_heads, num_kv_heads)
         if (d_model // num_heads) % 2:
             raise ValueError(f"d_model // num_heads = {d_model // num_heads} must be even: RoPE rotates pairs of dims")
         # Constructor arguments, so a checkpoint can rebuild the model: `BasicsTransformerLM(**config)`.
         self.config = dict(vocab_size=vocab_size, context_length=context_length, d_model=d_model,
                            num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, rope_theta=rope_theta,
                            attention=attention)
+        if num_kv_heads is not None:  # only when set: configs saved before GQA existed still match
+            self.config["num_kv_heads"] = num_kv_heads
         self.vocab_size = vocab_size
         self.context_length = context_length
         self.token_embeddings = Embedding(vocab_size, d_model)
         # One RoPE table shared by every layer (its buffers are non-persistent, so not in the state dict).
         self.positional_encoder = RotaryEmbedding(context_length, d_model // num_heads, theta=rope_theta)
         self.layers = nn.ModuleList(
-            TransformerBlock(d_model, num_heads, d_ff, self.positional_encoder, attention) for _ in range(num_layers)
+            TransformerBlock(d_model, num_heads, d_ff, self.positional_encoder, attention, num_kv_heads)
+            for _ in range(num_layers)
         )
         self.ln_final = RMSNorm(d_model)
         self.lm_head = Linear(d_model, vocab_size)
 
-    def forward(self, token_ids: Tensor, targets: Tensor | None = None) -> Tensor:
+    def forward(self, token_ids: Tensor, targets: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
         """Logits (B, T, vocab); or, given `targets` (B, T), the mean next-token cross-entropy
-        computed by the fused LM head (`ops.linear_cross_entropy`), which never builds the logits."""
-        hidden = self.hidden_states(token_ids)  # (B, T, d_model)
+        computed by the fused LM head (`ops.linear_cross_entropy`), which never builds the logits.
+        `document_ids`: see `hidden_states`."""
+        hidden = self.hidden_states(token_ids, document_ids)  # (B, T, d_model)
         if targets is None:
             return self.lm_head(hidden)  # (B, T, vocab)
         return self.fused_loss(hidden, targets)
 
-    def hidden_states(self, token_ids: Tensor) -> Tensor:
-        """The final normalised hidden states (B, T, d_model): what the LM head reads."""
-        if token_ids.dim() != 2:
-            raise ValueError(f"token_ids must have shape (batch, seq), got {tuple(token_ids.shape)}")
-        if token_ids.shape[1] > self.context_length:
-            raise ValueError(f"token_ids has {token_ids.shape[1]} tokens, more than "
-                             f"context_length={self.context_length}")
+    def hidden_states(self, token_ids: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """The final normalised hidden states (B, T, d_model): what the LM head reads.
+
+        Packed documents: `document_ids` (B, T), nondecreasing along each row (not checked here: that
+        reads the values, a host sync per step; the flash op checks it), marks which document each
+        token belongs to. A token then attends only to earlier tokens of its own document, and its
+        RoPE position counts from that document's first token, so each document is computed as if
+        it were alone in its row.
+        """
+        _check_tokens(token_ids, document_ids, self.context_length)
+        positions = attention_ids = None
+        if document_ids is not None:
+            positions = document_positions(document_ids)  # (B, T)
+            attention_ids = document_ids.unsqueeze(-2)  # (B, 1, T): the same for every head
         x = self.token_embeddings(token_ids)  # (B, T, d_model)
         for layer in self.layers:
-            x = layer(x)
+            # Positional: checkpointed block groups pass their extra arguments on as *args.
+            x = layer(x, positions, attention_ids)
         return self.ln_final(x)
 
     def fused_loss(self, hidden: Tensor, targets: Tensor) -> Tensor:
@@ -132,9 +147,37 @@ class BasicsTransformerLM(nn.Module):
         return torch.stack(new_tokens, dim=1) if new_tokens else x.new_empty(x.shape[0], 0)
 
 
-def _check_heads(d_model: int, num_heads: int) -> None:
+def document_positions(document_ids: Tensor) -> Tensor:
+    """Each token's position within its document, (..., T) -> (..., T): t minus the index of the first
+    token of t's run of equal ids. On the ids' device, without a host sync (a running max of starts)."""
+    t = torch.arange(document_ids.shape[-1], device=document_ids.device)  # (T,)
+    starts = F.pad(document_ids.diff(dim=-1) != 0, (1, 0), value=True)  # (..., T): a document begins here
+    first = torch.where(starts, t, 0).cummax(dim=-1).values  # (..., T): the latest start at or before t
+    return t - first
+
+
+def _check_tokens(token_ids: Tensor, document_ids: Tensor | None, context_length: int) -> None:
+    if token_ids.dim() != 2:
+        raise ValueError(f"token_ids must have shape (batch, seq), got {tuple(token_ids.shape)}")
+    if token_ids.shape[1] > context_length:
+        raise ValueError(f"token_ids has {token_ids.shape[1]} tokens, more than context_length={context_length}")
+    if document_ids is None:
+        return
+    if document_ids.shape != token_ids.shape:
+        raise ValueError(f"document_ids must have the shape of token_ids {tuple(token_ids.shape)}, "
+                         f"got {tuple(document_ids.shape)}")
+    if document_ids.dtype.is_floating_point or document_ids.dtype.is_complex or document_ids.dtype == torch.bool:
+        raise ValueError(f"document_ids must be an integer tensor, got {document_ids.dtype}")
+
+
+def _check_heads(d_model: int, num_heads: int, num_kv_heads: int | None = None) -> None:
     if d_model % num_heads:
         raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+    if num_kv_heads is not None:
+        check_positive_int(num_kv_heads=num_kv_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads={num_heads} must be divisible by num_kv_heads={num_kv_heads} "
+                             "(each kv head serves a whole group of query heads)")
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None) -> None:
@@ -161,34 +204,41 @@ class TransformerBlock(nn.Module):
     """Pre-norm block: x + attn(ln1(x)), then + ffn(ln2(.))."""
 
     def __init__(self, d_model: int, num_heads: int, d_ff: int, positional_encoder: RotaryEmbedding | None,
-                 attention: str = "naive"):
+                 attention: str = "naive", num_kv_heads: int | None = None):
         super().__init__()
         self.ln1 = RMSNorm(d_model)
-        self.attn = CausalMultiHeadSelfAttention(d_model, num_heads, positional_encoder, attention)
+        self.attn = CausalMultiHeadSelfAttention(d_model, num_heads, positional_encoder, attention, num_kv_heads)
         self.ln2 = RMSNorm(d_model)
         self.ffn = SwiGLU(d_model, d_ff)
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), token_positions)
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), token_positions, document_ids)
         return x + self.ffn(self.ln2(x))
 
 
 class CausalMultiHeadSelfAttention(nn.Module):
-    """Causal multi-head self-attention with RoPE on queries and keys (None: no positional encoding)."""
+    """Causal multi-head self-attention with RoPE on queries and keys (None: no positional encoding).
+
+    `num_kv_heads` (default num_heads): grouped-query attention, keys and values with fewer heads,
+    each read by num_heads // num_kv_heads consecutive query heads; k_proj and v_proj shrink to
+    num_kv_heads * head_dim outputs.
+    """
 
     def __init__(self, d_model: int, num_heads: int, positional_encoder: RotaryEmbedding | None,
-                 attention: str = "naive"):
+                 attention: str = "naive", num_kv_heads: int | None = None):
         super().__init__()
         check_positive_int(d_model=d_model, num_heads=num_heads)
-        _check_heads(d_model, num_heads)
+        _check_heads(d_model, num_heads, num_kv_heads)
         self.num_heads = num_heads
+        self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         self.head_dim = d_model // num_heads
         if positional_encoder is not None and positional_encoder.dim != self.head_dim:
             raise ValueError(f"positional_encoder.dim={positional_encoder.dim} must equal "
                              f"d_model // num_heads = {self.head_dim}")
+        kv_dim = self.num_kv_heads * self.head_dim
         self.q_proj = Linear(d_model, d_model)
-        self.k_proj = Linear(d_model, d_model)
-        self.v_proj = Linear(d_model, d_model)
+        self.k_proj = Linear(d_model, kv_dim)
+        self.v_proj = Linear(d_model, kv_dim)
         self.output_proj = Linear(d_model, d_model)
         self.positional_encoder = positional_encoder
         self.set_attention(attention)
@@ -197,10 +247,15 @@ class CausalMultiHeadSelfAttention(nn.Module):
         # Resolve once here, not per forward: compiled graphs then see one fixed function.
         self.attention_fn = get_attention(name)
         self.attention = name
+        self.attention_takes_documents = takes_document_ids(self.attention_fn)
 
-    def forward(self, x: Tensor, token_positions: Tensor | None = None) -> Tensor:
-        """x (..., T, d_model); token_positions (..., T) or (T,), default 0..T-1."""
-        q, k, v = (self._split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+    def forward(self, x: Tensor, token_positions: Tensor | None = None, document_ids: Tensor | None = None) -> Tensor:
+        """x (..., T, d_model); token_positions (..., T) or (T,), default 0..T-1; document_ids
+        broadcastable to (..., H, T), e.g. (B, 1, T): attend only within a document (see
+        BasicsTransformerLM.hidden_states, which also restarts the positions per document)."""
+        q = self._split_heads(self.q_proj(x), self.num_heads)  # (..., H, T, head_dim)
+        k = self._split_heads(self.k_proj(x), self.num_kv_heads)  # (..., Hkv, T, head_dim)
+        v = self._split_heads(self.v_proj(x), self.num_kv_heads)  # (..., Hkv, T, head_dim)
         if self.positional_encoder is not None:
             if token_positions is None:
                 token_positions = torch.arange(x.shape[-2], device=x.device)  # (T,)
@@ -208,16 +263,24 @@ class CausalMultiHeadSelfAttention(nn.Module):
                 token_positions = token_positions.unsqueeze(-2)  # (..., 1, T): the same for every head
             q = self.positional_encoder(q, token_positions)
             k = self.positional_encoder(k, token_positions)
-        out = self.attention_fn(q, k, v, True)  # (..., H, T, head_dim)
+        out = self._attend(q, k, v, document_ids)  # (..., H, T, head_dim)
         out = out.transpose(-3, -2).flatten(-2)  # (..., T, d_model)
         return self.output_proj(out)
 
-    def _split_heads(self, x: Tensor) -> Tensor:
-        x = x.unflatten(-1, (self.num_heads, self.head_dim))  # (..., T, H, head_dim)
-        return x.transpose(-3, -2)  # (..., H, T, head_dim)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, document_ids: Tensor | None) -> Tensor:
+        if document_ids is None:  # the four-argument call every registered implementation takes
+            return self.attention_fn(q, k, v, True)
+        if not self.attention_takes_documents:
+            raise ValueError(f"document_ids given, but attention {self.attention!r} takes no document_ids argument")
+        return self.attention_fn(q, k, v, True, document_ids=document_ids)
+
+    def _split_heads(self, x: Tensor, heads: int) -> Tensor:
+        x = x.unflatten(-1, (heads, self.head_dim))  # (..., T, heads, head_dim)
+        return x.transpose(-3, -2)  # (..., heads, T, head_dim)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, attention={self.attention!r}"
+        kv = f", num_kv_heads={self.num_kv_heads}" if self.num_kv_heads != self.num_heads else ""
+        return f"num_heads={self.num_heads}{kv}, head_dim={self.head_dim}, attention={self.attention!r}"
 
 
 class SwiGLU(nn.Module):

@@ -1,8 +1,8 @@
 """Model sizes: the CS336 preset table, tiny CPU presets, and the `ModelConfig` that resolves them.
 
-`PRESETS[name]` is a `ModelShape` (d_model, d_ff, num_layers, num_heads). The CS336 sizes
-(small … 2.7B) are benchmarked with `VOCAB_SIZE` = 10,000; `tiny` and `mini` are ours, small enough
-to train or benchmark on a laptop CPU in seconds.
+`PRESETS[name]` is a `ModelShape` (d_model, d_ff, num_layers, num_heads, and num_kv_heads for
+grouped-query attention). The CS336 sizes (small … 2.7B) are benchmarked with `VOCAB_SIZE` = 10,000;
+`tiny`, `tiny-gqa` and `mini` are ours, small enough to train or benchmark on a laptop CPU in seconds.
 
 `ModelConfig` is what `train` and `bench model` build a `BasicsTransformerLM` from: a preset with
 any field overridden by flags, validated in `__post_init__` so bad input fails before any tensor
@@ -26,7 +26,7 @@ VOCAB_SIZE = 10_000
 
 @dataclass(frozen=True, kw_only=True)
 class ModelShape:
-    """The four numbers that size a Transformer LM apart from vocabulary and context."""
+    """The numbers that size a Transformer LM apart from vocabulary and context."""
 
     d_model: int
     """Width of the residual stream."""
@@ -35,22 +35,26 @@ class ModelShape:
     num_layers: int
     """Number of Transformer blocks."""
     num_heads: int
-    """Attention heads per block; must divide d_model."""
+    """Attention (query) heads per block; must divide d_model."""
+    num_kv_heads: int | None = None
+    """Key/value heads per block (grouped-query attention); must divide num_heads. None: num_heads."""
 
     def num_params(self, vocab_size: int = VOCAB_SIZE) -> int:
         """Parameter count of a BasicsTransformerLM of this shape, without building it.
 
-        Per block: Q/K/V/O projections (4 d^2), SwiGLU (3 d d_ff) and two RMSNorm gains; plus the
-        token embedding, the final norm and the untied LM head.
+        Per block: Q and O projections (2 d^2), K and V (2 d x kv_heads x head_dim), SwiGLU
+        (3 d d_ff) and two RMSNorm gains; plus the token embedding, the final norm and the untied LM head.
         """
         d = self.d_model
-        block = 4 * d * d + 3 * d * self.d_ff + 2 * d
+        kv_dim = (self.num_kv_heads or self.num_heads) * (d // self.num_heads)
+        block = 2 * d * d + 2 * d * kv_dim + 3 * d * self.d_ff + 2 * d
         return self.num_layers * block + 2 * vocab_size * d + d
 
 
 PRESETS: dict[str, ModelShape] = {
     # ours: CPU-sized (train's default is `mini`; tests use `tiny`)
     "tiny": ModelShape(d_model=64, d_ff=256, num_layers=2, num_heads=4),
+    "tiny-gqa": ModelShape(d_model=64, d_ff=256, num_layers=2, num_heads=4, num_kv_heads=2),
     "mini": ModelShape(d_model=128, d_ff=512, num_layers=4, num_heads=4),
     # CS336 Assignment 2, Table 1
     "small": ModelShape(d_model=768, d_ff=3072, num_layers=12, num_heads=12),
@@ -61,6 +65,9 @@ PRESETS: dict[str, ModelShape] = {
     # The CS336 2026 leaderboard model (8.1 B parameters with its 151936-token vocabulary); the
     # `8b-32k` job preset of `bench step` and `train` (training/jobs.py) adds its context and batch.
     "8b": ModelShape(d_model=4096, d_ff=11008, num_layers=34, num_heads=32),
+    # The same width and depth with grouped-query attention, 4 query heads per kv head (Llama-3-8B's
+    # 32 / 8): k_proj and v_proj shrink 4x: 7.27 B parameters with the 151936-token vocabulary.
+    "8b-gqa": ModelShape(d_model=4096, d_ff=11008, num_layers=34, num_heads=32, num_kv_heads=8),
 }
 CS336_PRESETS = ("small", "medium", "large", "xl", "2.7B")
 """The sizes the CS336 handout benchmarks, in increasing order."""
@@ -89,6 +96,9 @@ class ModelConfig:
     """Number of blocks (default: the preset's)."""
     num_heads: int | None = None
     """Attention heads (default: the preset's); must divide d_model."""
+    num_kv_heads: int | None = None
+    """Key/value heads, grouped-query attention (default: the preset's, else num_heads); must divide
+    num_heads."""
     vocab_size: int | None = None
     """Embedding rows; token ids must be smaller. None: the command decides (train: from the data;
     bench: VOCAB_SIZE)."""
@@ -120,11 +130,20 @@ class ModelConfig:
         if (self.d_model // self.num_heads) % 2:
             raise ConfigError(f"--d-model {self.d_model} / --num-heads {self.num_heads} = "
                               f"{self.d_model // self.num_heads} must be even: RoPE rotates pairs of dimensions")
+        self._check_kv_heads()
+
+    def _check_kv_heads(self) -> None:
+        if self.num_kv_heads is None:
+            return
+        if self.num_kv_heads <= 0:
+            raise ConfigError(f"--num-kv-heads must be positive, got {self.num_kv_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"--num-heads {self.num_heads} is not divisible by --num-kv-heads {self.num_kv_heads}")
 
     @property
     def shape(self) -> ModelShape:
         return ModelShape(d_model=self.d_model, d_ff=self.d_ff, num_layers=self.num_layers,
-                          num_heads=self.num_heads)
+                          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads)
 
     def check_context(self, context_length: int) -> None:
         """Fail when sequences of `context_length` tokens do not fit the model."""
@@ -150,7 +169,7 @@ class ModelConfig:
         return BasicsTransformerLM(
             vocab_size=self.vocab_size, context_length=self.context_length, d_model=self.d_model,
             num_layers=self.num_layers, num_heads=self.num_heads, d_ff=self.d_ff,
-            rope_theta=self.rope_theta, attention=self.attention,
+            rope_theta=self.rope_theta, attention=self.attention, num_kv_heads=self.num_kv_heads,
         )
 
 
@@ -167,7 +186,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_preset: str = "
     group.add_argument("--preset", default=default_preset, metavar="NAME",
                        help=f"model size: {', '.join(PRESETS)} (default: {default_preset}){whole_jobs}")
     for name, text in (("d_model", "residual width"), ("d_ff", "feed-forward width"),
-                       ("num_layers", "number of blocks"), ("num_heads", "attention heads")):
+                       ("num_layers", "number of blocks"), ("num_heads", "attention heads"),
+                       ("num_kv_heads", "key/value heads, grouped-query attention")):
         group.add_argument(_flag(name), type=int, metavar="N", help=f"{text} (default: the preset's)")
     group.add_argument("--vocab-size", type=int, metavar="N",
                        help="embedding rows (default: train: from the data; bench: 10000)")
@@ -182,7 +202,7 @@ def model_config_from_args(args: argparse.Namespace, *, context_length: int) -> 
     """ModelConfig from `add_model_arguments` flags; the model's context defaults to `context_length`."""
     return ModelConfig(
         preset=args.preset, d_model=args.d_model, d_ff=args.d_ff, num_layers=args.num_layers,
-        num_heads=args.num_heads, vocab_size=args.vocab_size,
+        num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, vocab_size=args.vocab_size,
         rope_theta=args.rope_theta, attention=args.attention,
         context_length=args.model_context_length or context_length,
     )

@@ -19,7 +19,7 @@ from cs336_systems.errors import ConfigError, check_float, directory, nonnegativ
 from cs336_systems.parallel.activation_checkpointing import NO_CHECKPOINTING, ActivationCheckpointing, parse_policy
 from cs336_systems.presets import ModelConfig, add_model_arguments, model_config_from_args
 from cs336_systems.runtime import ENGINES, RuntimeConfig, add_runtime_arguments, runtime_config_from_args
-from cs336_systems.training.corpus import CorpusConfig
+from cs336_systems.training.corpus import EOT_ID, CorpusConfig
 from cs336_systems.training.jobs import JOB_PRESETS, apply_job_preset
 from cs336_systems.training.loss import LOSS_IMPLEMENTATIONS
 
@@ -34,10 +34,25 @@ class DataConfig:
     """Validation token file; None: the corpus's validation split, or no evaluation with --data."""
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     """Size and seed of the embedded corpus (used when `data` is None)."""
+    pack_documents: bool = False
+    """Windows carry document ids (end-of-text tokens before each position): attention and RoPE
+    positions stay within each document (training/data.py)."""
+    eot_id: int | None = None
+    """The end-of-text id that ends each document; None: the embedded corpus's (needed with `data`).
+    Resolved by __post_init__: set exactly when `pack_documents` is."""
 
     def __post_init__(self) -> None:
         if self.val_data is not None and self.data is None:
             raise ConfigError("--val-data needs --data (the embedded corpus has its own split)")
+        if self.eot_id is not None and not self.pack_documents:
+            raise ConfigError("--eot-id needs --pack-documents")
+        if self.pack_documents and self.eot_id is None:
+            if self.data is not None:
+                raise ConfigError("--pack-documents with --data needs --eot-id (the token id that ends each "
+                                  "document in the file, e.g. the tokenizer's <|endoftext|>)")
+            self.eot_id = EOT_ID
+        if self.eot_id is not None and self.eot_id < 0:
+            raise ConfigError(f"--eot-id must be >= 0, got {self.eot_id}")
 
 
 OPTIMIZER_IMPLEMENTATIONS = ("auto", "cs336", "torch-fused")
@@ -311,6 +326,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data, output and checkpoints")
     group.add_argument("--data", metavar="FILE", help="training tokens, .npy or uint16 .bin (default: embedded corpus)")
     group.add_argument("--val-data", metavar="FILE", help="validation tokens (default: the corpus's split)")
+    group.add_argument("--pack-documents", action="store_true",
+                       help="attend and count RoPE positions within the documents of each window only")
+    group.add_argument("--eot-id", type=int, metavar="ID",
+                       help=f"the end-of-text id that ends each document (default: the corpus's, {EOT_ID}; "
+                            "required with --data)")
     group.add_argument("--eval-every", type=int, default=train("eval_every"),
                        help="steps between evaluations, 0 = never (default: %(default)s)")
     group.add_argument("--eval-batches", type=int, default=train("eval_batches"),
@@ -337,7 +357,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                    "activation_checkpointing": _default(ParallelConfig, "activation_checkpointing")})
     return TrainConfig(
         model=model_config_from_args(args, context_length=args.context_length),
-        data=DataConfig(data=args.data, val_data=args.val_data),
+        data=DataConfig(data=args.data, val_data=args.val_data, pack_documents=args.pack_documents,
+                        eot_id=args.eot_id),
         optimizer=OptimizerConfig(lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
                                   weight_decay=args.weight_decay, grad_clip=args.grad_clip,
                                   implementation=args.optimizer, in_backward=args.optimizer_in_backward),

@@ -72,6 +72,8 @@ class _Vocabulary:
 VOCAB = _Vocabulary()
 VOCAB_SIZE = VOCAB.size
 """Number of distinct token ids the corpus uses (ids are 0 … VOCAB_SIZE-1; 0 ends a document)."""
+EOT_ID = VOCAB.eos
+"""The end-of-text id: the last token of every document (what `train --pack-documents` splits at)."""
 
 _ZIPF_NOUNS = _zipf(NOUNS_PER_TOPIC)
 _ZIPF_VERBS = _zipf(NUM_VERBS // NUM_TOPICS)

@@ -7,6 +7,13 @@ resumed run needs no sampler state beyond the step number.
 
     global batch (B sequences) = [rank 0: B/W rows | rank 1: B/W rows | ...]
     each rank's rows           = [micro-batch 0 | micro-batch 1 | ...]   (B/(W*A) rows, A accumulation steps)
+
+Packed documents (`eot_id`): the token stream is documents, each ended by the end-of-text id, and a
+window cuts across them. Each window then also carries document_ids: at position t, the number of
+end-of-text tokens strictly before t within the window, so an end-of-text token is the last token
+of its document and the next token starts a new one. The model attends and counts RoPE positions
+within documents only; the targets are unchanged (the end-of-text position's target is the next
+document's first token, as in unpacked training).
 """
 
 from __future__ import annotations
@@ -21,8 +28,9 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.training.corpus import VOCAB_SIZE as CORPUS_VOCAB_SIZE
 from cs336_systems.training.corpus import CorpusConfig, load_corpus
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-"""(inputs, next-token targets), int64 (B, T) each."""
+Batch = tuple[torch.Tensor, ...]
+"""(inputs, next-token targets), int64 (B, T) each; packing documents, also their document ids (B, T)
+int32: `lm_loss(model, *batch)` takes either."""
 
 
 def load_tokens(path: str, flag: str) -> np.ndarray:
@@ -83,11 +91,28 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, context_length: int, device: torch.device) -> Batch:
-    """Inputs and targets of the windows starting at `starts`: (len(starts), T) each."""
+def windows(tokens: np.ndarray, starts: np.ndarray, context_length: int, device: torch.device,
+            eot_id: int | None = None) -> Batch:
+    """Inputs and targets of the windows starting at `starts`: (len(starts), T) each; with `eot_id`,
+    also the inputs' document ids."""
     rows = np.stack([np.asarray(tokens[s : s + context_length + 1], dtype=np.int64) for s in starts])  # (N, T+1)
     rows = to_device(torch.from_numpy(rows), device)
-    return rows[:, :-1], rows[:, 1:]
+    inputs, targets = rows[:, :-1], rows[:, 1:]
+    if eot_id is None:
+        return inputs, targets
+    return inputs, targets, document_ids_of(inputs, eot_id)
+
+
+def document_ids_of(inputs: torch.Tensor, eot_id: int) -> torch.Tensor:
+    """(N, T) int32: the end-of-text tokens strictly before each position of its row. Computed on the
+    batch's device (no extra copy from the host)."""
+    ends = (inputs == eot_id).int()  # (N, T)
+    return ends.cumsum(dim=-1, dtype=torch.int32) - ends
+
+
+def split_rows(batch: Batch, rows: int) -> list[Batch]:
+    """`batch` cut into consecutive batches of at most `rows` sequences."""
+    return list(zip(*(part.split(rows) for part in batch)))
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -102,6 +127,7 @@ class TokenBatches:
     rank: int
     world_size: int
     device: torch.device
+    eot_id: int | None = None  # packed documents: see the module docstring
 
     def global_starts(self, step: int) -> np.ndarray:
         """Start offsets of the global batch of optimizer step `step`: (batch_size,)."""
@@ -112,18 +138,17 @@ class TokenBatches:
         """This rank's `accumulation` micro-batches of step `step`; only their windows are read."""
         per_rank = self.batch_size // self.world_size
         mine = self.global_starts(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
-        inputs, targets = windows(self.tokens, mine, self.context_length, self.device)
-        micro = per_rank // self.accumulation
-        return list(zip(inputs.split(micro), targets.split(micro)))
+        batch = windows(self.tokens, mine, self.context_length, self.device, self.eot_id)
+        return split_rows(batch, per_rank // self.accumulation)
 
 
 def validation_batches(tokens: np.ndarray, num_sequences: int, micro_batch: int, context_length: int,
-                       rank: int, world_size: int, device: torch.device) -> list[Batch]:
+                       rank: int, world_size: int, device: torch.device, eot_id: int | None = None) -> list[Batch]:
     """This rank's share of the same validation windows at every evaluation: consecutive windows from
-    the start of the split, dealt out round-robin, in batches of at most `micro_batch`."""
+    the start of the split, dealt out round-robin, in batches of at most `micro_batch` (with document
+    ids when `eot_id` is given)."""
     count = min(num_sequences, (len(tokens) - 1) // context_length)
     starts = np.arange(count)[rank::world_size] * context_length
     if len(starts) == 0:
         return []
-    inputs, targets = windows(tokens, starts, context_length, device)
-    return list(zip(inputs.split(micro_batch), targets.split(micro_batch)))
+    return split_rows(windows(tokens, starts, context_length, device, eot_id), micro_batch)

@@ -149,12 +149,12 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
         ddp.full_state_dicts(optimizer)
     batches = TokenBatches(tokens=train_tokens, batch_size=config.batch_size, context_length=config.context_length,
                            accumulation=config.grad_accum_steps, seed=config.seed, rank=world.rank,
-                           world_size=world.world_size, device=world.device)
+                           world_size=world.world_size, device=world.device, eot_id=config.data.eot_id)
     val_batches = None
     if val_tokens is not None and config.eval_every:
         val_batches = validation_batches(val_tokens, config.eval_batches * config.batch_size,
                                          config.micro_batch_size, config.context_length, world.rank,
-                                         world.world_size, world.device)
+                                         world.world_size, world.device, config.data.eot_id)
     return Trainer(config, world, model, forward, ddp, optimizer, batches, val_batches, comm)
 
 
@@ -229,11 +229,11 @@ def train_step(trainer: Trainer) -> torch.Tensor:
     for group in trainer.optimizer.param_groups:  # before backward: an InBackwardOptimizer steps inside it
         group["lr"] = learning_rate(config.optimizer, trainer.step + 1, config.steps)
     total = torch.zeros((), device=trainer.world.device)
-    for i, (inputs, targets) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):  # batch: inputs, targets[, document_ids]
         last = i == len(micro_batches) - 1
         with ddp.no_sync() if ddp is not None and not last else contextlib.nullcontext():
             with autocast(config.runtime):
-                loss = lm_loss(trainer.forward, inputs, targets, loss=trainer.config.loss) / len(micro_batches)
+                loss = lm_loss(trainer.forward, *batch, loss=trainer.config.loss) / len(micro_batches)
             loss.backward()
         total += loss.detach()
     if ddp is not None:
@@ -256,10 +256,10 @@ def evaluate(trainer: Trainer) -> float:
     """Mean loss over the fixed validation windows, all ranks' shares together."""
     trainer.model.eval()
     total = torch.zeros(2, device=trainer.world.device)  # (sum of per-window losses, windows)
-    for inputs, targets in trainer.val_batches:
+    for batch in trainer.val_batches:  # inputs, targets[, document_ids]
         with autocast(trainer.config.runtime):
-            total[0] += lm_loss(trainer.forward, inputs, targets, loss=trainer.config.loss) * len(inputs)
-        total[1] += len(inputs)
+            total[0] += lm_loss(trainer.forward, *batch, loss=trainer.config.loss) * len(batch[0])
+        total[1] += len(batch[0])
     trainer.model.train()
     if trainer.world.world_size > 1:
         dist.all_reduce(total)
