@@ -65,11 +65,12 @@ def _tile_start(BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
 @gluon.jit
 def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    IS_CAUSAL: gl.constexpr):
+                    IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr):
     """Issue the TMA copies: both Q tiles, then K_j and V_j into ring slot j % NUM_STAGES."""
     q_ready, k_ready, v_ready, k_empty, v_empty, _ = bars
     bh, start_m = _tile_start(BLOCK_M, IS_CAUSAL)
     b, h = bh // n_heads, bh % n_heads  # descriptor coordinates of flat head bh = b * H + h
+    kv_h = h // GROUP  # GQA: query heads h of one group share K/V head h // GROUP (GROUP = 1 folds away)
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * BLOCK_M, 0], q_ready.index(c),
@@ -82,11 +83,11 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys
         # NUM_STAGES waits on "empty" pass at once.
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, h, j * BLOCK_N, 0], k_ready.index(slot),
+        tma.async_copy_global_to_shared(k_desc, [b, kv_h, j * BLOCK_N, 0], k_ready.index(slot),
                                         k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, h, j * BLOCK_N, 0], v_ready.index(slot),
+        tma.async_copy_global_to_shared(v_desc, [b, kv_h, j * BLOCK_N, 0], v_ready.index(slot),
                                         v_smem.index(slot))
 
 
@@ -199,11 +200,11 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
 
 @gluon.jit
 def flash_fwd_ws_kernel(
-    q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
+    q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H // GROUP, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
     lse_ptr,  # (BH, Nq) float32, contiguous
     n_queries, n_keys, n_heads, qk_scale,  # qk_scale = softmax scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, GROUP: gl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for 2 * BLOCK_M query rows of one head."""
     dtype: gl.constexpr = q_desc.dtype
@@ -236,5 +237,5 @@ def flash_fwd_ws_kernel(
         (_consumer, (1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
                        HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
         (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
-                           BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL)),
+                           BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP)),
     ], [4, 1], [CONSUMER_REGS, 24])

@@ -31,7 +31,18 @@ def launch():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_compiles_for_sm90(launch, head_dim, causal, dtype):
-    compiled = launch.compile_forward(head_dim, causal, dtype)
+    assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, dtype), head_dim)
+
+
+# The grouped-query (GQA) variants: G query heads per K/V head (G = 4: Hq 8, Hkv 2; G = 8: one K/V head).
+@pytest.mark.parametrize("group", [4, 8])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_gqa_compiles_for_sm90(launch, head_dim, causal, group):
+    assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, group=group), head_dim)
+
+
+def assert_hopper_forward(launch, compiled, head_dim):
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group" in ptx

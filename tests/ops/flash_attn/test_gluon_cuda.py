@@ -55,7 +55,7 @@ def test_gluon_forward_pingpong_matches_float64(shape, head_dim, causal, gen):
 
     tiles = dataclasses.replace(FORWARD_TILES[head_dim], pingpong=not FORWARD_TILES[head_dim].pingpong)
     q, k, v = (x.detach() for x in make_inputs(*shape, head_dim, torch.bfloat16, "cuda", gen))
-    out, lse = flash_forward_gluon(q, k, v, causal, head_dim ** -0.5, tiles)
+    out, lse = flash_forward_gluon(q, k, v, causal, head_dim ** -0.5, tiles=tiles)
     assert_forward_close(out, lse, q, k, v, causal, head_dim ** -0.5)
 
 

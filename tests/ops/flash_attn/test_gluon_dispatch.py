@@ -81,6 +81,27 @@ def test_mixed_head_dims_or_dtypes_stay_on_tl(hopper):
     assert not gluon.use_gluon_forward(q, fake_cuda(dtype=torch.float16), q)
 
 
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
+def test_gqa_forward_takes_gluon_when_kv_heads_divide(hopper, kv_heads):
+    q, kv = fake_cuda(heads=8), fake_cuda(heads=kv_heads)
+    assert gluon.use_gluon_forward(q, kv, kv)
+
+
+@pytest.mark.parametrize("case", [dict(heads=3), dict(heads=16), dict(heads=2, batch=1)], ids=str)
+def test_gqa_forward_stays_on_tl_when_heads_do_not_group(hopper, case):
+    q, kv = fake_cuda(heads=8), fake_cuda(**case)
+    assert not gluon.use_gluon_forward(q, kv, kv)
+    assert not gluon.use_gluon_forward(q, kv, fake_cuda(heads=8))  # k and v must agree too
+
+
+def test_documents_forward_needs_as_many_keys_as_queries(hopper):
+    q = fake_cuda()
+    assert gluon.use_gluon_forward(q, q, q, documents=True)
+    assert gluon.use_gluon_forward(q, fake_cuda(heads=2), fake_cuda(heads=2), documents=True)
+    longer = fake_cuda(n=16384 + 128)
+    assert gluon.use_gluon_forward(q, longer, longer) and not gluon.use_gluon_forward(q, longer, longer, documents=True)
+
+
 def test_cpu_tensors_never_take_gluon():
     x = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
     assert not gluon.use_gluon_forward(x, x, x)
