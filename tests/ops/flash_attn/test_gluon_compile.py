@@ -42,6 +42,18 @@ def test_forward_gqa_compiles_for_sm90(launch, head_dim, causal, group):
     assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, group=group), head_dim)
 
 
+# Packed documents (HAS_DOCS): per-row key ranges read from global memory, alone and with GQA.
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_documents_compile_for_sm90_without_spills(launch, head_dim, causal, group):
+    compiled = launch.compile_forward(head_dim, causal, group=group, documents=True)
+    assert_hopper_forward(launch, compiled, head_dim)
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx  # the document bounds
+    assert _ptxas_spills(ptx).startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+
+
 def assert_hopper_forward(launch, compiled, head_dim):
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     assert ".target sm_90a" in ptx

@@ -10,11 +10,13 @@ import dataclasses
 import pytest
 import torch
 from flash_helpers import assert_close_to_reference, assert_forward_close, make_inputs, run_with_grads
+from numerics import assert_within_oracle
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ops.flash_attn.gluon as gluon
 from ops.flash_attn import flash_attn
 from ops.flash_attn.dispatch import attention_forward
+from ops.flash_attn.documents import document_bounds
 
 pytestmark = [
     pytest.mark.cuda,
@@ -148,3 +150,99 @@ def test_gluon_backward_with_zero_stride_grad(gen):
     grad_out = torch.ones((), device="cuda", dtype=torch.bfloat16).expand_as(out)
     ours = (out, *flash_backward_gluon(grad_out, q, k, v, out, lse, True, 128 ** -0.5))
     assert_close_to_reference(ours, q, k, v, True, grad_out.contiguous())
+
+
+# Grouped-query attention and packed documents. The float64 oracle expands K/V to the query heads
+# (repeat_interleave: query head h reads K/V head h // G) and masks keys outside each query's
+# document (ids equal), on top of the causal mask.
+GQA_SHAPES = [1024, 4096 + 17]
+HEADS_Q = 8
+
+
+def _document_ids(batch: int, n: int, gen: torch.Generator, heads: int = 1) -> torch.Tensor:
+    """(batch, heads, n) int32, nondecreasing along n: documents of random lengths, 1-token ones
+    included (every third document), a different split in every row."""
+    rows = []
+    for _ in range(batch * heads):
+        lengths = []
+        while sum(lengths) < n:
+            short = len(lengths) % 3 == 2
+            lengths.append(1 if short else int(torch.randint(1, max(2, n // 3), (1,), generator=gen)))
+        ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:n]
+        rows.append(ids)
+    return torch.stack(rows).reshape(batch, heads, n).to(torch.int32)
+
+
+def _masked_reference(q, k, v, causal, scale, ids):
+    """(O, L) of the naive math in q's dtype: k/v repeated to q's heads, keys of other documents
+    masked (ids (..., N) broadcastable to q.shape[:-1], or None)."""
+    group = q.shape[-3] // k.shape[-3]
+    k, v = (x.repeat_interleave(group, dim=-3) for x in (k, v))  # (B, Hq, Nk, D)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
+    keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    if causal:
+        keep = torch.ones_like(keep).tril()
+    if ids is not None:
+        keep = keep & (ids[..., :, None] == ids[..., None, :])  # (B, 1 or Hq, Nq, Nk)
+    scores = scores.masked_fill(~keep, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def _assert_masked_forward_close(out, lse, q, k, v, causal, scale, ids):
+    """As flash_helpers.assert_forward_close: O within 2x what the naive math errs in q's dtype, L
+    within 2x what it errs in float32 (the kernels' L is a float32 sum), both against float64."""
+    exact_out, exact_lse = _masked_reference(q.double(), k.double(), v.double(), causal, scale, ids)
+    low_out, _ = _masked_reference(q, k, v, causal, scale, ids)
+    _, low_lse = _masked_reference(q.float(), k.float(), v.float(), causal, scale, ids)
+    assert_within_oracle("O", out, low_out, exact_out, q.dtype)
+    assert_within_oracle("L", lse, low_lse, exact_lse, torch.float32)
+
+
+def _gqa_inputs(n, head_dim, kv_heads, dtype, gen):
+    q = torch.randn(2, HEADS_Q, n, head_dim, generator=gen).to("cuda", dtype)  # (B, Hq, N, D)
+    k, v = (torch.randn(2, kv_heads, n, head_dim, generator=gen).to("cuda", dtype) for _ in range(2))  # (B, Hkv, N, D)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("n", GQA_SHAPES)
+@pytest.mark.parametrize("kv_heads, documents", [(2, False), (1, False), (8, True), (2, True), (1, True)],
+                         ids=["gqa4", "gqa8", "docs", "gqa4-docs", "gqa8-docs"])
+def test_gluon_forward_gqa_and_documents_match_float64(kv_heads, documents, n, head_dim, causal, dtype, gen,
+                                                       monkeypatch):
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    monkeypatch.setattr(gluon, "GLUON_MIN_WORK", 0)  # the rule takes these inputs at any size
+    q, k, v = _gqa_inputs(n, head_dim, kv_heads, dtype, gen)
+    assert gluon.use_gluon_forward(q, k, v, documents)
+    ids = _document_ids(2, n, gen).to("cuda") if documents else None  # (B, 1, N)
+    bounds = document_bounds(ids, q.shape[:-1]) if documents else None
+    scale = head_dim ** -0.5
+    out, lse = flash_forward_gluon(q, k, v, causal, scale, bounds)
+    assert out.shape == q.shape and lse.shape == q.shape[:-1]
+    _assert_masked_forward_close(out, lse, q, k, v, causal, scale, ids)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_documents_differ_per_head(causal, gen):
+    """ids (B, Hq, N): every query head has its own split, so the kernel must read row bh's bounds."""
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    q, k, v = _gqa_inputs(1000, 128, 2, torch.bfloat16, gen)
+    ids = _document_ids(2, 1000, gen, heads=HEADS_Q).to("cuda")  # (B, Hq, N)
+    out, lse = flash_forward_gluon(q, k, v, causal, 128 ** -0.5, document_bounds(ids, q.shape[:-1]))
+    _assert_masked_forward_close(out, lse, q, k, v, causal, 128 ** -0.5, ids)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gluon_forward_one_token_documents_only(causal, gen):
+    """Every token its own document: each query sees only its own key, O = V of its K/V head."""
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    q, k, v = _gqa_inputs(300, 64, 2, torch.bfloat16, gen)
+    ids = torch.arange(300, device="cuda", dtype=torch.int32).expand(2, 1, 300)  # (B, 1, N)
+    out, lse = flash_forward_gluon(q, k, v, causal, 0.125, document_bounds(ids, q.shape[:-1]))
+    assert torch.equal(out, v.repeat_interleave(HEADS_Q // 2, dim=1))
+    _assert_masked_forward_close(out, lse, q, k, v, causal, 0.125, ids)

@@ -210,3 +210,25 @@ def test_tma_view_copies_what_tma_cannot_address():
     column_major = torch.zeros(2, 3, 64, 40).transpose(-1, -2)  # D not the innermost dim
     out, out4 = launch.output_like(column_major)  # empty_like keeps that order: TMA cannot, so contiguous
     assert out.is_contiguous() and out4.data_ptr() == out.data_ptr()
+
+
+def test_forward_launcher_refuses_bounds_it_cannot_read():
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    q = torch.zeros(2, 4, 40, 64)  # (B, H, N, D): bounds are (B*H, N)
+    good = torch.zeros(8, 40, dtype=torch.int32)
+    assert launch.bounds_pointers(None, q) == (None, None)
+    assert launch.bounds_pointers((good, good), q) == (good, good)
+    for bad in (good.long(), torch.zeros(2, 40, dtype=torch.int32), torch.zeros(40, 8, dtype=torch.int32).t()):
+        with pytest.raises(ValueError, match="bounds start"):
+            launch.bounds_pointers((bad, good), q)
+    with pytest.raises(ValueError, match="bounds end"):
+        launch.bounds_pointers((good, good[:, :20]), q)
+
+
+def test_forward_launcher_groups_query_heads():
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    q4 = torch.zeros(2, 8, 40, 64)
+    assert [launch.query_group(q4, torch.zeros(2, h, 40, 64)) for h in (8, 2, 1)] == [1, 4, 8]
+    for k4 in (torch.zeros(2, 3, 40, 64), torch.zeros(1, 2, 40, 64)):
+        with pytest.raises(ValueError, match="k's heads must divide q's"):
+            launch.query_group(q4, k4)
