@@ -101,16 +101,13 @@ def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documen
 
 def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
     """The Gluon one-pass backward: where the forward's rule holds, at the head dims where it
-    measured faster and with enough query rows, unless torch is asked for deterministic algorithms (its dQ is summed by
-    reductions in the order CTAs finish, as in the tl one-pass backward)."""
+    measured faster and with enough rows, unless torch is asked for deterministic algorithms (its dQ is summed by
+    reductions in the order CTAs finish, as in the tl one-pass backward). It launches one CTA per K/V
+    head and key tile (with GQA each walks its group's query heads), so the grid the small-grid rule
+    weighs has k's heads; without GQA that is q's, as measured."""
     return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and not small_grid(q.shape[:-2].numel(), q.shape[-2], q.shape[-1])
-            and use_gluon_forward(q, k, v, documents) and _backward_supported(q, k, documents))
-
-
-def _backward_supported(q: torch.Tensor, k: torch.Tensor, documents: bool) -> bool:
-    """What the backward kernel has of the forward's features: not yet GQA or documents."""
-    return not documents and q.shape[:-2] == k.shape[:-2]
+            and not small_grid(k.shape[:-2].numel(), q.shape[-2], q.shape[-1])
+            and use_gluon_forward(q, k, v, documents))
 
 
 __all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available",

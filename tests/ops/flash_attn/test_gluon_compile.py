@@ -91,7 +91,22 @@ def _ptxas_spills(ptx: str) -> str:
 def test_backward_compiles_for_sm90_without_spills(head_dim, causal, dtype):
     from ops.flash_attn.gluon import launch_bwd
 
-    compiled = launch_bwd.compile_backward(head_dim, causal, dtype)
+    assert_hopper_backward(launch_bwd.compile_backward(head_dim, causal, dtype))
+
+
+# GQA (one CTA walks the G query heads of its K/V head) and packed documents (HAS_DOCS), apart and together.
+@pytest.mark.parametrize("group, documents", [(4, False), (8, False), (1, True), (4, True)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_gqa_and_documents_compile_for_sm90_without_spills(head_dim, causal, group, documents):
+    from ops.flash_attn.gluon import launch_bwd
+
+    compiled = launch_bwd.compile_backward(head_dim, causal, group=group, documents=documents)
+    assert_hopper_backward(compiled)
+    assert ("ld.global" in compiled.asm["ptx"]) == documents  # the document bounds, read only with documents
+
+
+def assert_hopper_backward(compiled):
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert "cp.reduce.async.bulk.tensor" in ptx and ".add." in ptx  # dQ tiles by bulk reductions

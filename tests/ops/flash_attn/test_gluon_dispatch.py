@@ -143,6 +143,25 @@ def test_gluon_backward_follows_the_forward_rule_and_needs_rows(hopper, case):
     assert not gluon.use_gluon_backward(*qkv(**case))
 
 
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+def test_gqa_and_documents_backward_take_gluon(hopper, kv_heads):
+    q, kv = fake_cuda(d=128), fake_cuda(d=128, heads=kv_heads)
+    assert gluon.use_gluon_backward(q, kv, kv)
+    assert gluon.use_gluon_backward(q, kv, kv, documents=True)
+    assert not gluon.use_gluon_backward(q, fake_cuda(d=128, heads=3), fake_cuda(d=128, heads=3))
+    longer = fake_cuda(d=128, n=16384 + 128, heads=kv_heads)
+    assert not gluon.use_gluon_backward(q, longer, longer, documents=True)  # documents need Nq == Nk
+
+
+def test_gqa_backward_grid_counts_kv_heads(hopper):
+    # One batch, 8 query heads of 16384 rows: 8 x 16384 rows of CTAs without GQA; with one K/V head the
+    # backward launches one head's worth (16384 rows), where the small-grid tl tiles won.
+    q = fake_cuda(d=128, batch=1, heads=8)
+    assert gluon.use_gluon_backward(q, q, q)
+    kv = fake_cuda(d=128, batch=1, heads=1)
+    assert gluon.use_gluon_forward(q, kv, kv) and not gluon.use_gluon_backward(q, kv, kv)
+
+
 def test_deterministic_mode_keeps_the_tl_backward(hopper):
     torch.use_deterministic_algorithms(True)
     try:
