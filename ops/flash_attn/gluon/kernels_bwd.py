@@ -28,6 +28,11 @@ Q, K, V, dO, dK and dV arrive as 4-D (B, H, N, D) host descriptors with their ow
 (BH, Nq, D), L and Delta as (BH, Nq). Rows past a head's end read as zero and stores or reductions
 past it are dropped. Zero query rows contribute nothing (dO = 0 there, and L = 0
 keeps P finite); keys past Nk would have P = exp2(-L2), so the ragged key tile is masked.
+
+GQA (constexpr GROUP): a CTA owns keys of one K/V head and walks the query tiles of each of the
+GROUP query heads that read it, one head after another, so dK and dV need no atomics. Packed
+documents (constexpr HAS_DOCS): the query tiles are narrowed to the keys' documents and P^T is
+masked by each key's query range. Without either the kernel is the one described above.
 """
 
 

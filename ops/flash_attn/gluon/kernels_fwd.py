@@ -23,6 +23,10 @@ Tensors arrive as 4-D (B, H, N, D) host descriptors with their own strides, bloc
 dimension, so rows past a head's end read as zero and O stores past Nq are dropped (see
 kernels_tma.py for why not a flat view). Keys past Nk read as zero scores, so the ragged last key
 tile takes the masked path.
+
+GQA (GROUP query heads per K/V head) changes only the K/V coordinate. Packed documents (HAS_DOCS:
+per-row key ranges [start, end)) narrow the key tiles a CTA visits to its rows' documents and mask
+per row. Both are constexprs: without them the kernel is the one described above.
 """
 
 from triton.experimental import gluon

@@ -1,6 +1,7 @@
 """Launcher of the Gluon forward (kernels_fwd.flash_fwd_ws_kernel) and its ahead-of-time compile.
 
-Same contract as ops.flash_attn.launch.flash_forward: q (..., Nq, D), k/v (..., Nk, D) -> a fresh
+Same contract as ops.flash_attn.launch.flash_forward (with GQA: k/v may have Hkv heads dividing q's
+Hq; with packed documents: `bounds`): q (..., Nq, D), k/v (..., Nk, D) -> a fresh
 O (..., Nq, D) in q.dtype, laid out like q (torch.empty_like), and L (..., Nq) float32 (natural-log
 logsumexp). Callers check `ops.flash_attn.gluon.gluon_forward_supported` first.
 

@@ -34,16 +34,17 @@ def test_forward_compiles_for_sm90(launch, head_dim, causal, dtype):
     assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, dtype), head_dim)
 
 
-# The grouped-query (GQA) variants: G query heads per K/V head (G = 4: Hq 8, Hkv 2; G = 8: one K/V head).
-@pytest.mark.parametrize("group", [4, 8])
+# The grouped-query (GQA) variant: G query heads per K/V head (any G > 1 is the same code, a different constant).
+@pytest.mark.parametrize("group", [4])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_gqa_compiles_for_sm90(launch, head_dim, causal, group):
     assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, group=group), head_dim)
 
 
-# Packed documents (HAS_DOCS): per-row key ranges read from global memory, alone and with GQA.
-@pytest.mark.parametrize("group", [1, 4])
+# Packed documents (HAS_DOCS) with GQA: per-row key ranges read from global memory (GROUP = 1 differs only in
+# the constant: compiled on the GPU by the CUDA tests).
+@pytest.mark.parametrize("group", [4])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_documents_compile_for_sm90_without_spills(launch, head_dim, causal, group):
@@ -95,7 +96,7 @@ def test_backward_compiles_for_sm90_without_spills(head_dim, causal, dtype):
 
 
 # GQA (one CTA walks the G query heads of its K/V head) and packed documents (HAS_DOCS), apart and together.
-@pytest.mark.parametrize("group, documents", [(4, False), (8, False), (1, True), (4, True)], ids=str)
+@pytest.mark.parametrize("group, documents", [(4, False), (4, True)], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_backward_gqa_and_documents_compile_for_sm90_without_spills(head_dim, causal, group, documents):

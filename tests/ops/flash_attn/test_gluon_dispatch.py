@@ -186,10 +186,10 @@ def test_dispatch_routes_by_the_rule(monkeypatch, direction, use_gluon):
     entry, rule, other_rule, module, gluon_fn, tl_fn = ROUTES[direction]
     launcher = pytest.importorskip(module)
     calls = []
-    monkeypatch.setattr(dispatch, rule, lambda q, k, v: use_gluon)
-    monkeypatch.setattr(dispatch, other_rule, lambda q, k, v: False)
-    monkeypatch.setattr(launcher, gluon_fn, lambda *args: calls.append("gluon") or "gluon")
-    monkeypatch.setattr(dispatch, tl_fn, lambda *args: calls.append("tl") or "tl")
+    monkeypatch.setattr(dispatch, rule, lambda q, k, v, *args, **kwargs: use_gluon)
+    monkeypatch.setattr(dispatch, other_rule, lambda q, k, v, *args, **kwargs: False)
+    monkeypatch.setattr(launcher, gluon_fn, lambda *args, **kwargs: calls.append("gluon") or "gluon")
+    monkeypatch.setattr(dispatch, tl_fn, lambda *args, **kwargs: calls.append("tl") or "tl")
     x = torch.zeros(1, 16, 64)
     args = (x, x, x) if direction == "forward" else (x, x, x, x, x, x[..., 0])  # (q, k, v) / (dO, q, k, v, O, L)
     assert getattr(dispatch, entry)(*args, True, 0.125) == ("gluon" if use_gluon else "tl")
