@@ -91,7 +91,7 @@ def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep
         table = FORWARD_TILES[d]
         other = dataclasses.replace(table, pingpong=not table.pingpong)
         for label, tiles in (("pp_other_1", other), ("pp_table_2", table), ("pp_other_2", other)):
-            row[label] = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles))  # noqa: B023
+            row[label] = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles=tiles))  # noqa: B023
     if backward:
         dout = torch.randn_like(q)
         for label, on in (("fwdbwd_gluon", True), ("fwdbwd_tl", False)):
@@ -104,7 +104,7 @@ def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep
         if stages * 2 * bn * d * 2 + 2 * 64 * d * 2 > 220 * 1024:
             continue  # over sm_90's shared memory
         try:
-            ms = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles))  # noqa: B023
+            ms = _bench(lambda: flash_forward_gluon(q, k, v, True, scale, tiles=tiles))  # noqa: B023
             print(json.dumps({"sweep": name, "tiles": [64, bn, stages], "fwd_gluon": ms}), flush=True)
         except Exception as err:  # a tile that does not compile: report it and go on
             print(json.dumps({"sweep": name, "tiles": [64, bn, stages], "error": str(err)[:300]}), flush=True)

@@ -65,18 +65,24 @@ def gluon_available() -> bool:
     return True
 
 
-def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def gluon_forward_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
     """True when launch.flash_forward_gluon can run these inputs: sm_90 CUDA tensors, 16-bit, head
     dim 64 or 128, TMA-aligned (B, H, N, D) views (any strides TMA takes: a transposed
-    (B, N, H, D) projection output needs no copy), non-empty. Cheap checks first; the Triton version
-    check (and its one warning) only where the Gluon kernel would otherwise run."""
+    (B, N, H, D) projection output needs no copy), non-empty; K/V heads dividing the query heads
+    (GQA); Nq == Nk with packed documents. Cheap checks first; the Triton version check (and its one
+    warning) only where the Gluon kernel would otherwise run."""
     if not (q.is_cuda and q.dtype in GLUON_DTYPES and q.shape[-1] in GLUON_HEAD_DIMS):
         return False
-    if not (q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1]):
+    if not (q.dtype == k.dtype == v.dtype and q.shape[-1] == k.shape[-1] == v.shape[-1] and k.shape == v.shape):
         return False
     if q.numel() == 0 or k.numel() == 0 or device_capability(q.device.index) != GLUON_CAPABILITY:
         return False
-    if not all(tma_aligned(heads_view(x)) for x in (q, k, v)):  # the views the descriptors take: no copies
+    if documents and q.shape[-2] != k.shape[-2]:
+        return False
+    q4, k4, v4 = (heads_view(x) for x in (q, k, v))  # the views the descriptors take: no copies
+    if not (q4.shape[0] == k4.shape[0] and q4.shape[1] % k4.shape[1] == 0):  # query head h reads K/V head h // G
+        return False
+    if not all(tma_aligned(x) for x in (q4, k4, v4)):
         return False
     return gluon_enabled() and gluon_available()
 
@@ -86,18 +92,22 @@ def _large(q: torch.Tensor, k: torch.Tensor) -> bool:
     return q.shape[:-2].numel() * q.shape[-2] * k.shape[-2] * q.shape[-1] >= GLUON_MIN_WORK
 
 
-def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
     """The dispatch rule: the Gluon forward where it runs and the problem is large enough for its GPU
-    time to decide (measured faster there, docs/perf/flash_attention_gluon.md, v11), unless CS336_GLUON=0."""
-    return _large(q, k) and gluon_forward_supported(q, k, v)
+    time to decide (measured faster there, docs/perf/flash_attention_gluon.md, v11), unless CS336_GLUON=0.
+    GQA (k/v with fewer heads) and packed documents (`documents`: bounds will be passed) included."""
+    return _large(q, k) and gluon_forward_supported(q, k, v, documents)
 
 
-def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
     """The Gluon one-pass backward: where the forward's rule holds, at the head dims where it
-    measured faster and with enough query rows, unless torch is asked for deterministic algorithms (its dQ is summed by
-    reductions in the order CTAs finish, as in the tl one-pass backward)."""
+    measured faster and with enough rows, unless torch is asked for deterministic algorithms (its dQ is summed by
+    reductions in the order CTAs finish, as in the tl one-pass backward). It launches one CTA per K/V
+    head and key tile (with GQA each walks its group's query heads), so the grid the small-grid rule
+    weighs has k's heads; without GQA that is q's, as measured."""
     return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and not small_grid(q.shape[:-2].numel(), q.shape[-2], q.shape[-1]) and use_gluon_forward(q, k, v))
+            and not small_grid(k.shape[:-2].numel(), q.shape[-2], q.shape[-1])
+            and use_gluon_forward(q, k, v, documents))
 
 
 __all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available",

@@ -28,6 +28,11 @@ Q, K, V, dO, dK and dV arrive as 4-D (B, H, N, D) host descriptors with their ow
 (BH, Nq, D), L and Delta as (BH, Nq). Rows past a head's end read as zero and stores or reductions
 past it are dropped. Zero query rows contribute nothing (dO = 0 there, and L = 0
 keeps P finite); keys past Nk would have P = exp2(-L2), so the ragged key tile is masked.
+
+GQA (constexpr GROUP): a CTA owns keys of one K/V head and walks the query tiles of each of the
+GROUP query heads that read it, one head after another, so dK and dV need no atomics. Packed
+documents (constexpr HAS_DOCS): the query tiles are narrowed to the keys' documents and P^T is
+masked by each key's query range. Without either the kernel is the one described above.
 """
 
 
@@ -61,6 +66,51 @@ def _query_tiles(start_n, n_queries, BLOCK_M: gl.constexpr, IS_CAUSAL: gl.conste
     if IS_CAUSAL:
         first = start_n // BLOCK_M  # top-left aligned: row r sees keys <= r
     return first, gl.maximum(gl.cdiv(n_queries, BLOCK_M) - first, 0)
+
+
+@gluon.jit
+def _document_query_tiles(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr):
+    """Packed documents: (first query tile, number of query tiles) that see keys [start_n, start_n +
+    BLOCK_N) in any of the GROUP query rows of K/V row bh: from the first key's document start
+    (causal: the first key) to the last key's document end. Nq == Nk."""
+    last = gl.minimum(start_n + BLOCK_N, n_queries) - 1  # the last real key
+    lo = start_n
+    hi = start_n + 1
+    for g in gl.static_range(GROUP):
+        row0 = (bh * GROUP + g).to(gl.int64) * n_queries
+        if not IS_CAUSAL:
+            lo = gl.minimum(lo, gl.load(start_ptr + row0 + start_n))
+        hi = gl.maximum(hi, gl.load(end_ptr + row0 + last))
+    first = lo // BLOCK_M
+    return first, gl.cdiv(hi, BLOCK_M) - first
+
+
+@gluon.jit
+def _query_step(it, ahead: gl.constexpr, first, n_tiles, bh, h, GROUP: gl.constexpr):
+    """Step `it + ahead` of the walk over the group's query rows (GQA: the GROUP query heads that read
+    this K/V head, n_tiles query tiles each, one after another): (its query row b * Hq + h_q, h_q,
+    query tile). Without GQA the row is bh and the tile first + it + ahead (summed in that order: the
+    kernel's instructions stay those it had before GQA)."""
+    if GROUP == 1:
+        row, h_q, tile = bh, h, first + it + ahead
+    else:
+        step = it + ahead
+        g = step // n_tiles
+        row, h_q, tile = bh * GROUP + g, h * GROUP + g, first + step - g * n_tiles
+    return row, h_q, tile
+
+
+@gluon.jit
+def _key_bounds(start_ptr, end_ptr, row, start_n, n_keys, st_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Packed documents: the query range [start, end) of each of this CTA's keys in query row `row`
+    (query i sees key j iff start[j] <= i < end[j], the same documents seen from the key); empty
+    past Nk."""
+    keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+    row0 = row.to(gl.int64) * n_keys
+    real = keys < n_keys
+    return (gl.load(start_ptr + row0 + keys, mask=real, other=0),
+            gl.load(end_ptr + row0 + keys, mask=real, other=0))
 
 
 @gluon.jit
@@ -98,6 +148,22 @@ def _probabilities(s_t, lse_smem, start_n, start_m, n_keys, qk_scale,
 
 
 @gluon.jit
+def _document_probabilities(s_t, lse_smem, start_n, start_m, qk_scale, key_start, key_end,
+                            st_layout: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                            IS_CAUSAL: gl.constexpr):
+    """_probabilities with packed documents: P^T zero unless the query lies in the key's document
+    [key_start, key_end) (empty for keys past Nk) and, causal, at or after the key."""
+    lse2 = _row_vector(lse_smem, st_layout) * LOG2E_C
+    p_t = gl.exp2(s_t * qk_scale - gl.expand_dims(lse2, 0))
+    rows = gl.expand_dims(start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout)), 0)
+    keep = (rows >= gl.expand_dims(key_start, 1)) & (rows < gl.expand_dims(key_end, 1))
+    if IS_CAUSAL:
+        keys = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, st_layout))
+        keep = keep & (gl.expand_dims(keys, 1) <= rows)
+    return gl.where(keep, p_t, 0.0)
+
+
+@gluon.jit
 def _row_vector(smem, st_layout: gl.constexpr):
     """A (1, BLOCK_M) float32 tile in shared memory as a vector along S^T's columns."""
     return smem.reshape([smem.shape[1]]).load(gl.SliceLayout(0, st_layout))
@@ -108,15 +174,19 @@ def flash_bwd_gluon_kernel(
     q_desc, k_desc, v_desc, do_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
     dk_desc, dv_desc, dq_desc,  # (B, H, Nk, D) x2 in the input dtype; (BH, Nq, D) float32 accumulator
     lse_desc, delta_desc,  # (BH, Nq) float32 each, blocks [1, rows]: L (natural log) and rowsum(O * dO)
-    n_queries, n_keys, n_heads, qk_scale, sm_scale,  # qk_scale = sm_scale * log2(e)
+    start_ptr, end_ptr,  # HAS_DOCS: (BH, Nq) int32 each, contiguous: query row i sees keys [start, end); else None
+    n_queries, n_keys, n_heads, qk_scale, sm_scale,  # n_heads: K/V heads; qk_scale = sm_scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr, DK_FROM_REGISTERS: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, EARLY_DP: gl.constexpr, DK_FROM_REGISTERS: gl.constexpr, GROUP: gl.constexpr,
+    HAS_DOCS: gl.constexpr,
 ):
-    """dK, dV of BLOCK_N keys of one head; dQ_acc += dS K (unscaled) for each query tile they meet.
-    dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
+    """dK, dV of BLOCK_N keys of one K/V head; dQ_acc += dS K (unscaled) for each query tile they meet,
+    in each of the GROUP query heads that read this K/V head (GQA: Q, dO, dQ, L, Delta have GROUP
+    times the heads; query head h_q reads K/V head h_q // GROUP). dQ_acc must hold zeros first (the
+    tl preprocess kernel writes them with Delta)."""
     dtype: gl.constexpr = q_desc.dtype
     bh = gl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads  # descriptor coordinates of flat head bh = b * H + h
+    b, h = bh // n_heads, bh % n_heads  # K/V descriptor coordinates of flat K/V head bh = b * Hkv + h
     start_n = gl.program_id(0) * BLOCK_N
 
     # Two warpgroups stacked along the key rows for S^T, dP^T, dK, dV; along D for the dQ tile.
@@ -147,20 +217,29 @@ def flash_bwd_gluon_kernel(
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [b, h, start_n, 0], kv_ready, k_smem.index(0))
     tma.async_copy_global_to_shared(v_desc, [b, h, start_n, 0], kv_ready, v_smem.index(0))
-    first, n_tiles = _query_tiles(start_n, n_queries, BLOCK_M, IS_CAUSAL)
+    if HAS_DOCS:
+        first, n_tiles = _document_query_tiles(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M, BLOCK_N,
+                                               IS_CAUSAL, GROUP)
+    else:
+        first, n_tiles = _query_tiles(start_n, n_queries, BLOCK_M, IS_CAUSAL)
+    n_steps = n_tiles * GROUP  # query tiles of every query head in the group
     for i in gl.static_range(NUM_STAGES):
-        if i < n_tiles:
-            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h,
-                       bh, first + i, i)
+        if i < n_steps:
+            row, h_q, tile = _query_step(i, 0, first, n_tiles, bh, h, GROUP)
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h_q,
+                       row, tile, i)
 
     kv_slot = 0
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, kv_layout)
     mbarrier.wait(kv_ready, 0)
 
-    for it in range(n_tiles):
+    for it in range(n_steps):
         stage = it % NUM_STAGES
-        start_m = (first + it) * BLOCK_M
+        row, h_q, tile = _query_step(it, 0, first, n_tiles, bh, h, GROUP)
+        start_m = tile * BLOCK_M
+        if HAS_DOCS:
+            key_start, key_end = _key_bounds(start_ptr, end_ptr, row, start_n, n_keys, st_layout, BLOCK_N)
         mbarrier.wait(ready.index(stage), (it // NUM_STAGES) & 1)
         q2 = q_smem.index(stage).reshape([BLOCK_M, HEAD_DIM])
         # Always 0, but not provably so: the wgmma descriptors of K and V are then rebuilt per tile
@@ -180,8 +259,12 @@ def flash_bwd_gluon_kernel(
             s_t = warpgroup_mma_wait(1, deps=(st_tok,))
         else:
             s_t = warpgroup_mma_wait(0, deps=(st_tok,))
-        p_t = _probabilities(s_t, lse_smem.index(stage), start_n, start_m, n_keys, qk_scale,
-                             st_layout, BLOCK_N, BLOCK_M, IS_CAUSAL)
+        if HAS_DOCS:
+            p_t = _document_probabilities(s_t, lse_smem.index(stage), start_n, start_m, qk_scale, key_start, key_end,
+                                          st_layout, BLOCK_N, BLOCK_M, IS_CAUSAL)
+        else:
+            p_t = _probabilities(s_t, lse_smem.index(stage), start_n, start_m, n_keys, qk_scale,
+                                 st_layout, BLOCK_N, BLOCK_M, IS_CAUSAL)
         p_op = gl.convert_layout(p_t.to(dtype), a_layout)
         if not EARLY_DP:
             dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), gl.zeros([BLOCK_N, BLOCK_M], gl.float32, st_layout),
@@ -213,10 +296,11 @@ def flash_bwd_gluon_kernel(
         # Both warpgroups are past their last wgmma of this tile: stage and dS^T are free, and the
         # dQ tile is complete in shared memory.
         gl.thread_barrier()
-        if it + NUM_STAGES < n_tiles:
-            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h,
-                       bh, first + it + NUM_STAGES, stage)
-        _reduce_add(dq_desc, [bh, start_m, 0], dq_smem)  # rows past Nq dropped
+        if it + NUM_STAGES < n_steps:
+            next_row, next_h, next_tile = _query_step(it, NUM_STAGES, first, n_tiles, bh, h, GROUP)
+            _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, next_h,
+                       next_row, next_tile, stage)
+        _reduce_add(dq_desc, [row, start_m, 0], dq_smem)  # rows past Nq dropped
 
     # dK, dV out through the K and V buffers (their last readers were waited for above).
     k_smem.index(0).reshape([BLOCK_N, HEAD_DIM]).store((dk * sm_scale).to(dtype))

@@ -23,6 +23,10 @@ Tensors arrive as 4-D (B, H, N, D) host descriptors with their own strides, bloc
 dimension, so rows past a head's end read as zero and O stores past Nq are dropped (see
 kernels_tma.py for why not a flat view). Keys past Nk read as zero scores, so the ragged last key
 tile takes the masked path.
+
+GQA (GROUP query heads per K/V head) changes only the K/V coordinate. Packed documents (HAS_DOCS:
+per-row key ranges [start, end)) narrow the key tiles a CTA visits to its rows' documents and mask
+per row. Both are constexprs: without them the kernel is the one described above.
 """
 
 from triton.experimental import gluon
@@ -61,20 +65,41 @@ def _tile_start(BLOCK_M: gl.constexpr, IS_CAUSAL: gl.constexpr):
     return gl.program_id(1), pid_m * (NUM_CONSUMERS * BLOCK_M)
 
 
+@gluon.jit
+def _document_key_tiles(bh, start_m, n_queries, start_ptr, end_ptr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                        IS_CAUSAL: gl.constexpr):
+    """Packed documents: (first key tile, number of key tiles) that query rows [start_m, start_m + ROWS)
+    see: from the first row's document start to (causal) the last row or the last row's document
+    end. Tiles outside hold no key of these rows' documents. Nq == Nk."""
+    row0 = bh.to(gl.int64) * n_queries
+    last = gl.minimum(start_m + ROWS, n_queries) - 1  # the last real row
+    first = gl.load(start_ptr + row0 + start_m) // BLOCK_N
+    if IS_CAUSAL:
+        stop = last + 1
+    else:
+        stop = gl.load(end_ptr + row0 + last)
+    return first, gl.cdiv(stop, BLOCK_N) - first
+
 
 @gluon.jit
-def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-                    IS_CAUSAL: gl.constexpr):
+def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_queries, n_keys, n_heads,
+                    start_ptr, end_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
+                    IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr):
     """Issue the TMA copies: both Q tiles, then K_j and V_j into ring slot j % NUM_STAGES."""
     q_ready, k_ready, v_ready, k_empty, v_empty, _ = bars
     bh, start_m = _tile_start(BLOCK_M, IS_CAUSAL)
     b, h = bh // n_heads, bh % n_heads  # descriptor coordinates of flat head bh = b * H + h
+    kv_h = h // GROUP  # GQA: query heads h of one group share K/V head h // GROUP (GROUP = 1 folds away)
     for c in gl.static_range(NUM_CONSUMERS):
         mbarrier.expect(q_ready.index(c), q_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(q_desc, [b, h, start_m + c * BLOCK_M, 0], q_ready.index(c),
                                         q_smem.index(c))
-    _, n_tiles = _key_tiles(start_m, n_keys, NUM_CONSUMERS * BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:
+        first, n_tiles = _document_key_tiles(bh, start_m, n_queries, start_ptr, end_ptr, NUM_CONSUMERS * BLOCK_M,
+                                             BLOCK_N, IS_CAUSAL)
+    else:
+        first = 0
+        _, n_tiles = _key_tiles(start_m, n_keys, NUM_CONSUMERS * BLOCK_M, BLOCK_N, IS_CAUSAL)
     for j in range(n_tiles):
         slot = j % NUM_STAGES
         phase = (j // NUM_STAGES) & 1
@@ -82,11 +107,11 @@ def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys
         # NUM_STAGES waits on "empty" pass at once.
         mbarrier.wait(k_empty.index(slot), phase ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(k_desc, [b, h, j * BLOCK_N, 0], k_ready.index(slot),
+        tma.async_copy_global_to_shared(k_desc, [b, kv_h, (first + j) * BLOCK_N, 0], k_ready.index(slot),
                                         k_smem.index(slot))
         mbarrier.wait(v_empty.index(slot), phase ^ 1)
         mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(v_desc, [b, h, j * BLOCK_N, 0], v_ready.index(slot),
+        tma.async_copy_global_to_shared(v_desc, [b, kv_h, (first + j) * BLOCK_N, 0], v_ready.index(slot),
                                         v_smem.index(slot))
 
 
@@ -114,9 +139,48 @@ def _mask(s, j, n_full, rows, n_keys, s_layout: gl.constexpr, BLOCK_N: gl.conste
 
 
 @gluon.jit
-def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads,
-              qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-              IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr):
+def _row_bounds(bh, start_m, n_queries, start_ptr, end_ptr, rows, BLOCK_M: gl.constexpr):
+    """Packed documents: this warpgroup's rows' key ranges [row_start, row_end) (empty past Nq), and
+    the keys [doc_lo, doc_hi) every one of its rows sees (start of its last row's document, end of
+    its first row's): key tiles inside that range need no document mask."""
+    row0 = bh.to(gl.int64) * n_queries
+    real = rows < n_queries
+    row_start = gl.load(start_ptr + row0 + rows, mask=real, other=0)
+    row_end = gl.load(end_ptr + row0 + rows, mask=real, other=0)
+    doc_lo = gl.load(start_ptr + row0 + gl.minimum(start_m + BLOCK_M, n_queries) - 1)
+    doc_hi = gl.load(end_ptr + row0 + gl.minimum(start_m, n_queries - 1))
+    return row_start, row_end, doc_lo, doc_hi
+
+
+@gluon.jit
+def _document_mask(s, j, n_full, rows, n_keys, row_start, row_end, doc_lo, doc_hi, s_layout: gl.constexpr,
+                   BLOCK_N: gl.constexpr, IS_CAUSAL: gl.constexpr):
+    """_mask, and -inf for keys outside each row's document; tiles wholly inside [doc_lo, doc_hi)
+    below n_full go unmasked."""
+    key0 = j * BLOCK_N
+    if (j >= n_full) | (key0 < doc_lo) | (key0 + BLOCK_N > doc_hi):
+        keys = gl.expand_dims(key0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0)
+        keep = (keys < n_keys) & (keys >= gl.expand_dims(row_start, 1)) & (keys < gl.expand_dims(row_end, 1))
+        if IS_CAUSAL:
+            keep = keep & (keys <= gl.expand_dims(rows, 1))
+        s = gl.where(keep, s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _safe_max(m, HAS_DOCS: gl.constexpr):
+    """The running max to subtract: with documents a row may have seen only masked keys so far
+    (m = -inf), where 0 keeps exp2(-inf - m) at 0 instead of NaN. Without, every row sees key 0 or
+    its diagonal in the first tile."""
+    if HAS_DOCS:
+        m = gl.where(m == float("-inf"), 0.0, m)
+    return m
+
+
+@gluon.jit
+def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, start_ptr, end_ptr, n_queries,
+              n_keys, n_heads, qk_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, HAS_DOCS: gl.constexpr):
     """One warpgroup: O and L for query rows [start_m + consumer * BLOCK_M, + BLOCK_M)."""
     q_ready, k_ready, v_ready, k_empty, v_empty, turn = bars
     bh, cta_start = _tile_start(BLOCK_M, IS_CAUSAL)
@@ -134,7 +198,13 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
     n_full, _ = _key_tiles(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
     # Both consumers walk the CTA's key tiles (the load partition's count), so every "empty"
     # barrier gets its two arrivals; tiles past this consumer's diagonal are fully masked.
-    _, n_tiles = _key_tiles(cta_start, n_keys, NUM_CONSUMERS * BLOCK_M, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:
+        first, n_tiles = _document_key_tiles(bh, cta_start, n_queries, start_ptr, end_ptr, NUM_CONSUMERS * BLOCK_M,
+                                             BLOCK_N, IS_CAUSAL)
+        row_start, row_end, doc_lo, doc_hi = _row_bounds(bh, start_m, n_queries, start_ptr, end_ptr, rows, BLOCK_M)
+    else:
+        first = 0
+        _, n_tiles = _key_tiles(cta_start, n_keys, NUM_CONSUMERS * BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     mbarrier.wait(q_ready.index(consumer), 0)
     q = q_smem.index(consumer).reshape([BLOCK_M, HEAD_DIM])
@@ -143,9 +213,13 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
     s = warpgroup_mma_wait(0, deps=(_scores(q, k_smem, k_ready, 0, s_layout, BLOCK_M, BLOCK_N, HEAD_DIM,
                                             NUM_STAGES),))
     mbarrier.arrive(k_empty.index(0), count=1)
-    s = _mask(s, 0, n_full, rows, n_keys, s_layout, BLOCK_N, IS_CAUSAL)
+    if HAS_DOCS:
+        s = _document_mask(s, first, n_full, rows, n_keys, row_start, row_end, doc_lo, doc_hi, s_layout, BLOCK_N,
+                           IS_CAUSAL)
+    else:
+        s = _mask(s, 0, n_full, rows, n_keys, s_layout, BLOCK_N, IS_CAUSAL)
     m_i = gl.max(s, axis=1) * qk_scale
-    p = gl.exp2(s * qk_scale - gl.expand_dims(m_i, 1))
+    p = gl.exp2(s * qk_scale - gl.expand_dims(_safe_max(m_i, HAS_DOCS), 1))
     l_i = gl.sum(p, axis=1)
     p = gl.convert_layout(p.to(q_smem.dtype), p_layout)
     acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
@@ -168,10 +242,15 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
         mbarrier.arrive(k_empty.index(j % NUM_STAGES), count=1)
 
         # Softmax of S_j while the P V wgmma runs.
-        s = _mask(s, j, n_full, rows, n_keys, s_layout, BLOCK_N, IS_CAUSAL)
+        if HAS_DOCS:
+            s = _document_mask(s, first + j, n_full, rows, n_keys, row_start, row_end, doc_lo, doc_hi, s_layout,
+                               BLOCK_N, IS_CAUSAL)
+        else:
+            s = _mask(s, j, n_full, rows, n_keys, s_layout, BLOCK_N, IS_CAUSAL)
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
-        p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_new, 1))
-        alpha = gl.exp2(m_i - m_new)
+        m_sub = _safe_max(m_new, HAS_DOCS)
+        p_f = gl.exp2(s * qk_scale - gl.expand_dims(m_sub, 1))
+        alpha = gl.exp2(m_i - m_sub)
         l_i = l_i * alpha + gl.sum(p_f, axis=1)
         m_i = m_new
 
@@ -199,11 +278,13 @@ def _consumer(consumer: gl.constexpr, o_desc, q_smem, k_smem, v_smem, bars, lse_
 
 @gluon.jit
 def flash_fwd_ws_kernel(
-    q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
+    q_desc, k_desc, v_desc, o_desc,  # (B, H, Nq, D), (B, H // GROUP, Nk, D) x2, (B, H, Nq, D); blocks [1, 1, rows, D]
     lse_ptr,  # (BH, Nq) float32, contiguous
+    start_ptr, end_ptr,  # HAS_DOCS: (BH, Nq) int32 each, contiguous: row i sees keys [start, end); else None
     n_queries, n_keys, n_heads, qk_scale,  # qk_scale = softmax scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
-    IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+    IS_CAUSAL: gl.constexpr, PINGPONG: gl.constexpr, CONSUMER_REGS: gl.constexpr, GROUP: gl.constexpr,
+    HAS_DOCS: gl.constexpr,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for 2 * BLOCK_M query rows of one head."""
     dtype: gl.constexpr = q_desc.dtype
@@ -231,10 +312,10 @@ def flash_fwd_ws_kernel(
     # stays a constexpr as a literal here; this gives the same instructions as one wrapper function
     # per consumer did (PTX compared for every head dim, causal, dtype and ping-pong variant).
     gl.warp_specialize([
-        (_consumer, (0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
-        (_consumer, (1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, n_queries, n_keys, n_heads, qk_scale,
-                       HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG)),
-        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_keys, n_heads,
-                           BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL)),
+        (_consumer, (0, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, start_ptr, end_ptr, n_queries, n_keys,
+                       n_heads, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG, HAS_DOCS)),
+        (_consumer, (1, o_desc, q_smem, k_smem, v_smem, bars, lse_ptr, start_ptr, end_ptr, n_queries, n_keys,
+                       n_heads, qk_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, PINGPONG, HAS_DOCS)),
+        (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_queries, n_keys, n_heads,
+                           start_ptr, end_ptr, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS)),
     ], [4, 1], [CONSUMER_REGS, 24])

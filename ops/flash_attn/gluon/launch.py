@@ -1,6 +1,7 @@
 """Launcher of the Gluon forward (kernels_fwd.flash_fwd_ws_kernel) and its ahead-of-time compile.
 
-Same contract as ops.flash_attn.launch.flash_forward: q (..., Nq, D), k/v (..., Nk, D) -> a fresh
+Same contract as ops.flash_attn.launch.flash_forward (with GQA: k/v may have Hkv heads dividing q's
+Hq; with packed documents: `bounds`): q (..., Nq, D), k/v (..., Nk, D) -> a fresh
 O (..., Nq, D) in q.dtype, laid out like q (torch.empty_like), and L (..., Nq) float32 (natural-log
 logsumexp). Callers check `ops.flash_attn.gluon.gluon_forward_supported` first.
 
@@ -92,42 +93,71 @@ def descriptor_type(block: list[int], dtype: torch.dtype, swizzle: int | None = 
     return f"tensordesc<{_SIG_DTYPES[dtype]}[{','.join(map(str, block))}],{layout(block, dtype, swizzle)!r}>"
 
 
-def _meta(head_dim: int, is_causal: bool, tiles: GluonTiles) -> dict:
+def _meta(head_dim: int, is_causal: bool, tiles: GluonTiles, group: int, documents: bool) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
-                IS_CAUSAL=is_causal, PINGPONG=tiles.pingpong, CONSUMER_REGS=CONSUMER_REGS)
+                IS_CAUSAL=is_causal, PINGPONG=tiles.pingpong, CONSUMER_REGS=CONSUMER_REGS, GROUP=group,
+                HAS_DOCS=documents)
 
 
-def flash_forward_gluon(q, k, v, is_causal: bool, scale: float,
+def bounds_pointers(bounds, q: torch.Tensor) -> tuple:
+    """(start, end) as the kernels take them: (BH, N) int32 contiguous each (ops.flash_attn.documents.
+    document_bounds), checked against q (..., N, D); (None, None) without documents."""
+    if bounds is None:
+        return None, None
+    rows = (q.shape[:-2].numel(), q.shape[-2])
+    for name, x in zip(("start", "end"), bounds):
+        if x.dtype != torch.int32 or tuple(x.shape) != rows or not x.is_contiguous() or x.device != q.device:
+            raise ValueError(f"flash_attn (Gluon): bounds {name} must be a contiguous int32 {rows} tensor on "
+                             f"{q.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    return bounds
+
+
+def query_group(q4: torch.Tensor, k4: torch.Tensor) -> int:
+    """G = Hq / Hkv of the (B, H, N, D) views: query head h reads K/V head h // G (GQA; 1 without)."""
+    if q4.shape[0] != k4.shape[0] or q4.shape[1] % k4.shape[1]:
+        raise ValueError(f"flash_attn (Gluon): k's heads must divide q's, got q {tuple(q4.shape)}, k {tuple(k4.shape)}")
+    return q4.shape[1] // k4.shape[1]
+
+
+def flash_forward_gluon(q, k, v, is_causal: bool, scale: float, bounds=None, *,
                         tiles: GluonTiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+    """q (..., Hq, Nq, D), k/v (..., Hkv, Nk, D) with Hq = G * Hkv -> O (..., Hq, Nq, D) in q.dtype,
+    L (..., Hq, Nq) float32.
 
+    `bounds`: packed documents, (start, end) from ops.flash_attn.documents.document_bounds (Nq == Nk).
     `tiles` overrides the table (tools/gluon_timings.py times variants with it).
     """
+    start, end = bounds_pointers(bounds, q)
     out, o4 = output_like(q)  # q's layout: for a transposed (B, N, H, D) q, O.transpose(1, 2) is a view
     lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    q4, k4, v4 = (tma_view(t) for t in (q, k, v))  # (B, H, N, D) views
+    q4, k4, v4 = (tma_view(t) for t in (q, k, v))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2 views
     _, n_heads, n_q, head_dim = q4.shape
     tiles = tiles or FORWARD_TILES[head_dim]
     grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, q4.shape[0] * n_heads)
     flash_fwd_ws_kernel[grid](
-        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, H, Nq, D), (B, H, Nk, D)
-        descriptor(v4, tiles.block_n), descriptor(o4, tiles.block_m),  # (B, H, Nk, D), (B, H, Nq, D)
+        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
+        descriptor(v4, tiles.block_n), descriptor(o4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)
+        start, end,  # (BH, Nq) int32 each, or None
         n_q, k4.shape[2], n_heads, scale * LOG2E,
-        **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS, maxnreg=MAXNREG)
+        **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS,
+        maxnreg=MAXNREG)
     return out, lse
 
 
 def compile_forward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
-                    tiles: GluonTiles | None = None, target: GPUTarget = SM90):
+                    tiles: GluonTiles | None = None, target: GPUTarget = SM90, group: int = 1,
+                    documents: bool = False):
     """Compile the forward for `target` without a GPU (ptxas ships with Triton): the CompiledKernel,
     whose .asm holds "ttgir", "ptx" and "cubin". The signature is the one a launch specialises to."""
     tiles = tiles or FORWARD_TILES[head_dim]
 
     q_type, k_type = (tile_type(rows, head_dim, dtype) for rows in (tiles.block_m, tiles.block_n))
-    meta = _meta(head_dim, is_causal, tiles)
+    meta = _meta(head_dim, is_causal, tiles, group, documents)
+    bounds = {name: "*i32" if documents else "constexpr" for name in ("start_ptr", "end_ptr")}
     signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "o_desc": q_type, "lse_ptr": "*fp32",
-                 "n_queries": "i32", "n_keys": "i32", "n_heads": "i32", "qk_scale": "fp32",
+                 **bounds, "n_queries": "i32", "n_keys": "i32", "n_heads": "i32", "qk_scale": "fp32",
                  **{name: "constexpr" for name in meta}}
-    source = GluonASTSource(flash_fwd_ws_kernel, signature, constexprs=meta)
+    constexprs = {**meta, **({} if documents else {"start_ptr": None, "end_ptr": None})}
+    source = GluonASTSource(flash_fwd_ws_kernel, signature, constexprs=constexprs)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})

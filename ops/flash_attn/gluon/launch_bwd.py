@@ -17,7 +17,17 @@ from triton.experimental.gluon._runtime import GluonASTSource
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ops.flash_attn.gluon.kernels_bwd import flash_bwd_gluon_kernel
-from ops.flash_attn.gluon.launch import SM90, descriptor, descriptor_type, layout, output_like, tile_type, tma_view
+from ops.flash_attn.gluon.launch import (
+    SM90,
+    bounds_pointers,
+    descriptor,
+    descriptor_type,
+    layout,
+    output_like,
+    query_group,
+    tile_type,
+    tma_view,
+)
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
 from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
@@ -44,38 +54,43 @@ class GluonBackwardTiles:
 BACKWARD_TILES = {64: GluonBackwardTiles(64, 128, 2), 128: GluonBackwardTiles(64, 128, 2)}
 
 
-def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles) -> dict:
+def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int, documents: bool) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
                 IS_CAUSAL=is_causal, EARLY_DP=tiles.early_dp,
-                DK_FROM_REGISTERS=tiles.dk_from_registers)
+                DK_FROM_REGISTERS=tiles.dk_from_registers, GROUP=group, HAS_DOCS=documents)
 
 
-def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
+def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float, bounds=None, *,
                          tiles: GluonBackwardTiles | None = None):
     """(dQ, dK, dV) in the input dtypes, each laid out like its input (torch.empty_like); dO may have
-    any strides (it is copied only if TMA cannot read it).
+    any strides (it is copied only if TMA cannot read it). GQA: k/v (..., Hkv, Nk, D) with Hq = G * Hkv;
+    one CTA walks all G query heads of its K/V head, so dK and dV need no atomics.
 
+    `bounds`: packed documents, (start, end) as the forward took them (Nq == Nk).
     `tiles` overrides the table (the tests run variants with it).
     """
-    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, H, N, D) views
+    start, end = bounds_pointers(bounds, q)
+    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2, (B, Hq, Nq, D)
     o4 = heads_view(out)  # read by pointers (the preprocess): any strides
     (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
     batch, n_heads, n_q, head_dim = q4.shape
-    bh, n_k = batch * n_heads, k4.shape[2]
+    bh, n_k, kv_heads = batch * n_heads, k4.shape[2], k4.shape[1]
     lse, delta = row_buffers(lse)
     tiles = tiles or BACKWARD_TILES[head_dim]
     dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
     preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
         o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
-    flash_bwd_gluon_kernel[launch_grid(n_k, tiles.block_n, bh)](
-        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, H, Nq, D), (B, H, Nk, D)
-        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, H, Nk, D), (B, H, Nq, D)
-        descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, H, Nk, D) x2
+    flash_bwd_gluon_kernel[launch_grid(n_k, tiles.block_n, batch * kv_heads)](  # one CTA per K/V head and key tile
+        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
+        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
+        descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, Hkv, Nk, D) x2
         descriptor(dq_acc, tiles.block_m, tiles.dq_swizzle),  # (BH, Nq, D) float32
         _row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
         _row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
-        n_q, n_k, n_heads, scale * LOG2E, scale, **_meta(head_dim, is_causal, tiles), num_warps=NUM_WARPS)
+        start, end,  # (BH, Nq) int32 each, or None
+        n_q, n_k, kv_heads, scale * LOG2E, scale,
+        **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS)
     dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
     return dq, dk, dv
 
@@ -91,16 +106,18 @@ def _row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
 
 
 def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
-                     tiles: GluonBackwardTiles | None = None, target=SM90):
+                     tiles: GluonBackwardTiles | None = None, target=SM90, group: int = 1, documents: bool = False):
     """Compile the backward's Gluon kernel for `target` without a GPU (see launch.compile_forward)."""
     tiles = tiles or BACKWARD_TILES[head_dim]
-    meta = _meta(head_dim, is_causal, tiles)
+    meta = _meta(head_dim, is_causal, tiles, group, documents)
+    bounds = {name: "*i32" if documents else "constexpr" for name in ("start_ptr", "end_ptr")}
     q_type, k_type = (tile_type(rows, head_dim, dtype) for rows in (tiles.block_m, tiles.block_n))
     row_type = descriptor_type([1, tiles.block_m], torch.float32)
     signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": k_type,
                  "dv_desc": k_type,
                  "dq_desc": descriptor_type([1, tiles.block_m, head_dim], torch.float32, tiles.dq_swizzle),
-                 "lse_desc": row_type, "delta_desc": row_type, "n_queries": "i32", "n_keys": "i32", "n_heads": "i32",
-                 "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
-    source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=meta)
+                 "lse_desc": row_type, "delta_desc": row_type, **bounds, "n_queries": "i32", "n_keys": "i32",
+                 "n_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
+    constexprs = {**meta, **({} if documents else {"start_ptr": None, "end_ptr": None})}
+    source = GluonASTSource(flash_bwd_gluon_kernel, signature, constexprs=constexprs)
     return triton.compile(source, target=target, options={"num_warps": NUM_WARPS})

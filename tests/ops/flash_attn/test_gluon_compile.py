@@ -31,7 +31,31 @@ def launch():
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_forward_compiles_for_sm90(launch, head_dim, causal, dtype):
-    compiled = launch.compile_forward(head_dim, causal, dtype)
+    assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, dtype), head_dim)
+
+
+# The grouped-query (GQA) variant: G query heads per K/V head (any G > 1 is the same code, a different constant).
+@pytest.mark.parametrize("group", [4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_gqa_compiles_for_sm90(launch, head_dim, causal, group):
+    assert_hopper_forward(launch, launch.compile_forward(head_dim, causal, group=group), head_dim)
+
+
+# Packed documents (HAS_DOCS) with GQA: per-row key ranges read from global memory (GROUP = 1 differs only in
+# the constant: compiled on the GPU by the CUDA tests).
+@pytest.mark.parametrize("group", [4])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_forward_documents_compile_for_sm90_without_spills(launch, head_dim, causal, group):
+    compiled = launch.compile_forward(head_dim, causal, group=group, documents=True)
+    assert_hopper_forward(launch, compiled, head_dim)
+    ptx = compiled.asm["ptx"]
+    assert "ld.global" in ptx  # the document bounds
+    assert _ptxas_spills(ptx).startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+
+
+def assert_hopper_forward(launch, compiled, head_dim):
     ptx, cubin = compiled.asm["ptx"], compiled.asm["cubin"]
     assert ".target sm_90a" in ptx
     assert "wgmma.mma_async" in ptx and "wgmma.wait_group" in ptx
@@ -68,7 +92,22 @@ def _ptxas_spills(ptx: str) -> str:
 def test_backward_compiles_for_sm90_without_spills(head_dim, causal, dtype):
     from ops.flash_attn.gluon import launch_bwd
 
-    compiled = launch_bwd.compile_backward(head_dim, causal, dtype)
+    assert_hopper_backward(launch_bwd.compile_backward(head_dim, causal, dtype))
+
+
+# GQA (one CTA walks the G query heads of its K/V head) and packed documents (HAS_DOCS), apart and together.
+@pytest.mark.parametrize("group, documents", [(4, False), (4, True)], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_gqa_and_documents_compile_for_sm90_without_spills(head_dim, causal, group, documents):
+    from ops.flash_attn.gluon import launch_bwd
+
+    compiled = launch_bwd.compile_backward(head_dim, causal, group=group, documents=documents)
+    assert_hopper_backward(compiled)
+    assert ("ld.global" in compiled.asm["ptx"]) == documents  # the document bounds, read only with documents
+
+
+def assert_hopper_backward(compiled):
     ptx = compiled.asm["ptx"]
     assert ".target sm_90a" in ptx and "wgmma.mma_async" in ptx
     assert "cp.reduce.async.bulk.tensor" in ptx and ".add." in ptx  # dQ tiles by bulk reductions

@@ -81,6 +81,27 @@ def test_mixed_head_dims_or_dtypes_stay_on_tl(hopper):
     assert not gluon.use_gluon_forward(q, fake_cuda(dtype=torch.float16), q)
 
 
+@pytest.mark.parametrize("kv_heads", [8, 4, 2, 1])
+def test_gqa_forward_takes_gluon_when_kv_heads_divide(hopper, kv_heads):
+    q, kv = fake_cuda(heads=8), fake_cuda(heads=kv_heads)
+    assert gluon.use_gluon_forward(q, kv, kv)
+
+
+@pytest.mark.parametrize("case", [dict(heads=3), dict(heads=16), dict(heads=2, batch=1)], ids=str)
+def test_gqa_forward_stays_on_tl_when_heads_do_not_group(hopper, case):
+    q, kv = fake_cuda(heads=8), fake_cuda(**case)
+    assert not gluon.use_gluon_forward(q, kv, kv)
+    assert not gluon.use_gluon_forward(q, kv, fake_cuda(heads=8))  # k and v must agree too
+
+
+def test_documents_forward_needs_as_many_keys_as_queries(hopper):
+    q = fake_cuda()
+    assert gluon.use_gluon_forward(q, q, q, documents=True)
+    assert gluon.use_gluon_forward(q, fake_cuda(heads=2), fake_cuda(heads=2), documents=True)
+    longer = fake_cuda(n=16384 + 128)
+    assert gluon.use_gluon_forward(q, longer, longer) and not gluon.use_gluon_forward(q, longer, longer, documents=True)
+
+
 def test_cpu_tensors_never_take_gluon():
     x = torch.randn(1, 2, 128, 64, dtype=torch.bfloat16)
     assert not gluon.use_gluon_forward(x, x, x)
@@ -122,6 +143,25 @@ def test_gluon_backward_follows_the_forward_rule_and_needs_rows(hopper, case):
     assert not gluon.use_gluon_backward(*qkv(**case))
 
 
+@pytest.mark.parametrize("kv_heads", [8, 2, 1])
+def test_gqa_and_documents_backward_take_gluon(hopper, kv_heads):
+    q, kv = fake_cuda(d=128), fake_cuda(d=128, heads=kv_heads)
+    assert gluon.use_gluon_backward(q, kv, kv)
+    assert gluon.use_gluon_backward(q, kv, kv, documents=True)
+    assert not gluon.use_gluon_backward(q, fake_cuda(d=128, heads=3), fake_cuda(d=128, heads=3))
+    longer = fake_cuda(d=128, n=16384 + 128, heads=kv_heads)
+    assert not gluon.use_gluon_backward(q, longer, longer, documents=True)  # documents need Nq == Nk
+
+
+def test_gqa_backward_grid_counts_kv_heads(hopper):
+    # One batch, 8 query heads of 16384 rows: 8 x 16384 rows of CTAs without GQA; with one K/V head the
+    # backward launches one head's worth (16384 rows), where the small-grid tl tiles won.
+    q = fake_cuda(d=128, batch=1, heads=8)
+    assert gluon.use_gluon_backward(q, q, q)
+    kv = fake_cuda(d=128, batch=1, heads=1)
+    assert gluon.use_gluon_forward(q, kv, kv) and not gluon.use_gluon_backward(q, kv, kv)
+
+
 def test_deterministic_mode_keeps_the_tl_backward(hopper):
     torch.use_deterministic_algorithms(True)
     try:
@@ -146,10 +186,10 @@ def test_dispatch_routes_by_the_rule(monkeypatch, direction, use_gluon):
     entry, rule, other_rule, module, gluon_fn, tl_fn = ROUTES[direction]
     launcher = pytest.importorskip(module)
     calls = []
-    monkeypatch.setattr(dispatch, rule, lambda q, k, v: use_gluon)
-    monkeypatch.setattr(dispatch, other_rule, lambda q, k, v: False)
-    monkeypatch.setattr(launcher, gluon_fn, lambda *args: calls.append("gluon") or "gluon")
-    monkeypatch.setattr(dispatch, tl_fn, lambda *args: calls.append("tl") or "tl")
+    monkeypatch.setattr(dispatch, rule, lambda q, k, v, *args, **kwargs: use_gluon)
+    monkeypatch.setattr(dispatch, other_rule, lambda q, k, v, *args, **kwargs: False)
+    monkeypatch.setattr(launcher, gluon_fn, lambda *args, **kwargs: calls.append("gluon") or "gluon")
+    monkeypatch.setattr(dispatch, tl_fn, lambda *args, **kwargs: calls.append("tl") or "tl")
     x = torch.zeros(1, 16, 64)
     args = (x, x, x) if direction == "forward" else (x, x, x, x, x, x[..., 0])  # (q, k, v) / (dO, q, k, v, O, L)
     assert getattr(dispatch, entry)(*args, True, 0.125) == ("gluon" if use_gluon else "tl")
@@ -189,3 +229,25 @@ def test_tma_view_copies_what_tma_cannot_address():
     column_major = torch.zeros(2, 3, 64, 40).transpose(-1, -2)  # D not the innermost dim
     out, out4 = launch.output_like(column_major)  # empty_like keeps that order: TMA cannot, so contiguous
     assert out.is_contiguous() and out4.data_ptr() == out.data_ptr()
+
+
+def test_forward_launcher_refuses_bounds_it_cannot_read():
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    q = torch.zeros(2, 4, 40, 64)  # (B, H, N, D): bounds are (B*H, N)
+    good = torch.zeros(8, 40, dtype=torch.int32)
+    assert launch.bounds_pointers(None, q) == (None, None)
+    assert launch.bounds_pointers((good, good), q) == (good, good)
+    for bad in (good.long(), torch.zeros(2, 40, dtype=torch.int32), torch.zeros(40, 8, dtype=torch.int32).t()):
+        with pytest.raises(ValueError, match="bounds start"):
+            launch.bounds_pointers((bad, good), q)
+    with pytest.raises(ValueError, match="bounds end"):
+        launch.bounds_pointers((good, good[:, :20]), q)
+
+
+def test_forward_launcher_groups_query_heads():
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    q4 = torch.zeros(2, 8, 40, 64)
+    assert [launch.query_group(q4, torch.zeros(2, h, 40, 64)) for h in (8, 2, 1)] == [1, 4, 8]
+    for k4 in (torch.zeros(2, 3, 40, 64), torch.zeros(1, 2, 40, 64)):
+        with pytest.raises(ValueError, match="k's heads must divide q's"):
+            launch.query_group(q4, k4)
