@@ -48,7 +48,9 @@ def check_document_ids(document_ids: Tensor, q: Tensor, k: Tensor, *, check_valu
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
-    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+    # `s == 1 or s == t`, not `s in (1, t)`: dynamo (torch 2.11) answers False for an int `in` a tuple
+    # holding a symbolic size equal to it (q's dims once dynamic, the ids' not).
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def document_bounds(document_ids: Tensor, rows: torch.Size) -> tuple[Tensor, Tensor]:

@@ -169,12 +169,14 @@ def tiled_backward(
         first = max(span[0], j if is_causal else 0)  # causal: query tiles above the diagonal see no key here
         for i in range(first // tile * tile, min(span[1], n_q), tile):
             q_i, do_i = q5[..., i : i + tile, :].float(), do5[..., i : i + tile, :].float()  # (..., Hkv, G, Tq, D)
-            s = _scores(q_i, k_j) * scale  # (..., Hkv, G, Tq, Tk)
+            # Scaled before the product, as in the forward: the same tiles then give the forward's S bit for
+            # bit, and a row that sees one key gets P = exp(0) = 1 exactly, as the softmax does.
+            s = _scores(q_i * scale, k_j)  # (..., Hkv, G, Tq, Tk)
             keep = _keep_mask(i, j, q_i.shape[-2], k_j.shape[-2], is_causal, bounds,
                               _span(spans, i, tile, n_k), q.device)
             if keep is not None:
                 s = s.masked_fill(~keep, float("-inf"))
-            p = torch.exp(s - lse5[..., i : i + tile, None])  # exactly the forward's P
+            p = torch.exp(s - lse5[..., i : i + tile, None])  # (..., Hkv, G, Tq, Tk)
             dv[..., j : j + tile, :] += _transposed_times(p, do_i)
             dp = _scores(do_i, v_j)  # (..., Hkv, G, Tq, Tk)
             ds = p * (dp - delta[..., i : i + tile, None])  # softmax Jacobian applied row-wise
