@@ -24,7 +24,8 @@ ID_DTYPES = (torch.int32, torch.int64, torch.int16, torch.uint8, torch.int8)
 
 def check_document_ids(document_ids: Tensor, q: Tensor, k: Tensor, *, check_values: bool = True) -> None:
     """Raise TypeError/ValueError naming `document_ids` unless it is an integer tensor on q's device,
-    broadcastable to q.shape[:-1] (one id per query row, e.g. (B, 1, N) or (B, N) for q (B, H, N, D)),
+    broadcastable to q.shape[:-1] (one id per query token: e.g. (B, 1, N) for q (B, H, N, D), shared by
+    the heads; or (N,), one layout for every row; right-aligned as in broadcasting, so not (B, N)),
     with Nq == Nk, nondecreasing along the sequence (`check_values`: reads the values, one host sync)."""
     if not isinstance(document_ids, Tensor):
         raise TypeError(f"flash_attn: document_ids must be a torch.Tensor or None, got {type(document_ids).__name__}")
@@ -47,7 +48,9 @@ def check_document_ids(document_ids: Tensor, q: Tensor, k: Tensor, *, check_valu
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
-    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target)))
+    # `s == 1 or s == t`, not `s in (1, t)`: dynamo (torch 2.11) answers False for an int `in` a tuple
+    # holding a symbolic size equal to it (q's dims once dynamic, the ids' not).
+    return all(s == 1 or s == t for s, t in zip(reversed(shape), reversed(target)))
 
 
 def document_bounds(document_ids: Tensor, rows: torch.Size) -> tuple[Tensor, Tensor]:
