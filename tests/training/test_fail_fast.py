@@ -164,7 +164,7 @@ def test_a_run_that_fits_passes_the_memory_check(monkeypatch):
 
 def test_unknown_preset_lists_the_job_presets_too(capsys, no_job):
     assert cli.main(["train", "--preset", "huge"]) == 2
-    assert_cli_error(capsys, "--preset: unknown preset 'huge'", "2.7B, 8b, 8b-32k)")
+    assert_cli_error(capsys, "--preset: unknown preset 'huge'", "2.7B, 8b, 8b-gqa, 8b-32k)")
 
 
 @pytest.mark.parametrize("under", ["", "sub"])
