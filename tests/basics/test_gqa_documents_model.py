@@ -5,7 +5,6 @@ of several documents gives each document the logits it gets alone; the default m
 """
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -18,17 +17,6 @@ from cs336_systems.parallel.activation_checkpointing import apply_activation_che
 CONFIG = dict(vocab_size=64, context_length=16, d_model=32, num_layers=2, num_heads=4, d_ff=48)
 # Two rows of 13 tokens: documents of 4, 1, 5 and 3 tokens, then one document filling the row.
 DOCUMENTS = torch.tensor([[0] * 4 + [1] + [2] * 5 + [3] * 3, [5] * 13])  # (2, 13)
-
-
-def flash_takes_documents() -> bool:
-    from ops.flash_attn import flash_attn
-
-    return "document_ids" in inspect.signature(flash_attn).parameters
-
-
-# Until the flash op takes GQA and document ids, its tests here skip (remove once it does).
-needs_flash_documents = pytest.mark.skipif(not flash_takes_documents(),
-                                           reason="ops.flash_attn.flash_attn has no document_ids yet")
 
 
 @pytest.fixture(autouse=True)
@@ -163,7 +151,6 @@ def test_packed_documents_match_each_document_alone(name, kv_heads):
 
 
 @pytest.mark.numerics
-@needs_flash_documents
 @pytest.mark.parametrize("kv_heads", [None, 2])
 def test_flash_packed_documents_match_each_document_alone(kv_heads):
     model = make_model(attention="flash", num_kv_heads=kv_heads)
@@ -181,7 +168,7 @@ def logits_and_grads(model, forward, ids: torch.Tensor, documents: torch.Tensor)
 
 
 @pytest.mark.numerics
-@pytest.mark.parametrize("name", ["naive", "sdpa", pytest.param("flash", marks=needs_flash_documents)])
+@pytest.mark.parametrize("name", ["naive", "sdpa", "flash"])
 def test_compiled_packed_gqa_model_matches_eager(name):
     model = make_model(attention=name, num_kv_heads=2, num_layers=1)
     ids = random_tokens()

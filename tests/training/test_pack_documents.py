@@ -4,7 +4,6 @@ runs on CPU with grouped-query attention, eager and compiled."""
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 
 import numpy as np
@@ -125,19 +124,8 @@ def test_pack_documents_with_a_token_file_needs_the_eot_id(tmp_path):
 # ---------------------------------------------------------------- the whole job
 
 
-def flash_takes_documents() -> bool:
-    from ops.flash_attn import flash_attn
-
-    return "document_ids" in inspect.signature(flash_attn).parameters
-
-
-# Until the flash op takes GQA and document ids, its runs skip (remove once it does).
-FLASH = pytest.param("flash", marks=pytest.mark.skipif(not flash_takes_documents(),
-                                                       reason="ops.flash_attn.flash_attn has no document_ids yet"))
-
-
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-@pytest.mark.parametrize("attention", ["naive", "sdpa", FLASH])
+@pytest.mark.parametrize("attention", ["naive", "sdpa", "flash"])
 def test_train_packed_gqa(tmp_path, attention, compiled):
     flags = ["--attention", attention, "--pack-documents", "--out-dir", str(tmp_path)]
     if compiled:
