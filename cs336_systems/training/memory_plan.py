@@ -30,7 +30,8 @@ import torch
 
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
-from cs336_systems.presets import PRESETS, ModelShape
+from cs336_systems.parallel.checkpoint_plan import CheckpointPlan, measure_layer_costs, solve_plan
+from cs336_systems.presets import PRESETS, ModelConfig, ModelShape
 from cs336_systems.runtime import PARAM_DTYPES
 
 if TYPE_CHECKING:
@@ -67,13 +68,15 @@ class MemoryPlan:
 
 def kept_per_token(shape: ModelShape, policy: ActivationCheckpointing) -> tuple[float, float]:
     """(values each block keeps per token from forward to backward, values one block recomputes per token
-    in the backward), both in units of d_model.
+    in the backward), both in units of d_model. A plan request (auto, budget:GiB) counts as `full`.
 
     A block's matmul outputs: q, k, v, the attention output O, the output projection (the residual
     stream after attention), SwiGLU's w1 and w3 (d_ff wide); plus the block's input: 6 + 2 d_ff/d_model.
     """
     ff = shape.d_ff / shape.d_model
     block = 6 + 2 * ff
+    if policy.planned:  # a plan keeps at least what `full` keeps: the floor of any plan it may choose
+        policy = parse_policy("full")
     if policy.mode == "none":
         return block, 0.0
     if policy.mode == "full":  # one input per group; backward re-runs a whole group
@@ -177,3 +180,81 @@ def _lowering_flags(config: TrainConfig) -> list[str]:
     elif not config.parallel.fsdp and config.parallel.world_size > 1:
         flags.append("--fsdp")
     return [*flags, "a smaller --batch-size or --context-length (or more --grad-accum-steps)"]
+
+
+# ---------------------------------------------------------------- memory-budgeted checkpointing plans
+
+
+MARGIN_FRACTION = 0.05
+"""`auto`'s default margin: 5% of the device's memory (7 GiB of an H200, 4 of an H100) left free for
+the allocator's fragmentation and what the budget does not count (compiler workspaces, temporaries)."""
+
+
+def device_memory(device: torch.device | str) -> int:
+    """All of the device's memory: the GPU's total, or the CPU's RAM (MemTotal)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, available: int, total: int,
+                      transient: int, loss_bytes: int = 0) -> tuple[int, str]:
+    """(bytes the layers may keep for backward, how that was reached) for a plan request.
+
+    budget:GiB: that. auto[:MARGIN]: `available` less the parameters and AdamW state (`floor`'s), the
+    `transient` (one layer's activations, rebuilt while its backward runs), the loss's working set and
+    the margin (MARGIN GiB, default MARGIN_FRACTION of `total`). The kept activations share memory
+    with the gradients (max(gradients, activations), module docstring): a budget below the gradients
+    leaves no room, and is an error here."""
+    if policy.mode == "budget":
+        return int(policy.gib * GIB), "given"
+    margin = int(MARGIN_FRACTION * total) if policy.gib is None else int(policy.gib * GIB)
+    budget = available - floor.parameters - floor.optimizer - transient - loss_bytes - margin
+    terms = (f"{available / GIB:.3g} GiB free - parameters {floor.parameters / GIB:.3g} - AdamW state "
+             f"{floor.optimizer / GIB:.3g} - one layer's recomputation {transient / GIB:.3g} - loss "
+             f"{loss_bytes / GIB:.3g} - margin {margin / GIB:.3g}")
+    if budget < floor.gradients:
+        raise ConfigError(f"--activation-checkpointing {policy}: no plan fits: {terms} = {budget / GIB:.3g} GiB, "
+                          f"less than the gradients ({floor.gradients / GIB:.3g} GiB), which take the activations' "
+                          "place in backward; lower memory (a smaller --batch-size or --context-length, "
+                          f"{'a smaller margin (auto:GiB), ' if margin else ''}--fsdp with more processes)")
+    return budget, terms
+
+
+def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *, batch: int, context_length: int,
+                          dtype: torch.dtype, device: torch.device | str, fused_loss: bool = True,
+                          world_size: int = 1, fsdp: bool = False, shard_optimizer: bool = False,
+                          available: int | None = None) -> ActivationCheckpointing | CheckpointPlan:
+    """`policy` itself, or for a plan request (auto, budget:GiB) the plan: one block of `model` is built on
+    `device` in `dtype`, its per-policy costs measured at `batch` x `context_length` tokens, and the layer
+    counts solved against the budget (activation_budget; `available` default: what is free now).
+    Call before the model is built: the free memory read then is what the whole run gets."""
+    if not policy.planned:
+        return policy
+    with torch.device(device):
+        block = _one_block(model, context_length).to(dtype)
+    costs = measure_layer_costs(block, batch, context_length)
+    del block
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    tokens = batch * context_length
+    floor = estimate(model.shape, model.vocab_size, tokens=tokens, param_bytes=dtype.itemsize,
+                     activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
+                     fsdp=fsdp, shard_optimizer=shard_optimizer)
+    available = available_bytes(device) if available is None else available
+    transient = max(costs.kept_bytes)  # the layer whose backward runs holds its whole forward again
+    loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
+    budget, terms = activation_budget(policy, floor, available=available, total=device_memory(device),
+                                      transient=transient, loss_bytes=loss)
+    return solve_plan(costs, model.num_layers, budget, what=f"--activation-checkpointing {policy}",
+                      budget_terms=terms)
+
+
+def _one_block(model: ModelConfig, context_length: int) -> torch.nn.Module:
+    """A freshly initialised TransformerBlock of `model` (on the default device), attention and RoPE included."""
+    from cs336_basics.model import RotaryEmbedding, TransformerBlock
+
+    rope = RotaryEmbedding(max(context_length, model.context_length), model.d_model // model.num_heads,
+                           theta=model.rope_theta)
+    return TransformerBlock(model.d_model, model.num_heads, model.d_ff, rope, attention=model.attention)
