@@ -22,8 +22,10 @@ leaderboard step the floor is 84 GiB with `selective` (measured peak: 107) and 6
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
     from cs336_systems.training.config import TrainConfig
 
 GIB = 2**30
+PLAN_FILE = "ac_plan.json"
+"""train's record of an auto / budget:GiB plan, in its output directory."""
 
 
 @dataclass(frozen=True)
@@ -223,13 +227,15 @@ def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, ava
 
 
 def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *, batch: int, context_length: int,
-                          dtype: torch.dtype, device: torch.device | str, fused_loss: bool = True,
-                          world_size: int = 1, fsdp: bool = False, shard_optimizer: bool = False,
-                          available: int | None = None) -> ActivationCheckpointing | CheckpointPlan:
+                          dtype: torch.dtype, device: torch.device | str, param_dtype: torch.dtype | None = None,
+                          fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
+                          shard_optimizer: bool = False, available: int | None = None
+                          ) -> ActivationCheckpointing | CheckpointPlan:
     """`policy` itself, or for a plan request (auto, budget:GiB) the plan: one block of `model` is built on
-    `device` in `dtype`, its per-policy costs measured at `batch` x `context_length` tokens, and the layer
-    counts solved against the budget (activation_budget; `available` default: what is free now).
-    Call before the model is built: the free memory read then is what the whole run gets."""
+    `device` in `dtype` (the activations' dtype: the compute dtype), its per-policy costs measured at
+    `batch` x `context_length` tokens, and the layer counts solved against the budget (activation_budget;
+    parameters, gradients and AdamW state in `param_dtype`, default `dtype`; `available` default: what
+    is free now). Call before the model is built: the free memory read then is what the whole run gets."""
     if not policy.planned:
         return policy
     with torch.device(device):
@@ -239,7 +245,7 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     tokens = batch * context_length
-    floor = estimate(model.shape, model.vocab_size, tokens=tokens, param_bytes=dtype.itemsize,
+    floor = estimate(model.shape, model.vocab_size, tokens=tokens, param_bytes=(param_dtype or dtype).itemsize,
                      activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
                      fsdp=fsdp, shard_optimizer=shard_optimizer)
     available = available_bytes(device) if available is None else available
@@ -249,6 +255,33 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
                                       transient=transient, loss_bytes=loss)
     return solve_plan(costs, model.num_layers, budget, what=f"--activation-checkpointing {policy}",
                       budget_terms=terms)
+
+
+def resolve_train_checkpointing(config: TrainConfig, device: torch.device
+                                ) -> ActivationCheckpointing | CheckpointPlan:
+    """`train`'s policy, or its plan for this process (resolve_checkpointing at the micro-batch shape, in the
+    compute dtype; on a CPU the local processes share the RAM, so each budgets its share)."""
+    runtime, parallel = config.runtime, config.parallel
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size)) if device.type == "cpu" else 1
+    policy = parallel.activation_checkpointing
+    if not policy.planned:
+        return policy
+    return resolve_checkpointing(policy, config.model, batch=config.micro_batch_size,
+                                 context_length=config.context_length, dtype=runtime.precision.compute,
+                                 param_dtype=runtime.precision.param, device=device,
+                                 fused_loss=config.loss == "fused", world_size=parallel.world_size,
+                                 fsdp=parallel.fsdp, shard_optimizer=parallel.shard_optimizer,
+                                 available=available_bytes(device) // local)
+
+
+def record_plan(plan: CheckpointPlan, out_dir: str | None) -> None:
+    """Print the plan (one line) and, with an output directory, save it as OUT_DIR/ac_plan.json (the
+    cost table, the budget and how it was reached). Called by rank 0."""
+    print(plan.describe(), flush=True)
+    if out_dir:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
 
 
 def _one_block(model: ModelConfig, context_length: int) -> torch.nn.Module:
