@@ -196,7 +196,7 @@ class LayerCosts:
         """One line per policy: MiB kept and ms recomputed per layer."""
         batch, ctx, d_model = self.shape
         head = f"per-layer costs ({batch} x {ctx} tokens, d_model {d_model}, {self.dtype}, {self.device}):"
-        rows = [f"  {p:<48} kept {b / 2**20:10.1f} MiB  recompute {s * 1e3:9.3f} ms"
+        rows = [f"  {p:<48} kept {b / 2**20:10.4g} MiB  recompute {s * 1e3:9.4g} ms"
                 for p, b, s in zip(self.policies, self.kept_bytes, self.recompute_s)]
         return "\n".join([head, *rows])
 
@@ -262,7 +262,7 @@ class CheckpointPlan:
 
     def describe(self) -> str:
         """One line: `ac plan: 20 x selective, 14 x full; kept 41.2 GiB of 44.0 budget; recompute 0.31 s/step`."""
-        layers = ", ".join(f"{n} x {p}" for p, n in sorted(self.counts, key=lambda c: -c[1]) if n)
+        layers = ", ".join(f"{n} x {p}" for p, n in reversed(self.counts))  # most memory first
         return (f"ac plan: {layers}; kept {_gib(self.kept_bytes)} GiB of {_gib(self.budget_bytes)} budget; "
                 f"recompute {self.recompute_s:.3g} s/step")
 
