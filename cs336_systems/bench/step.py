@@ -384,7 +384,8 @@ def _draw(rows: list[dict[str, Any]]):
         times = [row["ms_per_step"] / 1e3 if isinstance(row["ms_per_step"], float) else 0.0 for row in rows]
         bars = ax.bar(names, times)
         for bar, row in zip(bars, rows):
-            label = OOM if row["ms_per_step"] == OOM else f"{row['ms_per_step'] / 1e3:.2f} s"
+            ms = row["ms_per_step"]
+            label = ms if isinstance(ms, str) else f"{ms / 1e3:.2f} s"  # OOM, no plan
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set(ylabel="seconds per step (median)", title="training step")
     return draw

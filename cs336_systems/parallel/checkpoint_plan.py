@@ -21,11 +21,12 @@ The cost table is measured, for one block at the run's micro-batch shape and dty
   With attention "flash" the bytes are measured with SDPA in its place: eager `ops.flash_attn`
   skips the op dispatch, so the selective policy would not see (and keep) it in eager, while the
   compiled run keeps its O and L, the same tensors as SDPA's.
-- recompute seconds: what backward re-runs, timed op by op in forward (no autograd): the block's
-  forward, less the SwiGLU down projection w2 (recomputation stops before it), less, for a
-  selective policy, the attention and the matmuls it keeps. This is the compute a compiled
-  step re-runs, without the eager selective policy's dispatch overhead, which a compiled graph
-  does not pay. Median of `runs` timings each, on the device (cs336_systems.timing.Stopwatch).
+- recompute seconds: what backward re-runs, timed op by op in forward (no autograd): the
+  attention and each block matmul alone, and the block's pointwise rest (the whole block's
+  forward less those); a policy re-runs the rest, the attention unless selective, and the
+  matmuls it does not keep, never w2 (recomputation stops at its input). This is the compute a
+  compiled step re-runs, without the eager selective policy's dispatch overhead, which a compiled
+  graph does not pay. Median of `runs` timings each, on the device (cs336_systems.timing.Stopwatch).
 
 Order of the layers: the plan gives the first layers the policies that keep least. Backward frees
 the last layers' activations first while gradients accumulate, so the big ones go first.
@@ -156,13 +157,17 @@ def op_seconds(block: nn.Module, x: torch.Tensor, runs: int) -> dict[str, float]
 
 
 def recompute_seconds(ops: dict[str, float], policy: ActivationCheckpointing) -> float:
-    """Seconds backward spends re-running one block's forward under `policy`, from `op_seconds`."""
+    """Seconds backward spends re-running one block's forward under `policy`, from `op_seconds`: the
+    block's work that is neither attention nor a matmul (norms, RoPE, SwiGLU's pointwise work: the block
+    less those, at least 0), plus the attention and each matmul the policy does not keep. w2 is never
+    re-run (recomputation stops at its input). Built from positive parts, so a policy that keeps more
+    never costs more."""
     if policy.mode == "none":
         return 0.0
-    rerun = ops["block"] - ops["w2"]  # recomputation stops before w2: backward needs only its input
-    if policy.mode == "selective":
-        rerun -= ops["attention"] + sum(ops[name] for name in policy.saved_matmuls if name != "w2")
-    return max(rerun, 0.0)
+    rest = max(ops["block"] - ops["attention"] - sum(ops[name] for name in BLOCK_MATMULS), 0.0)
+    kept = set(policy.saved_matmuls) if policy.mode == "selective" else set()
+    rerun = [name for name in BLOCK_MATMULS if name != "w2" and name not in kept]
+    return rest + (0.0 if policy.mode == "selective" else ops["attention"]) + sum(ops[name] for name in rerun)
 
 
 # ---------------------------------------------------------------- the table
@@ -274,8 +279,10 @@ class CheckpointPlan:
 
 def solve_plan(costs: LayerCosts, num_layers: int, budget: int, *, what: str = "--activation-checkpointing",
                budget_terms: str = "") -> CheckpointPlan:
-    """The counts per policy with the least recompute seconds whose kept bytes fit `budget` (ties: fewer
-    bytes); a ConfigError naming `what` and the numbers when even the least-memory plan does not fit."""
+    """The counts per policy with the least recompute seconds whose kept bytes fit `budget`; a ConfigError
+    naming `what` and the numbers when even the least-memory plan does not fit. Ties go to the plan that
+    keeps more: what is kept is work not redone, where timings too small to tell (a clamped pointwise
+    rest) make two plans equal."""
     if num_layers < 1:
         raise ValueError(f"solve_plan: num_layers must be positive, got {num_layers}")
     options = _undominated(costs)
@@ -284,7 +291,7 @@ def solve_plan(costs: LayerCosts, num_layers: int, budget: int, *, what: str = "
         kept = sum(n * b for n, (_, b, _) in zip(counts, options))
         if kept > budget:
             continue
-        key = (sum(n * s for n, (_, _, s) in zip(counts, options)), kept)
+        key = (sum(n * s for n, (_, _, s) in zip(counts, options)), -kept)
         if best is None or key < best[0]:
             best = key, counts
     if best is None:
@@ -293,9 +300,10 @@ def solve_plan(costs: LayerCosts, num_layers: int, budget: int, *, what: str = "
         raise ConfigError(f"{what}: no plan fits a budget of {budget / GIB:.3g} GiB{_terms(budget_terms)}: the least "
                           f"memory, {num_layers} x {policy}, keeps {num_layers * least / GIB:.3g} GiB; free memory "
                           "(a smaller --batch or context), or give a budget with budget:GiB")
-    (seconds, kept), counts = best
+    (seconds, minus_kept), counts = best
     order = sorted(zip(options, counts), key=lambda item: item[0][1])  # least kept bytes first
-    return CheckpointPlan(counts=tuple((p, n) for (p, _, _), n in order if n), kept_bytes=kept, budget_bytes=budget,
+    return CheckpointPlan(counts=tuple((p, n) for (p, _, _), n in order if n), kept_bytes=-minus_kept,
+                          budget_bytes=budget,
                           recompute_s=seconds, costs=costs, budget_terms=budget_terms)
 
 
@@ -309,11 +317,10 @@ def _terms(budget_terms: str) -> str:
 
 
 def _undominated(costs: LayerCosts) -> list[tuple[str, int, float]]:
-    """The (policy, bytes, seconds) no other policy beats on both bytes and seconds: the others never
+    """The (policy, bytes, seconds) that no other policy beats, faster in no more bytes: the others never
     belong to a best plan, and dropping them shortens the enumeration."""
     rows = list(zip(costs.policies, costs.kept_bytes, costs.recompute_s))
-    return [row for row in rows if not any((b, s) < (row[1], row[2]) and b <= row[1] and s <= row[2]
-                                           for _, b, s in rows)]
+    return [row for row in rows if not any(b <= row[1] and s < row[2] for _, b, s in rows)]
 
 
 def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
