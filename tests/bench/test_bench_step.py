@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -308,3 +309,26 @@ def test_stock_ratio_only_with_stock():
     assert "speedup_vs_stock" not in alone[0] and "Stock did not run" in step_bench.together_note(alone)
     oom_stock = [{"contender": "stock", "ms_per_step": "OOM"}, rows[0]]
     assert all("speedup_vs_stock" not in row for row in step_bench.with_stock_ratio(oom_stock))
+
+
+@pytest.mark.cuda
+def test_cuda_leaderboard_protocol(tmp_path):
+    """The whole command in a fresh process, as the leaderboard runs it (do_bench shortened): the plan
+    contender and stock side by side, the wall time from process start, the compile cache a new directory."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["--preset", "tiny-step", "--device", "cuda", "--contenders", "ours@auto", "stock", "--protocol",
+            "leaderboard", "--leaderboard-warmup-ms", "50", "--leaderboard-rep-ms", "100", "--matmul-size", "1024",
+            "--out-dir", str(tmp_path)]
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "cs336_systems", "bench", "step", *argv], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+    result = json.loads((tmp_path / "step.json").read_text())
+    ours, stock = result["rows"]
+    assert ours["ac_plan"].startswith("ac plan: ") and stock["speedup_vs_stock"] == 1.0
+    assert 0 < ours["wall_s"] < stock["wall_s"] < time.time() - started
+    meta = result["meta"]
+    assert meta["protocol"] == "leaderboard" and meta["do_bench_rep_ms"] == 100
+    assert "leaderboard-cache" in meta["compile_cache"] and not os.path.exists(meta["compile_cache"])

@@ -48,9 +48,9 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_block(attention: str = "sdpa") -> TransformerBlock:
+def tiny_block(attention: str = "sdpa", context: int = T) -> TransformerBlock:
     torch.manual_seed(0)
-    return TransformerBlock(D, H, FF, RotaryEmbedding(T, D // H), attention=attention)
+    return TransformerBlock(D, H, FF, RotaryEmbedding(context, D // H), attention=attention)
 
 
 # ---------------------------------------------------------------- the cost table
@@ -300,3 +300,25 @@ def test_train_flag_accepts_auto():
     assert parse_train("--activation-checkpointing", "auto:4").parallel.activation_checkpointing == "auto:4"
     with pytest.raises(ConfigError, match="--activation-checkpointing 'budget:0'"):
         parse_train("--activation-checkpointing", "budget:0")
+
+
+def test_memory_floor_of_a_plan_request_is_full():
+    """Before the plan exists (the refusal of `train` and `bench step`), auto and budget count as `full`,
+    the least memory any plan keeps."""
+    from cs336_systems.presets import get_preset
+    from cs336_systems.training.memory_plan import estimate
+
+    def floor_of(policy: str) -> MemoryPlan:
+        return estimate(get_preset("small"), 10_000, tokens=4096, param_bytes=2, activation_bytes=2, policy=policy)
+
+    assert floor_of("auto") == floor_of("budget:40") == floor_of("full") != floor_of("none")
+
+
+@pytest.mark.cuda
+def test_cuda_cost_table():
+    """On the GPU in bf16: the table's order, `full` keeps its input alone, and every recomputation takes time."""
+    block = tiny_block("flash", context=64).cuda().bfloat16()
+    costs = measure_layer_costs(block, B, 64, runs=3)
+    assert list(costs.kept_bytes) == sorted(costs.kept_bytes, reverse=True)
+    assert costs.cost("full")[0] == B * 64 * D * 2 and costs.device.startswith("cuda")
+    assert all(s > 0 for s in costs.recompute_s[1:])
