@@ -4,6 +4,7 @@
     python -m cs336_systems bench step --layers 4 --steps 3              # the 8B widths, 4 layers
     python -m cs336_systems bench step --preset tiny-step --device cpu   # CI: seconds
     python -m cs336_systems bench step --layers 2 --profile              # + kernel time by category
+    python -m cs336_systems bench step --contenders ours@auto --protocol leaderboard   # as the leaderboard
 
 One step is what the leaderboard times: zero_grad, forward, loss, backward and the AdamW step of
 BasicsTransformerLM with bf16 parameters (built in bf16, no autocast), causal attention. The
@@ -18,7 +19,9 @@ contenders run one after another in one process, on the same model definition, s
   ours-sdpa  ours with SDPA attention
 
 A contender of ours may name its own checkpointing policy, `ours@selective`, `ours-sdpa@every:2`,
-so one run compares policies side by side; without one it takes --ac.
+so one run compares policies side by side; without one it takes --ac. `ours@auto[:MARGIN]` and
+`ours@budget:GiB` first measure one block's cost table and solve a per-layer plan (printed, and
+saved in the row); a plan that cannot fit becomes a "no plan" row.
 
 Each contender: build (seeded, on the device), a first step from an empty compile cache (its
 seconds reported: compilation included), --warmup steps, then --steps steps each timed between
@@ -26,7 +29,10 @@ device synchronizes; the median is reported with model TFLOP/s (training_flops: 
 causal attention), MFU against a bf16 matmul rate measured in this run (median of 8192^3 torch.mm;
 the datasheet's 989 TFLOP/s is not reached by any matmul), the peak allocated memory of the
 steps after the first, and the first step's loss (the contenders must agree). A contender that
-runs out of memory becomes an OOM row naming the options that reduce memory.
+runs out of memory becomes an OOM row naming the options that reduce memory. `--protocol
+leaderboard` times instead with the CS336 2026 script's do_bench call, from an empty compile cache,
+and reports the wall time from process start (bench/leaderboard.py); ratios to stock are given
+only when stock ran in the same process.
 """
 
 from __future__ import annotations
@@ -34,7 +40,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -47,7 +52,15 @@ from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
-from cs336_systems.bench.leaderboard import empty_compile_cache, leaderboard_ms, process_start_time
+from cs336_systems.bench.leaderboard import (
+    LEADERBOARD_REP_MS,
+    LEADERBOARD_WARMUP_MS,
+    empty_compile_cache,
+    leaderboard_meta,
+    time_as_leaderboard,
+    together_note,
+    with_stock_ratio,
+)
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
 from cs336_systems.errors import ConfigError, directory, flags_renamed
 from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
@@ -82,11 +95,6 @@ ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 OOM_ADVICE = "reduce memory: --ac full (or every:K, auto, budget:GiB), a smaller --batch or --ctx"
 NO_PLAN = "no plan"
 PROTOCOLS = ("default", "leaderboard")
-LEADERBOARD_WARMUP_MS = 10_000
-LEADERBOARD_REP_MS = 30_000
-"""The CS336 2026 leaderboard's timing: triton.testing.do_bench(step, warmup=10_000, rep=30_000), in ms."""
-LEADERBOARD_WALL_LIMIT_S = 600
-"""The leaderboard's limit on a submission's wall time from an empty compile cache: 10 minutes."""
 TRAIN_FLAGS = {"--num-layers": "--layers", "--num-heads": "--heads", "--vocab-size": "--vocab",
                "--context-length": "--ctx", "--model-context-length": "--ctx", "--batch-size": "--batch",
                "--activation-checkpointing": "--ac"}
@@ -291,10 +299,9 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
     if isinstance(policy, CheckpointPlan):
         row["ac_plan"], row["ac_plan_detail"] = policy.describe(), policy.to_dict()
     if config.protocol == "leaderboard":
-        seconds = leaderboard_ms(step, config.leaderboard_warmup_ms, config.leaderboard_rep_ms, do_bench) / 1e3
-        row["wall_s"] = time.time() - process_start_time()
-        print(f"{name}: leaderboard {seconds * 1e3:.1f} ms/step (do_bench mean), {row['wall_s']:.0f} s from process "
-              f"start (limit {LEADERBOARD_WALL_LIMIT_S} s)", flush=True)
+        ms, row["wall_s"] = time_as_leaderboard(name, step, config.leaderboard_warmup_ms, config.leaderboard_rep_ms,
+                                                do_bench)
+        seconds = ms / 1e3
     else:
         for _ in range(config.warmup):
             step()
@@ -473,32 +480,9 @@ def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str
 
 
 def _protocol_meta(config: StepBenchConfig) -> dict[str, Any]:
-    if config.protocol == "leaderboard":
-        return {"do_bench_warmup_ms": config.leaderboard_warmup_ms, "do_bench_rep_ms": config.leaderboard_rep_ms,
-                "compile_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
-                "process_wall_s": time.time() - process_start_time()}
-    return {"steps": config.steps, "warmup": config.warmup}
-
-
-def with_stock_ratio(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`rows` with speedup_vs_stock = stock's ms per step / the row's, when stock ran (and timed) in this
-    run: ratios are only quoted between contenders measured together."""
-    stock = next((row["ms_per_step"] for row in rows if row["contender"] == "stock"), None)
-    if not isinstance(stock, float):
-        return rows
-    return [{**row, "speedup_vs_stock": stock / row["ms_per_step"]} if isinstance(row["ms_per_step"], float) else row
-            for row in rows]
-
-
-def together_note(rows: list[dict[str, Any]]) -> str:
-    """The markdown's statement of which contenders ran together (and what the ratio column means)."""
-    names = ", ".join(row["contender"] for row in rows)
-    note = f"Contenders run together, one after another in this process on this machine: {names}."
-    if any("speedup_vs_stock" in row for row in rows):
-        note += " speedup_vs_stock = stock's ms per step / the row's, both from this run."
-    else:
-        note += " Stock did not run (or did not finish): no ratio to it can be quoted from this run."
-    return note
+    if config.protocol == "default":
+        return {"steps": config.steps, "warmup": config.warmup}
+    return leaderboard_meta(config.leaderboard_warmup_ms, config.leaderboard_rep_ms)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -275,6 +275,7 @@ def test_leaderboard_flags_reach_do_bench():
 
 
 def test_empty_compile_cache(monkeypatch):
+    """Fresh cache directories for inductor and Triton, the reusing caches off; restored after the test."""
     import os
 
     import torch._functorch.config as functorch_config
@@ -286,17 +287,20 @@ def test_empty_compile_cache(monkeypatch):
                  "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_LOCAL_CACHE",
                  "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
         monkeypatch.setenv(name, "restored after the test")
-    for name in ("fx_graph_cache", "fx_graph_remote_cache", "autotune_local_cache", "autotune_remote_cache",
-                 "bundled_autotune_remote_cache"):
-        monkeypatch.setattr(inductor_config, name, getattr(inductor_config, name))
-    for name in ("enable_autograd_cache", "enable_remote_autograd_cache"):
-        monkeypatch.setattr(functorch_config, name, getattr(functorch_config, name))
-    path = empty_compile_cache()
-    assert os.path.isdir(path) and not os.listdir(path)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path and os.environ["TRITON_CACHE_DIR"].startswith(path)
-    assert not (inductor_config.fx_graph_cache or inductor_config.autotune_local_cache
-                or functorch_config.enable_autograd_cache)
-    assert empty_compile_cache() != path  # a fresh one each call
+    previous = inductor_config.fx_graph_cache
+    inductor = ("fx_graph_cache", "fx_graph_remote_cache", "autotune_local_cache", "autotune_remote_cache",
+                "bundled_autotune_remote_cache")
+    functorch = ("enable_autograd_cache", "enable_remote_autograd_cache")
+    # The configs' own patch contexts restore them (monkeypatch's undo deletes a config entry).
+    with inductor_config.patch({name: getattr(inductor_config, name) for name in inductor}), \
+            functorch_config.patch({name: getattr(functorch_config, name) for name in functorch}):
+        path = empty_compile_cache()
+        assert os.path.isdir(path) and not os.listdir(path)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path and os.environ["TRITON_CACHE_DIR"].startswith(path)
+        assert not (inductor_config.fx_graph_cache or inductor_config.autotune_local_cache
+                    or functorch_config.enable_autograd_cache)
+        assert empty_compile_cache() != path  # a fresh one each call
+    assert inductor_config.fx_graph_cache == previous
 
 
 def test_stock_ratio_only_with_stock():
