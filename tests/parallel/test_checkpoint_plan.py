@@ -322,3 +322,35 @@ def test_cuda_cost_table():
     assert list(costs.kept_bytes) == sorted(costs.kept_bytes, reverse=True)
     assert costs.cost("full")[0] == B * 64 * D * 2 and costs.device.startswith("cuda")
     assert all(s > 0 for s in costs.recompute_s[1:])
+
+
+def test_train_builds_the_plan(tmp_path, capsys):
+    """`train --activation-checkpointing budget:GiB`: the trainer resolves the plan before building the model,
+    prints it, saves OUT_DIR/ac_plan.json and wraps each layer with its policy."""
+    import dataclasses
+
+    from cs336_systems import cli
+    from cs336_systems.distributed.world import World
+    from cs336_systems.training.config import config_from_args
+    from cs336_systems.training.trainer import build_trainer
+
+    argv = ["train", "--nproc", "1", "--device", "cpu", "--preset", "tiny", "--steps", "1", "--eval-every", "0",
+            "--vocab-size", "256", "--batch-size", "2", "--context-length", "16", "--out-dir", str(tmp_path),
+            "--activation-checkpointing", "budget:0.00016"]
+    config = config_from_args(cli.build_parser().parse_args(argv))
+    config.model = dataclasses.replace(config.model, attention="sdpa")
+    trainer = build_trainer(config, World(rank=0, world_size=1, device=torch.device("cpu")))
+    saved = json.loads((tmp_path / "ac_plan.json").read_text())
+    assert saved["plan"] in capsys.readouterr().out and saved["budget"] == "given"
+    assert saved["kept_bytes"] <= saved["budget_bytes"] == int(0.00016 * GIB)
+    expected = [p for p, n in saved["counts"].items() for _ in range(n)]  # layer order: least kept first
+    assert [policy_of(layer) for layer in trainer.model.layers] == expected and len(set(expected)) > 1
+
+
+def policy_of(layer: torch.nn.Module) -> str:
+    """The single-layer policy a layer of a wrapped model runs with."""
+    if not isinstance(layer, CheckpointedBlocks):
+        return "none"
+    if layer.saved_matmuls is None:
+        return "full"
+    return str(ActivationCheckpointing(mode="selective", saved_matmuls=layer.saved_matmuls))
