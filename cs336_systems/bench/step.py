@@ -249,14 +249,15 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def resolve_policy(name: str, config: StepBenchConfig) -> ActivationCheckpointing | CheckpointPlan:
-    """A contender of ours: its policy, or for auto / budget:GiB the plan solved from one block's costs,
-    measured now on the device (before the model exists: the free memory is what the run gets)."""
+def resolve_policy(name: str, config: StepBenchConfig, model: ModelConfig) -> ActivationCheckpointing | CheckpointPlan:
+    """A contender of ours: its policy, or for auto / budget:GiB the plan solved from the costs of one block
+    of `model` (the contender's attention), measured now on the device (before the model exists: the free
+    memory is what the run gets)."""
     policy = parse_policy(config.policy(name))
     if not policy.planned:
         return policy
     with flags_renamed(TRAIN_FLAGS):
-        plan = resolve_checkpointing(policy, config.model, batch=config.batch, context_length=config.ctx,
+        plan = resolve_checkpointing(policy, model, batch=config.batch, context_length=config.ctx,
                                      dtype=torch.bfloat16, device=config.device)
     print(f"{name}: {plan.costs.describe()}\n{name}: {plan.describe()}", flush=True)
     return plan
@@ -268,9 +269,9 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
     leaderboard protocol's timer) defaults to triton.testing.do_bench; tests pass a stand-in."""
     torch.compiler.reset()  # the first step compiles from an empty cache
     base = contender_base(name)
-    policy = None if base == "stock" else resolve_policy(name, config)
-    torch.manual_seed(0)
     model_config = ModelConfig(**{**vars(config.model), "attention": "sdpa" if base != "ours" else "flash"})
+    policy = None if base == "stock" else resolve_policy(name, config, model_config)
+    torch.manual_seed(0)
     with torch.device(config.device):  # initialised in place: an 8B model is slow to fill on a CPU
         model = model_config.build()
     model.to(torch.bfloat16)
@@ -491,9 +492,3 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     run(config, on_row=lambda rows, numbers: write(args, config, rows, numbers))
     return 0
-
-
-if __name__ == "__main__":  # python -m cs336_systems.bench.step [flags], until the CLI lists `bench step`
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))

@@ -187,6 +187,8 @@ class LayerCosts:
     """(batch, ctx, d_model) of the measurement."""
     dtype: str = ""
     device: str = ""
+    attention: str = ""
+    """The block's attention (timed as it is; its bytes counted as SDPA's when "flash")."""
 
     def __post_init__(self) -> None:
         if not (len(self.policies) == len(self.kept_bytes) == len(self.recompute_s)) or not self.policies:
@@ -200,13 +202,14 @@ class LayerCosts:
     def describe(self) -> str:
         """One line per policy: MiB kept and ms recomputed per layer."""
         batch, ctx, d_model = self.shape
-        head = f"per-layer costs ({batch} x {ctx} tokens, d_model {d_model}, {self.dtype}, {self.device}):"
+        head = (f"per-layer costs ({batch} x {ctx} tokens, d_model {d_model}, {self.dtype}, {self.device}, "
+                f"attention {self.attention}):")
         rows = [f"  {p:<48} kept {b / 2**20:10.4g} MiB  recompute {s * 1e3:9.4g} ms"
                 for p, b, s in zip(self.policies, self.kept_bytes, self.recompute_s)]
         return "\n".join([head, *rows])
 
     def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "device": self.device,
+        return {"shape": list(self.shape), "dtype": self.dtype, "device": self.device, "attention": self.attention,
                 "policies": {p: {"kept_bytes": b, "recompute_s": s}
                              for p, b, s in zip(self.policies, self.kept_bytes, self.recompute_s)}}
 
@@ -226,7 +229,7 @@ def measure_layer_costs(block: nn.Module, batch: int, ctx: int, *, policies: Seq
     return LayerCosts(policies=tuple(str(p) for p in parsed), kept_bytes=kept,
                       recompute_s=tuple(recompute_seconds(ops, p) for p in parsed),
                       shape=(batch, ctx, x.shape[-1]), dtype=str(param.dtype).removeprefix("torch."),
-                      device=str(param.device))
+                      device=str(param.device), attention=block.attn.attention)
 
 
 class _attention_for_bytes:

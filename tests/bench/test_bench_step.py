@@ -206,8 +206,13 @@ def test_auto_and_budget_contenders_record_their_plan(tmp_path, capsys):
     """ours@auto and ours@budget:GiB measure a block, solve, print the plan line and save it; a budget
     nothing fits becomes a row naming --ac, and the other contenders still run."""
     result = bench(tmp_path, "--no-compile", "--contenders", "ours@auto", "ours@budget:0.0002", "ours@budget:1e-6",
-                   "--layers", "2", "--ctx", "16")
-    auto, budget, none_fits = result["rows"]
+                   "ours-sdpa@auto", "--layers", "2", "--ctx", "16")
+    auto, budget, none_fits, sdpa = result["rows"]
+    # The table is measured on the contender's own block: its attention, the run's batch and dtype.
+    assert auto["ac_plan_detail"]["costs"]["attention"] == "flash"
+    assert sdpa["ac_plan_detail"]["costs"]["attention"] == "sdpa"
+    assert auto["ac_plan_detail"]["costs"]["shape"] == [2, 16, 64] and auto["ac_plan_detail"]["costs"]["dtype"] == \
+        "bfloat16"
     out = capsys.readouterr().out
     for row in (auto, budget):
         assert row["ac_plan"].startswith("ac plan: ") and row["ac_plan"] in out and row["ms_per_step"] > 0
