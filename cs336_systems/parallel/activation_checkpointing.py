@@ -267,30 +267,34 @@ def apply_activation_checkpointing(model: nn.Module, policy: str | ActivationChe
     if not isinstance(layers, nn.ModuleList):
         raise TypeError(f"activation checkpointing needs model.layers, a ModuleList of blocks; "
                         f"{type(model).__name__} has none")
-    per_layer = _per_layer(policy, len(layers)) if isinstance(policy, Sequence) and not isinstance(policy, str) \
-        else None
-    policy = NO_CHECKPOINTING if per_layer is not None else parse_policy(policy)
-    if policy.planned:
-        raise TypeError(f"activation checkpointing {policy} is a request for a plan: resolve it first "
-                        "(training.memory_plan.resolve_checkpointing) and apply the plan's per_layer policies")
-    if policy.mode == "none" and (per_layer is None or all(p.mode == "none" for p in per_layer)):
+    if isinstance(policy, Sequence) and not isinstance(policy, str):
+        per_layer = _per_layer(policy, len(layers))
+    else:
+        per_layer, policy = None, parse_policy(policy)
+        if policy.planned:
+            raise TypeError(f"activation checkpointing {policy} is a request for a plan: resolve it first "
+                            "(training.memory_plan.resolve_checkpointing) and apply the plan's per_layer policies")
+    if all(p.mode == "none" for p in (per_layer or (policy,))):
         return model
     if any(isinstance(layer, CheckpointedBlocks) for layer in layers):
         raise ValueError("model.layers is already checkpointed")
     blocks = list(layers)
-    if per_layer is None:
-        k = policy.group_size
-        saved = policy.saved_matmuls if policy.mode == "selective" else None
-        model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, saved_matmuls=saved)
+    if per_layer is None:  # groups of K blocks, each group one region
+        k, wrapped = policy.group_size, None
+        model.layers = nn.ModuleList(CheckpointedBlocks(blocks[i:i + k], first=i, saved_matmuls=_saved(policy))
                                      for i in range(0, len(blocks), k))
-        wrapped = None  # every layer
-    else:
-        k = 1
-        model.layers = nn.ModuleList(_wrap_one(block, i, p) for i, (block, p) in enumerate(zip(blocks, per_layer)))
-        wrapped = frozenset(i for i, p in enumerate(per_layer) if p.mode != "none")
+    else:  # each layer its own region, or none
+        k, wrapped = 1, frozenset(i for i, p in enumerate(per_layer) if p.mode != "none")
+        model.layers = nn.ModuleList(block if p.mode == "none" else CheckpointedBlocks([block], i, _saved(p))
+                                     for i, (block, p) in enumerate(zip(blocks, per_layer)))
     model.register_state_dict_post_hook(functools.partial(_plain_names, group_size=k))
     model.register_load_state_dict_pre_hook(functools.partial(_wrapped_names, group_size=k, wrapped=wrapped))
     return model
+
+
+def _saved(policy: ActivationCheckpointing) -> tuple[str, ...] | None:
+    """CheckpointedBlocks' `saved_matmuls` for `policy`: the names under selective, None (keep nothing)."""
+    return policy.saved_matmuls if policy.mode == "selective" else None
 
 
 def _per_layer(policies: Sequence, layers: int) -> tuple[ActivationCheckpointing, ...]:
@@ -304,14 +308,6 @@ def _per_layer(policies: Sequence, layers: int) -> tuple[ActivationCheckpointing
         raise ValueError(f"per-layer activation checkpointing takes single-layer policies (none, full, "
                          f"selective[:NAMES]), got {', '.join(odd)}")
     return parsed
-
-
-def _wrap_one(block: nn.Module, index: int, policy: ActivationCheckpointing) -> nn.Module:
-    """Layer `index` under its own policy: the block itself under "none", else a wrapper of it alone."""
-    if policy.mode == "none":
-        return block
-    saved = policy.saved_matmuls if policy.mode == "selective" else None
-    return CheckpointedBlocks([block], first=index, saved_matmuls=saved)
 
 
 def _rename(state_dict: dict, pattern: re.Pattern, new_name) -> None:
