@@ -28,9 +28,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize
 from cs336_systems.errors import ConfigError, directory, flags_renamed
@@ -39,45 +36,13 @@ from cs336_systems.parallel.activation_checkpointing import (
     CheckpointedBlocks,
     apply_activation_checkpointing,
 )
+from cs336_systems.parallel.checkpoint_plan import retained_bytes
 from cs336_systems.presets import VOCAB_SIZE, ModelConfig, get_preset
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.loss import lm_loss
 
 GIB = 2**30
 BLOCK_POLICIES = ("none", "full", "selective")
-
-
-class _OutputStorages(TorchDispatchMode):
-    """Records the storage of every tensor an operator returns while active (a weak reference)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.storages: dict[int, tuple[StorageWeakRef, int]] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        # Views and in-place results share an input's storage: not new memory (it may be a parameter's).
-        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                storage = t.untyped_storage()
-                # Keyed by address: a freed storage's address is reused, and the newest owner wins.
-                self.storages[storage.data_ptr()] = (StorageWeakRef(storage), storage.nbytes())
-        return out
-
-    def live_bytes(self, exclude: torch.Tensor | None = None) -> int:
-        skip = exclude.untyped_storage().data_ptr() if exclude is not None else None
-        return sum(n for ptr, (ref, n) in self.storages.items() if ptr != skip and not ref.expired())
-
-
-def retained_bytes(fn, *args) -> tuple[int, Any]:
-    """(bytes of the tensors `fn(*args)` creates that are still alive after it returns, not counting
-    its output's storage; the output). With the output alive, that is what autograd keeps for
-    backward: saved activations, checkpoint inputs and the selective cache alike."""
-    with _OutputStorages() as tracker:
-        out = fn(*args)
-    return tracker.live_bytes(exclude=out if isinstance(out, torch.Tensor) and out.dim() else None), out
 
 
 @dataclass(kw_only=True)

@@ -4,6 +4,7 @@
     python -m cs336_systems bench step --layers 4 --steps 3              # the 8B widths, 4 layers
     python -m cs336_systems bench step --preset tiny-step --device cpu   # CI: seconds
     python -m cs336_systems bench step --layers 2 --profile              # + kernel time by category
+    python -m cs336_systems bench step --contenders ours@auto --protocol leaderboard   # as the leaderboard
 
 One step is what the leaderboard times: zero_grad, forward, loss, backward and the AdamW step of
 BasicsTransformerLM with bf16 parameters (built in bf16, no autocast), causal attention. The
@@ -18,7 +19,9 @@ contenders run one after another in one process, on the same model definition, s
   ours-sdpa  ours with SDPA attention
 
 A contender of ours may name its own checkpointing policy, `ours@selective`, `ours-sdpa@every:2`,
-so one run compares policies side by side; without one it takes --ac.
+so one run compares policies side by side; without one it takes --ac. `ours@auto[:MARGIN]` and
+`ours@budget:GiB` first measure one block's cost table and solve a per-layer plan (printed, and
+saved in the row); a plan that cannot fit becomes a "no plan" row.
 
 Each contender: build (seeded, on the device), a first step from an empty compile cache (its
 seconds reported: compilation included), --warmup steps, then --steps steps each timed between
@@ -26,7 +29,10 @@ device synchronizes; the median is reported with model TFLOP/s (training_flops: 
 causal attention), MFU against a bf16 matmul rate measured in this run (median of 8192^3 torch.mm;
 the datasheet's 989 TFLOP/s is not reached by any matmul), the peak allocated memory of the
 steps after the first, and the first step's loss (the contenders must agree). A contender that
-runs out of memory becomes an OOM row naming the options that reduce memory.
+runs out of memory becomes an OOM row naming the options that reduce memory. `--protocol
+leaderboard` times instead with the CS336 2026 script's do_bench call, from an empty compile cache,
+and reports the wall time from process start (bench/leaderboard.py); ratios to stock are given
+only when stock ran in the same process.
 """
 
 from __future__ import annotations
@@ -46,15 +52,32 @@ from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
+from cs336_systems.bench.leaderboard import (
+    LEADERBOARD_REP_MS,
+    LEADERBOARD_WARMUP_MS,
+    empty_compile_cache,
+    leaderboard_meta,
+    time_as_leaderboard,
+    together_note,
+    with_stock_ratio,
+)
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
 from cs336_systems.errors import ConfigError, directory, flags_renamed
-from cs336_systems.parallel.activation_checkpointing import parse_policy
+from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
+from cs336_systems.parallel.checkpoint_plan import CheckpointPlan
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
 from cs336_systems.presets import ModelConfig
 from cs336_systems.runtime import pick_device
 from cs336_systems.training.jobs import JOB_PRESETS
 from cs336_systems.training.loss import lm_loss
-from cs336_systems.training.memory_plan import MemoryPlan, available_bytes, check_fits, estimate, largest_fitting
+from cs336_systems.training.memory_plan import (
+    MemoryPlan,
+    available_bytes,
+    check_fits,
+    estimate,
+    largest_fitting,
+    resolve_checkpointing,
+)
 from cs336_systems.training.optim import adamw
 from cs336_systems.training.report import training_flops
 
@@ -69,7 +92,9 @@ CONTENDERS = ("ours", "stock", "ours-sdpa")
 STOCK_LOSS_CHUNK = 8192
 """Tokens per checkpointed LM-head + cross-entropy chunk of the stock recipe."""
 ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-OOM_ADVICE = "reduce memory: --ac full (or every:K), a smaller --batch or --ctx"
+OOM_ADVICE = "reduce memory: --ac full (or every:K, auto, budget:GiB), a smaller --batch or --ctx"
+NO_PLAN = "no plan"
+PROTOCOLS = ("default", "leaderboard")
 TRAIN_FLAGS = {"--num-layers": "--layers", "--num-heads": "--heads", "--vocab-size": "--vocab",
                "--context-length": "--ctx", "--model-context-length": "--ctx", "--batch-size": "--batch",
                "--activation-checkpointing": "--ac"}
@@ -106,6 +131,13 @@ class StepBenchConfig:
     """n of the n^3 bf16 matmul whose rate MFU is measured against; None: 8192 on CUDA, 512 on CPU."""
     profile: bool = False
     """After the timed steps, one more under torch.profiler: kernel time by category (kernel_profile.py)."""
+    protocol: str = "default"
+    """How steps are timed: "default" (--warmup steps, then the median of --steps) or "leaderboard"
+    (triton.testing.do_bench(step, warmup=10_000, rep=30_000), as the CS336 2026 timing script: CUDA only)."""
+    leaderboard_warmup_ms: float = LEADERBOARD_WARMUP_MS
+    """do_bench's warm-up of the leaderboard protocol, in ms (the leaderboard's: 10 000)."""
+    leaderboard_rep_ms: float = LEADERBOARD_REP_MS
+    """do_bench's measured time of the leaderboard protocol, in ms (the leaderboard's: 30 000)."""
 
     def __post_init__(self) -> None:
         self.device = str(pick_device(self.device))
@@ -114,6 +146,7 @@ class StepBenchConfig:
                 raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        self._check_protocol()
         unknown = [name for name in self.contenders if contender_base(name) not in CONTENDERS]
         if unknown or not self.contenders:
             raise ConfigError(f"--contenders: unknown {unknown} (choose from {', '.join(CONTENDERS)}, "
@@ -128,6 +161,16 @@ class StepBenchConfig:
             self.compile_backend = "inductor" if self.device_type == "cuda" else "aot_eager"
         if self.matmul_size is None:
             self.matmul_size = 8192 if self.device_type == "cuda" else 512
+
+    def _check_protocol(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ConfigError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        for name in ("leaderboard_warmup_ms", "leaderboard_rep_ms"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.protocol == "leaderboard" and self.device_type != "cuda":
+            raise ConfigError(f"--protocol leaderboard times with triton.testing.do_bench, which needs CUDA; "
+                              f"--device is {self.device} (use the default protocol there)")
 
     def policy(self, contender: str) -> str:
         """The checkpointing policy a contender of ours runs with: its own `@POLICY`, else --ac."""
@@ -176,9 +219,11 @@ def stock_setup(model: nn.Module, config: StepBenchConfig) -> tuple[Callable, to
     return (lambda x, y: stock_loss(model, x, y)), optimizer
 
 
-def ours_setup(model: nn.Module, config: StepBenchConfig, policy: str) -> tuple[Callable, torch.optim.Optimizer]:
+def ours_setup(model: nn.Module, config: StepBenchConfig, policy: ActivationCheckpointing | CheckpointPlan
+               ) -> tuple[Callable, torch.optim.Optimizer]:
+    checkpointing = policy.per_layer if isinstance(policy, CheckpointPlan) else policy
     forward, _ = parallelize(model, 1, compile_model=config.compile, compile_backend=config.compile_backend,
-                             compile_mode=config.compile_mode, activation_checkpointing=parse_policy(policy))
+                             compile_mode=config.compile_mode, activation_checkpointing=checkpointing)
     optimizer_cls, extra = adamw("auto", torch.device(config.device))
     optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
     return (lambda x, y: lm_loss(forward, x, y)), optimizer
@@ -204,19 +249,36 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate: float) -> dict[str, Any]:
-    """Build, compile (first step), warm up and time one contender; its result row."""
+def resolve_policy(name: str, config: StepBenchConfig, model: ModelConfig) -> ActivationCheckpointing | CheckpointPlan:
+    """A contender of ours: its policy, or for auto / budget:GiB the plan solved from the costs of one block
+    of `model` (the contender's attention), measured now on the device (before the model exists: the free
+    memory is what the run gets)."""
+    policy = parse_policy(config.policy(name))
+    if not policy.planned:
+        return policy
+    with flags_renamed(TRAIN_FLAGS):
+        plan = resolve_checkpointing(policy, model, batch=config.batch, context_length=config.ctx,
+                                     dtype=torch.bfloat16, device=config.device)
+    print(f"{name}: {plan.costs.describe()}\n{name}: {plan.describe()}", flush=True)
+    return plan
+
+
+def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate: float,
+                  do_bench: Callable[..., float] | None = None) -> dict[str, Any]:
+    """Build, compile (first step), warm up and time one contender; its result row. `do_bench` (the
+    leaderboard protocol's timer) defaults to triton.testing.do_bench; tests pass a stand-in."""
     torch.compiler.reset()  # the first step compiles from an empty cache
-    torch.manual_seed(0)
     base = contender_base(name)
     model_config = ModelConfig(**{**vars(config.model), "attention": "sdpa" if base != "ours" else "flash"})
+    policy = None if base == "stock" else resolve_policy(name, config, model_config)
+    torch.manual_seed(0)
     with torch.device(config.device):  # initialised in place: an 8B model is slow to fill on a CPU
         model = model_config.build()
     model.to(torch.bfloat16)
     if base == "stock":
         loss_fn, optimizer = stock_setup(model, config)
     else:
-        loss_fn, optimizer = ours_setup(model, config, config.policy(name))
+        loss_fn, optimizer = ours_setup(model, config, policy)
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch, config.ctx + 1), generator=generator)
     inputs, targets = tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)
@@ -231,15 +293,22 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
     first_s, loss = _timed(step, config.device)
     first_loss = loss.item()
     print(f"{name}: first step (compilation included) {first_s:.1f} s, loss {first_loss:.4f}", flush=True)
-    for _ in range(config.warmup):
-        step()
     if config.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(config.device)
-    seconds = statistics.median(_timed(step, config.device)[0] for _ in range(config.steps))
     row = {"contender": name, "attention": model_config.attention,
-           "ac": "full (stock)" if base == "stock" else config.policy(name),
-           "ms_per_step": seconds * 1e3, "tflops": flops / seconds / 1e12,
-           "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss}
+           "ac": "full (stock)" if base == "stock" else config.policy(name), "protocol": config.protocol}
+    if isinstance(policy, CheckpointPlan):
+        row["ac_plan"], row["ac_plan_detail"] = policy.describe(), policy.to_dict()
+    if config.protocol == "leaderboard":
+        ms, row["wall_s"] = time_as_leaderboard(name, step, config.leaderboard_warmup_ms, config.leaderboard_rep_ms,
+                                                do_bench)
+        seconds = ms / 1e3
+    else:
+        for _ in range(config.warmup):
+            step()
+        seconds = statistics.median(_timed(step, config.device)[0] for _ in range(config.steps))
+    row.update({"ms_per_step": seconds * 1e3, "tflops": flops / seconds / 1e12,
+                "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss})
     if config.device_type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
     if config.profile:
@@ -259,11 +328,11 @@ def step_flops(model: ModelConfig, batch: int, ctx: int) -> float:
     return training_flops(matmul_params(model), model.num_layers, model.d_model, batch, ctx, causal=True)
 
 
-def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None
-        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """Every contender's row (an OOM row where one runs out of memory) and the run's numbers;
-    `on_row(rows, numbers)` after each contender (main writes the results so far: a long run that
-    is stopped keeps them)."""
+def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
+        do_bench: Callable[..., float] | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every contender's row (an OOM row where one runs out of memory, a "no plan" row where its auto /
+    budget:GiB plan does not fit) and the run's numbers; `on_row(rows, numbers)` after each contender
+    (main writes the results so far: a long run that is stopped keeps them). `do_bench`: see run_contender."""
     check_memory(config)
     flops = step_flops(config.model, config.batch, config.ctx)
     rate = matmul_tflops(config.matmul_size, config.device)
@@ -274,11 +343,13 @@ def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[st
     rows: list[dict[str, Any]] = []
     for name in config.contenders:
         try:
-            row = run_contender(name, config, flops, rate)
+            row = run_contender(name, config, flops, rate, do_bench)
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not is_oom(error):
                 raise
             row = {"contender": name, "ms_per_step": OOM, "note": OOM_ADVICE}
+        except ConfigError as error:  # an auto / budget:GiB plan that does not fit: the others still run
+            row = {"contender": name, "ms_per_step": NO_PLAN, "note": str(error)}
         finally:
             torch.compiler.reset()  # compiled code may hold the contender's module: drop it first
             gc.collect()  # the contender's model, optimizer state and activations, before the next one
@@ -321,7 +392,8 @@ def _draw(rows: list[dict[str, Any]]):
         times = [row["ms_per_step"] / 1e3 if isinstance(row["ms_per_step"], float) else 0.0 for row in rows]
         bars = ax.bar(names, times)
         for bar, row in zip(bars, rows):
-            label = OOM if row["ms_per_step"] == OOM else f"{row['ms_per_step'] / 1e3:.2f} s"
+            ms = row["ms_per_step"]
+            label = ms if isinstance(ms, str) else f"{ms / 1e3:.2f} s"  # OOM, no plan
             ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
         ax.set(ylabel="seconds per step (median)", title="training step")
     return draw
@@ -342,8 +414,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--contenders", nargs="+", default=list(CONTENDERS), metavar="NAME",
                        help=f"which to run, in order: {', '.join(CONTENDERS)} (default: all)")
     group.add_argument("--ac", default=StepBenchConfig.__dataclass_fields__["ac"].default, metavar="POLICY",
-                       help="activation checkpointing of ours: none, full, every:K, selective[:NAMES] "
-                            "(default: %(default)s)")
+                       help="activation checkpointing of ours: none, full, every:K, selective[:NAMES], or a "
+                            "per-layer plan: auto[:MARGIN_GiB], budget:GiB (default: %(default)s)")
     group.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="compile (default: on)")
     group.add_argument("--compile-backend", metavar="NAME", help="default: inductor on CUDA, aot_eager on CPU")
     group.add_argument("--compile-mode", choices=COMPILE_MODES, default="regional", help="ours (default: regional)")
@@ -354,6 +426,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", action="store_true",
                        help="one more step per contender under torch.profiler: kernel time by category, in "
                             "step.md/json (run two --layers values and subtract for one layer's share)")
+    group.add_argument("--protocol", choices=PROTOCOLS, default="default",
+                       help="default: --warmup steps then the median of --steps; leaderboard: the CS336 2026 "
+                            "timing, do_bench(step, warmup=10_000, rep=30_000) from an empty compile cache, with "
+                            "the wall time from process start (CUDA only)")
+    group.add_argument("--leaderboard-warmup-ms", type=float, default=LEADERBOARD_WARMUP_MS, metavar="MS",
+                       help="do_bench warm-up of --protocol leaderboard (default: the leaderboard's %(default)s)")
+    group.add_argument("--leaderboard-rep-ms", type=float, default=LEADERBOARD_REP_MS, metavar="MS",
+                       help="do_bench measured time of --protocol leaderboard (default: the leaderboard's "
+                            "%(default)s)")
     group.add_argument("--out-dir", type=directory, default="outputs/bench/step", help="where step.{md,json,png} go")
 
 
@@ -372,7 +453,9 @@ def _config_from_args(args: argparse.Namespace) -> StepBenchConfig:
                            contenders=tuple(args.contenders), ac=args.ac, compile=args.compile,
                            compile_backend=args.compile_backend, compile_mode=args.compile_mode, steps=args.steps,
                            warmup=args.warmup, device=args.device, matmul_size=args.matmul_size,
-                           profile=args.profile)
+                           profile=args.profile, protocol=args.protocol,
+                           leaderboard_warmup_ms=args.leaderboard_warmup_ms,
+                           leaderboard_rep_ms=args.leaderboard_rep_ms)
 
 
 def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str, Any]], numbers: dict) -> None:
@@ -380,30 +463,32 @@ def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str
     meta = {**environment(config.device), "preset": args.preset, "layers": model.num_layers, "d_model": model.d_model,
             "d_ff": model.d_ff, "heads": model.num_heads, "vocab": model.vocab_size, "ctx": config.ctx,
             "batch": config.batch, "dtype": "bf16 parameters", "compile": config.compile_backend if config.compile
-            else None, "steps": config.steps, "warmup": config.warmup, **numbers}
+            else None, "protocol": config.protocol, **_protocol_meta(config),
+            "ran_together": [row["contender"] for row in rows], **numbers}
+    rows = with_stock_ratio(rows)
     results = Results("step", meta=meta, rows=rows)
     columns = ["contender", "attention", "ac", "ms_per_step", "tflops", "mfu", "first_step_s", "first_loss"]
-    if config.device_type == "cuda":
-        columns.append("peak_gib")
-    if any("note" in row for row in rows):
-        columns.append("note")
+    optional = ["speedup_vs_stock", "wall_s", "ac_plan"] + (["peak_gib"] if config.device_type == "cuda" else [])
+    columns += [name for name in [*optional, "note"] if any(name in row for row in rows)]
     out = results.write(args.out_dir, columns=columns)
-    kernels = kernel_table(rows)
-    if kernels:  # appended under the step table: one step's kernel time by category
-        with open(out / f"{results.name}.md", "a") as md:
+    with open(out / f"{results.name}.md", "a") as md:
+        md.write(f"\n{together_note(rows)}\n")
+        kernels = kernel_table(rows)
+        if kernels:  # appended under the step table: one step's kernel time by category
             md.write(f"\nKernel time of one step by category (torch.profiler):\n\n{kernels}\n")
-        print(kernels)
+            print(kernels)
     results.plot(args.out_dir, _draw(rows))
 
 
+def _protocol_meta(config: StepBenchConfig) -> dict[str, Any]:
+    if config.protocol == "default":
+        return {"steps": config.steps, "warmup": config.warmup}
+    return leaderboard_meta(config.leaderboard_warmup_ms, config.leaderboard_rep_ms)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.protocol == "leaderboard":  # first: nothing may compile into (or from) another cache before
+        print(f"compile cache: {empty_compile_cache()} (empty; FX graph, autotune and AOTAutograd caches off)")
     config = config_from_args(args)
     run(config, on_row=lambda rows, numbers: write(args, config, rows, numbers))
     return 0
-
-
-
-if __name__ == "__main__":  # python -m cs336_systems.bench.step [flags], until the CLI lists `bench step`
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    raise SystemExit(main(parser.parse_args()))

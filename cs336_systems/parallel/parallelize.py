@@ -43,6 +43,9 @@ from cs336_systems.runtime import ENGINES, FP32, Precision
 Wrapper = DDPBucketed | FSDP | TorchDDP | TorchFSDP2
 """What `parallelize` returns beside the module to call (None with one rank)."""
 
+PerLayer = tuple[ActivationCheckpointing, ...]
+"""One checkpointing policy per layer (a CheckpointPlan's `per_layer`)."""
+
 COMPILE_MODES = ("regional", "model")
 """How `apply_compile` compiles: each repeated block in place, or the whole model as one graph."""
 
@@ -86,19 +89,23 @@ def apply_fsdp(module: nn.Module, world_size: int, precision: Precision = FP32) 
 
 
 def parallelize(model: nn.Module, world_size: int, *, compile_model: bool = False, compile_backend: str = "inductor",
-                compile_mode: str = "regional", activation_checkpointing: ActivationCheckpointing = NO_CHECKPOINTING,
+                compile_mode: str = "regional",
+                activation_checkpointing: ActivationCheckpointing | PerLayer = NO_CHECKPOINTING,
                 bucket_size_mb: float | None = 25.0, fsdp: bool = False, engine: str = "ours",
                 precision: Precision = FP32) -> tuple[nn.Module, Wrapper | None]:
     """(the module to call, the DDP or FSDP wrapper or None) for `model` on `world_size` ranks.
 
     `activation_checkpointing` is a parsed policy (activation_checkpointing.parse_policy, called once
-    where the configuration is read); it wraps `model.layers` in place, before compilation. `fsdp`
+    where the configuration is read) or one per layer (a CheckpointPlan's `per_layer`); it wraps
+    `model.layers` in place, before compilation. `fsdp`
     shards instead of replicating; `engine` picks ours or torch's (ENGINES); `precision` is the run's
     precision policy (the model must already be in its parameter dtype).
     """
-    if not isinstance(activation_checkpointing, ActivationCheckpointing):
-        raise TypeError("parallelize: activation_checkpointing must be a parsed policy (parse_policy), "
-                        f"got {activation_checkpointing!r}")
+    per_layer = isinstance(activation_checkpointing, tuple) and all(
+        isinstance(p, ActivationCheckpointing) for p in activation_checkpointing)
+    if not (isinstance(activation_checkpointing, ActivationCheckpointing) or per_layer):
+        raise TypeError("parallelize: activation_checkpointing must be a parsed policy (parse_policy) or a "
+                        f"tuple of them, one per layer (CheckpointPlan.per_layer), got {activation_checkpointing!r}")
     if engine not in ENGINES:
         raise ConfigError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     precision.check_engine(fsdp)

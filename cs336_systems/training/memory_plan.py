@@ -22,21 +22,26 @@ leaderboard step the floor is 84 GiB with `selective` (measured peak: 107) and 6
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from cs336_systems.errors import ConfigError
 from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
-from cs336_systems.presets import PRESETS, ModelShape
+from cs336_systems.parallel.checkpoint_plan import CheckpointPlan, measure_layer_costs, solve_plan
+from cs336_systems.presets import PRESETS, ModelConfig, ModelShape
 from cs336_systems.runtime import PARAM_DTYPES
 
 if TYPE_CHECKING:
     from cs336_systems.training.config import TrainConfig
 
 GIB = 2**30
+PLAN_FILE = "ac_plan.json"
+"""train's record of an auto / budget:GiB plan, in its output directory."""
 
 
 @dataclass(frozen=True)
@@ -67,13 +72,15 @@ class MemoryPlan:
 
 def kept_per_token(shape: ModelShape, policy: ActivationCheckpointing) -> tuple[float, float]:
     """(values each block keeps per token from forward to backward, values one block recomputes per token
-    in the backward), both in units of d_model.
+    in the backward), both in units of d_model. A plan request (auto, budget:GiB) counts as `full`.
 
     A block's matmul outputs: q, k, v, the attention output O, the output projection (the residual
     stream after attention), SwiGLU's w1 and w3 (d_ff wide); plus the block's input: 6 + 2 d_ff/d_model.
     """
     ff = shape.d_ff / shape.d_model
     block = 6 + 2 * ff
+    if policy.planned:  # a plan keeps at least what `full` keeps: the floor of any plan it may choose
+        policy = parse_policy("full")
     if policy.mode == "none":
         return block, 0.0
     if policy.mode == "full":  # one input per group; backward re-runs a whole group
@@ -177,3 +184,110 @@ def _lowering_flags(config: TrainConfig) -> list[str]:
     elif not config.parallel.fsdp and config.parallel.world_size > 1:
         flags.append("--fsdp")
     return [*flags, "a smaller --batch-size or --context-length (or more --grad-accum-steps)"]
+
+
+# ---------------------------------------------------------------- memory-budgeted checkpointing plans
+
+
+MARGIN_FRACTION = 0.05
+"""`auto`'s default margin: 5% of the device's memory (7 GiB of an H200, 4 of an H100) left free for
+the allocator's fragmentation and what the budget does not count (compiler workspaces, temporaries)."""
+
+
+def device_memory(device: torch.device | str) -> int:
+    """All of the device's memory: the GPU's total, or the CPU's RAM (MemTotal)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index or torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, available: int, total: int,
+                      transient: int, loss_bytes: int = 0) -> tuple[int, str]:
+    """(bytes the layers may keep for backward, how that was reached) for a plan request.
+
+    budget:GiB: that. auto[:MARGIN]: `available` less the parameters and AdamW state (`floor`'s), the
+    `transient` (one layer's activations, rebuilt while its backward runs), the loss's working set and
+    the margin (MARGIN GiB, default MARGIN_FRACTION of `total`). The kept activations share memory
+    with the gradients (max(gradients, activations), module docstring): a budget below the gradients
+    leaves no room, and is an error here."""
+    if policy.mode == "budget":
+        return int(policy.gib * GIB), "given"
+    margin = int(MARGIN_FRACTION * total) if policy.gib is None else int(policy.gib * GIB)
+    budget = available - floor.parameters - floor.optimizer - transient - loss_bytes - margin
+    terms = (f"{available / GIB:.3g} GiB free - parameters {floor.parameters / GIB:.3g} - AdamW state "
+             f"{floor.optimizer / GIB:.3g} - one layer's recomputation {transient / GIB:.3g} - loss "
+             f"{loss_bytes / GIB:.3g} - margin {margin / GIB:.3g}")
+    if budget < floor.gradients:
+        raise ConfigError(f"--activation-checkpointing {policy}: no plan fits: {terms} = {budget / GIB:.3g} GiB, "
+                          f"less than the gradients ({floor.gradients / GIB:.3g} GiB), which take the activations' "
+                          "place in backward; lower memory (a smaller --batch-size or --context-length, "
+                          f"{'a smaller margin (auto:GiB), ' if margin else ''}--fsdp with more processes)")
+    return budget, terms
+
+
+def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *, batch: int, context_length: int,
+                          dtype: torch.dtype, device: torch.device | str, param_dtype: torch.dtype | None = None,
+                          fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
+                          shard_optimizer: bool = False, available: int | None = None
+                          ) -> ActivationCheckpointing | CheckpointPlan:
+    """`policy` itself, or for a plan request (auto, budget:GiB) the plan: one block of `model` is built on
+    `device` in `dtype` (the activations' dtype: the compute dtype), its per-policy costs measured at
+    `batch` x `context_length` tokens, and the layer counts solved against the budget (activation_budget;
+    parameters, gradients and AdamW state in `param_dtype`, default `dtype`; `available` default: what
+    is free now). Call before the model is built: the free memory read then is what the whole run gets."""
+    if not policy.planned:
+        return policy
+    with torch.device(device):
+        block = _one_block(model, context_length).to(dtype)
+    costs = measure_layer_costs(block, batch, context_length)
+    del block
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    tokens = batch * context_length
+    floor = estimate(model.shape, model.vocab_size, tokens=tokens, param_bytes=(param_dtype or dtype).itemsize,
+                     activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
+                     fsdp=fsdp, shard_optimizer=shard_optimizer)
+    available = available_bytes(device) if available is None else available
+    transient = max(costs.kept_bytes)  # the layer whose backward runs holds its whole forward again
+    loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
+    budget, terms = activation_budget(policy, floor, available=available, total=device_memory(device),
+                                      transient=transient, loss_bytes=loss)
+    return solve_plan(costs, model.num_layers, budget, what=f"--activation-checkpointing {policy}",
+                      budget_terms=terms)
+
+
+def resolve_train_checkpointing(config: TrainConfig, device: torch.device
+                                ) -> ActivationCheckpointing | CheckpointPlan:
+    """`train`'s policy, or its plan for this process (resolve_checkpointing at the micro-batch shape, in the
+    compute dtype; on a CPU the local processes share the RAM, so each budgets its share)."""
+    runtime, parallel = config.runtime, config.parallel
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", parallel.world_size)) if device.type == "cpu" else 1
+    policy = parallel.activation_checkpointing
+    if not policy.planned:
+        return policy
+    return resolve_checkpointing(policy, config.model, batch=config.micro_batch_size,
+                                 context_length=config.context_length, dtype=runtime.precision.compute,
+                                 param_dtype=runtime.precision.param, device=device,
+                                 fused_loss=config.loss == "fused", world_size=parallel.world_size,
+                                 fsdp=parallel.fsdp, shard_optimizer=parallel.shard_optimizer,
+                                 available=available_bytes(device) // local)
+
+
+def record_plan(plan: CheckpointPlan, out_dir: str | None) -> None:
+    """Print the plan (one line) and, with an output directory, save it as OUT_DIR/ac_plan.json (the
+    cost table, the budget and how it was reached). Called by rank 0."""
+    print(plan.describe(), flush=True)
+    if out_dir:
+        path = Path(out_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / PLAN_FILE).write_text(json.dumps(plan.to_dict(), indent=1))
+
+
+def _one_block(model: ModelConfig, context_length: int) -> torch.nn.Module:
+    """A freshly initialised TransformerBlock of `model` (on the default device), attention and RoPE included."""
+    from cs336_basics.model import RotaryEmbedding, TransformerBlock
+
+    rope = RotaryEmbedding(max(context_length, model.context_length), model.d_model // model.num_heads,
+                           theta=model.rope_theta)
+    return TransformerBlock(model.d_model, model.num_heads, model.d_ff, rope, attention=model.attention)

@@ -43,6 +43,7 @@ from torch import nn
 from cs336_systems.distributed.collectives import barrier, gather_from_ranks, reduce_mean
 from cs336_systems.distributed.world import World
 from cs336_systems.errors import ConfigError
+from cs336_systems.parallel.checkpoint_plan import CheckpointPlan
 from cs336_systems.parallel.ddp import DDPBucketed
 from cs336_systems.parallel.fsdp import FSDP
 from cs336_systems.parallel.parallelize import parallelize
@@ -53,6 +54,7 @@ from cs336_systems.training import checkpoint
 from cs336_systems.training.config import TrainConfig
 from cs336_systems.training.data import Batch, TokenBatches, load_splits, validation_batches
 from cs336_systems.training.loss import lm_loss
+from cs336_systems.training.memory_plan import record_plan, resolve_train_checkpointing
 from cs336_systems.training.optim import build_optimizer, learning_rate
 from cs336_systems.training.optim_in_backward import InBackwardOptimizer
 
@@ -136,10 +138,15 @@ def build_trainer(config: TrainConfig, world: World) -> Trainer:
                                               config.context_length)
     seed_everything(config.seed)
     precision = config.runtime.precision  # the one precision policy: model dtype, autocast, DDP/FSDP dtypes
+    checkpointing = resolve_train_checkpointing(config, world.device)  # before the model takes memory
+    if isinstance(checkpointing, CheckpointPlan):
+        if world.is_main:
+            record_plan(checkpointing, config.out_dir)
+        checkpointing = checkpointing.per_layer
     model = config.model.build().to(world.device, precision.param)
     forward, ddp = parallelize(model, world.world_size, compile_model=config.runtime.compile,
                                compile_backend=config.runtime.compile_backend,
-                               activation_checkpointing=config.parallel.activation_checkpointing,
+                               activation_checkpointing=checkpointing,
                                fsdp=config.parallel.fsdp, engine=config.parallel.engine, precision=precision,
                                bucket_size_mb=config.parallel.bucket_size_mb)
     comm = Stopwatch(world.device)

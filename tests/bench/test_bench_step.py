@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -45,6 +46,12 @@ def test_every_contender_runs_and_agrees(tmp_path):
     meta = result["meta"]
     assert (meta["layers"], meta["ctx"], meta["batch"], meta["vocab"]) == (2, 32, 2, 256)
     assert {p.name for p in tmp_path.iterdir()} == {"step.md", "step.json", "step.png"}
+    # Ratios to stock only from this run, and the markdown says which contenders ran together.
+    assert meta["ran_together"] == ["ours", "stock", "ours-sdpa"] and meta["protocol"] == "default"
+    for row in rows.values():
+        assert row["speedup_vs_stock"] == rows["stock"]["ms_per_step"] / row["ms_per_step"]
+    assert "Contenders run together, one after another in this process on this machine: ours, stock, ours-sdpa." \
+        in (tmp_path / "step.md").read_text()
 
 
 def test_compiled_ours_with_selective_checkpointing(tmp_path):
@@ -190,3 +197,147 @@ def test_a_contender_too_big_for_memory_is_refused_before_building(monkeypatch):
     step_bench.check_memory(config, available=2**40)  # a terabyte: both fit
     with pytest.raises(ConfigError, match="--contenders ours .* leave ours out of --contenders"):
         step_bench.check_memory(config, available=70 * 2**30)  # stock (full) fits, ours (selective) does not
+
+
+# ---------------------------------------------------------------- per-layer plans
+
+
+def test_auto_and_budget_contenders_record_their_plan(tmp_path, capsys):
+    """ours@auto and ours@budget:GiB measure a block, solve, print the plan line and save it; a budget
+    nothing fits becomes a row naming --ac, and the other contenders still run."""
+    result = bench(tmp_path, "--no-compile", "--contenders", "ours@auto", "ours@budget:0.0002", "ours@budget:1e-6",
+                   "ours-sdpa@auto", "--layers", "2", "--ctx", "16")
+    auto, budget, none_fits, sdpa = result["rows"]
+    # The table is measured on the contender's own block: its attention, the run's batch and dtype.
+    assert auto["ac_plan_detail"]["costs"]["attention"] == "flash"
+    assert sdpa["ac_plan_detail"]["costs"]["attention"] == "sdpa"
+    assert auto["ac_plan_detail"]["costs"]["shape"] == [2, 16, 64] and auto["ac_plan_detail"]["costs"]["dtype"] == \
+        "bfloat16"
+    out = capsys.readouterr().out
+    for row in (auto, budget):
+        assert row["ac_plan"].startswith("ac plan: ") and row["ac_plan"] in out and row["ms_per_step"] > 0
+        detail = row["ac_plan_detail"]
+        assert sum(detail["counts"].values()) == 2 and detail["kept_bytes"] <= detail["budget_bytes"]
+        assert set(detail["costs"]["policies"]) >= {"none", "selective", "full"}
+    assert auto["ac_plan_detail"]["counts"] == {"none": 2}  # a tiny model in a machine's free memory
+    assert budget["ac_plan_detail"]["budget_bytes"] == int(0.0002 * 2**30) and budget["ac_plan_detail"]["budget"] == \
+        "given"
+    assert none_fits["ms_per_step"] == "no plan" and "--ac budget:1e-06: no plan fits" in none_fits["note"]
+    assert "--activation-checkpointing" not in none_fits["note"]
+    assert "ac plan: " in (tmp_path / "step.md").read_text()
+
+
+@pytest.mark.parametrize("policy", ["auto:-1", "budget:0", "budget:x"])
+def test_bad_plan_requests_name_ac(policy):
+    with pytest.raises(ConfigError, match="--ac "):
+        step_bench.config_from_args(parse("--ac", policy))
+    with pytest.raises(ConfigError, match="--ac "):
+        step_bench.config_from_args(parse("--contenders", f"ours@{policy}"))
+
+
+# ---------------------------------------------------------------- the leaderboard protocol
+
+
+def test_leaderboard_protocol_is_refused_on_a_cpu():
+    with pytest.raises(ConfigError, match="--protocol leaderboard times with triton.testing.do_bench, which needs "
+                                          "CUDA; --device is cpu"):
+        step_bench.config_from_args(parse("--protocol", "leaderboard"))
+    with pytest.raises(ConfigError, match="--leaderboard-rep-ms must be positive"):
+        step_bench.config_from_args(parse("--leaderboard-rep-ms", "0"))
+
+
+def test_leaderboard_timing_arithmetic():
+    """The step is timed by do_bench(step, warmup=10_000, rep=30_000) and its mean is the row's ms per step;
+    the wall time runs from process start. A stand-in do_bench (CUDA is what the real one needs)."""
+    import time
+
+    from cs336_systems.bench.leaderboard import process_start_time
+
+    config = step_bench.config_from_args(parse("--no-compile", "--contenders", "ours", "--layers", "1", "--ctx", "16"))
+    config.protocol = "leaderboard"  # past the CUDA check: the timer below stands in for do_bench
+    calls = []
+
+    def do_bench(fn, warmup, rep):
+        calls.append((warmup, rep))
+        fn()
+        return 250.0
+
+    row = step_bench.run_contender("ours", config, flops=1e12, matmul_rate=10.0, do_bench=do_bench)
+    assert calls == [(10_000, 30_000)] and row["protocol"] == "leaderboard"
+    assert row["ms_per_step"] == 250.0 and row["tflops"] == 1e12 / 0.25 / 1e12 and row["mfu"] == row["tflops"] / 10
+    assert 0 < row["wall_s"] <= time.time() - process_start_time()
+    assert process_start_time() <= time.time() - row["wall_s"] + 1e-6  # measured from the process's start
+
+
+def test_leaderboard_flags_reach_do_bench():
+    from cs336_systems.bench.leaderboard import leaderboard_ms
+
+    config = step_bench.config_from_args(parse("--leaderboard-warmup-ms", "5", "--leaderboard-rep-ms", "7"))
+    seen = {}
+    assert leaderboard_ms(lambda: None, config.leaderboard_warmup_ms, config.leaderboard_rep_ms,
+                          lambda fn, **kw: seen.update(kw) or 3) == 3.0
+    assert seen == {"warmup": 5.0, "rep": 7.0}
+
+
+def test_empty_compile_cache(monkeypatch):
+    """Fresh cache directories for inductor and Triton, the reusing caches off; restored after the test."""
+    import os
+
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    from cs336_systems.bench.leaderboard import empty_compile_cache
+
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR", "TORCHINDUCTOR_FX_GRAPH_CACHE",
+                 "TORCHINDUCTOR_AUTOGRAD_CACHE", "TORCHINDUCTOR_AUTOTUNE_LOCAL_CACHE",
+                 "TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE"):
+        monkeypatch.setenv(name, "restored after the test")
+    previous = inductor_config.fx_graph_cache
+    inductor = ("fx_graph_cache", "fx_graph_remote_cache", "autotune_local_cache", "autotune_remote_cache",
+                "bundled_autotune_remote_cache")
+    functorch = ("enable_autograd_cache", "enable_remote_autograd_cache")
+    # The configs' own patch contexts restore them (monkeypatch's undo deletes a config entry).
+    with inductor_config.patch({name: getattr(inductor_config, name) for name in inductor}), \
+            functorch_config.patch({name: getattr(functorch_config, name) for name in functorch}):
+        path = empty_compile_cache()
+        assert os.path.isdir(path) and not os.listdir(path)
+        assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == path and os.environ["TRITON_CACHE_DIR"].startswith(path)
+        assert not (inductor_config.fx_graph_cache or inductor_config.autotune_local_cache
+                    or functorch_config.enable_autograd_cache)
+        assert empty_compile_cache() != path  # a fresh one each call
+    assert inductor_config.fx_graph_cache == previous
+
+
+def test_stock_ratio_only_with_stock():
+    rows = [{"contender": "ours", "ms_per_step": 50.0}, {"contender": "stock", "ms_per_step": 100.0},
+            {"contender": "ours@full", "ms_per_step": "OOM"}]
+    ratio = step_bench.with_stock_ratio(rows)
+    assert [row.get("speedup_vs_stock") for row in ratio] == [2.0, 1.0, None]
+    assert "speedup_vs_stock = stock's ms per step / the row's" in step_bench.together_note(ratio)
+    alone = step_bench.with_stock_ratio(rows[:1])
+    assert "speedup_vs_stock" not in alone[0] and "Stock did not run" in step_bench.together_note(alone)
+    oom_stock = [{"contender": "stock", "ms_per_step": "OOM"}, rows[0]]
+    assert all("speedup_vs_stock" not in row for row in step_bench.with_stock_ratio(oom_stock))
+
+
+@pytest.mark.cuda
+def test_cuda_leaderboard_protocol(tmp_path):
+    """The whole command in a fresh process, as the leaderboard runs it (do_bench shortened): the plan
+    contender and stock side by side, the wall time from process start, the compile cache a new directory."""
+    import os
+    import subprocess
+    import sys
+
+    argv = ["--preset", "tiny-step", "--device", "cuda", "--contenders", "ours@auto", "stock", "--protocol",
+            "leaderboard", "--leaderboard-warmup-ms", "50", "--leaderboard-rep-ms", "100", "--matmul-size", "1024",
+            "--out-dir", str(tmp_path)]
+    started = time.time()
+    subprocess.run([sys.executable, "-m", "cs336_systems", "bench", "step", *argv], check=True,
+                   env={**os.environ, "PYTHONPATH": os.getcwd()})
+    result = json.loads((tmp_path / "step.json").read_text())
+    ours, stock = result["rows"]
+    assert ours["ac_plan"].startswith("ac plan: ") and stock["speedup_vs_stock"] == 1.0
+    assert 0 < ours["wall_s"] < stock["wall_s"] < time.time() - started
+    meta = result["meta"]
+    assert meta["protocol"] == "leaderboard" and meta["do_bench_rep_ms"] == 100
+    assert "leaderboard-cache" in meta["compile_cache"] and not os.path.exists(meta["compile_cache"])
