@@ -432,7 +432,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do_bench repetition time (default: 100; leaderboard: 10000)")
     parser.add_argument("--kv-heads", type=int, help="grouped-query heads: k and v get this many heads (--heads a "
                         "multiple of it); the variant sweep of bench/attention_variants.py")
-    parser.add_argument("--documents", type=float, nargs="+", metavar="MEAN",
+    parser.add_argument("--documents", type=positive_float, nargs="+", metavar="MEAN",
                         help="packed documents: rows filled with documents of these mean lengths (log-normal); "
                              "the variant sweep of bench/attention_variants.py")
     parser.add_argument("--device", default="cuda" if cuda else "cpu", choices=["cuda", "cpu"])
@@ -476,7 +476,7 @@ def main(args: argparse.Namespace) -> int:
     if args.kv_heads is not None or args.documents is not None:
         from cs336_systems.bench import attention_variants
 
-        return attention_variants.main(args, DTYPES)
+        return attention_variants.run_variants(args, DTYPES)
     if args.leaderboard:
         columns = ["impl", "forward_ms", "fwd_bwd_ms", "forward_ours_over_this", "fwd_bwd_ours_over_this", "status"]
         leaderboard(args, args.device).write(args.out_dir, columns)

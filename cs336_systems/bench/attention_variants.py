@@ -256,7 +256,7 @@ def check(args: argparse.Namespace) -> None:
                           f"{', '.join(VARIANT_IMPLS)})")
 
 
-def main(args: argparse.Namespace, dtypes: dict[str, torch.dtype]) -> int:
+def run_variants(args: argparse.Namespace, dtypes: dict[str, torch.dtype]) -> int:
     check(args)
     results = Results("attention_variants", meta={**environment(args.device), "warmup_ms": args.warmup_ms,
                                                   "rep_ms": args.rep_ms, "causal": args.causal})

@@ -86,7 +86,7 @@ def test_document_sweep_fits_time_against_sum_of_squares(tmp_path):
 @pytest.mark.parametrize("argv, flag", [
     (["--kv-heads", "3", "--heads", "4"], "--kv-heads"),
     (["--kv-heads", "0", "--heads", "4"], "--kv-heads"),
-    (["--documents", "0"], "--documents"),
+    (["--documents", "0.5"], "--documents"),
     (["--documents", "8", "--impls", "ours-compiled"], "--impls"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, argv, flag):
