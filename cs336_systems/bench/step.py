@@ -62,7 +62,7 @@ from cs336_systems.bench.leaderboard import (
     with_stock_ratio,
 )
 from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
-from cs336_systems.errors import ConfigError, directory, flags_renamed
+from cs336_systems.errors import ConfigError, directory, flags_renamed, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
 from cs336_systems.parallel.checkpoint_plan import CheckpointPlan
 from cs336_systems.parallel.parallelize import COMPILE_MODES, parallelize
@@ -430,9 +430,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="default: --warmup steps then the median of --steps; leaderboard: the CS336 2026 "
                             "timing, do_bench(step, warmup=10_000, rep=30_000) from an empty compile cache, with "
                             "the wall time from process start (CUDA only)")
-    group.add_argument("--leaderboard-warmup-ms", type=float, default=LEADERBOARD_WARMUP_MS, metavar="MS",
+    group.add_argument("--leaderboard-warmup-ms", type=nonnegative_float, default=LEADERBOARD_WARMUP_MS, metavar="MS",
                        help="do_bench warm-up of --protocol leaderboard (default: the leaderboard's %(default)s)")
-    group.add_argument("--leaderboard-rep-ms", type=float, default=LEADERBOARD_REP_MS, metavar="MS",
+    group.add_argument("--leaderboard-rep-ms", type=positive_float, default=LEADERBOARD_REP_MS, metavar="MS",
                        help="do_bench measured time of --protocol leaderboard (default: the leaderboard's "
                             "%(default)s)")
     group.add_argument("--out-dir", type=directory, default="outputs/bench/step", help="where step.{md,json,png} go")
