@@ -242,8 +242,8 @@ def test_leaderboard_protocol_is_refused_on_a_cpu():
     with pytest.raises(ConfigError, match="--protocol leaderboard times with triton.testing.do_bench, which needs "
                                           "CUDA; --device is cpu"):
         step_bench.config_from_args(parse("--protocol", "leaderboard"))
-    with pytest.raises(ConfigError, match="--leaderboard-rep-ms must be positive"):
-        step_bench.config_from_args(parse("--leaderboard-rep-ms", "0"))
+    with pytest.raises(SystemExit):  # the argparse type refuses it, naming the flag
+        parse("--leaderboard-rep-ms", "0")
 
 
 def test_leaderboard_timing_arithmetic():
