@@ -18,6 +18,8 @@ contenders run one after another in one process, on the same model definition, s
              chunks of 8192 tokens, torch.optim.AdamW(fused=True)
   ours-sdpa  ours with SDPA attention
 
+`ours+inbwd` runs the AdamW update inside backward (each gradient freed once its parameter is updated:
+training/optim_in_backward.py); options come before the policy, `ours+inbwd@auto`.
 A contender of ours may name its own checkpointing policy, `ours@selective`, `ours-sdpa@every:2`,
 so one run compares policies side by side; without one it takes --ac. `ours@auto[:MARGIN]` and
 `ours@budget:GiB` first measure one block's cost table and solve a per-layer plan (printed, and
@@ -48,7 +50,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
@@ -61,7 +62,7 @@ from cs336_systems.bench.leaderboard import (
     together_note,
     with_stock_ratio,
 )
-from cs336_systems.bench.lm_loss import checkpointed_chunks_loss
+from cs336_systems.bench.stock_step import ADAMW, stock_setup
 from cs336_systems.errors import ConfigError, directory, flags_renamed, nonnegative_float, positive_float
 from cs336_systems.parallel.activation_checkpointing import ActivationCheckpointing, parse_policy
 from cs336_systems.parallel.checkpoint_plan import CheckpointPlan
@@ -79,6 +80,7 @@ from cs336_systems.training.memory_plan import (
     resolve_checkpointing,
 )
 from cs336_systems.training.optim import adamw
+from cs336_systems.training.optim_in_backward import InBackwardOptimizer, attach
 from cs336_systems.training.report import training_flops
 
 STEP_PRESETS: dict[str, dict[str, Any]] = {
@@ -89,9 +91,8 @@ STEP_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-step": {"model": "tiny", "vocab": 256, "ctx": 64, "batch": 2},
 }
 CONTENDERS = ("ours", "stock", "ours-sdpa")
-STOCK_LOSS_CHUNK = 8192
-"""Tokens per checkpointed LM-head + cross-entropy chunk of the stock recipe."""
-ADAMW = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+OPTIONS = {"inbwd": "the AdamW update inside backward, each gradient freed at once (training/optim_in_backward.py)"}
+"""`ours+OPTION`: options of our contenders."""
 OOM_ADVICE = "reduce memory: --ac full (or every:K, auto, budget:GiB), a smaller --batch or --ctx"
 NO_PLAN = "no plan"
 PROTOCOLS = ("default", "leaderboard")
@@ -147,10 +148,12 @@ class StepBenchConfig:
         if self.warmup < 0:
             raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
         self._check_protocol()
-        unknown = [name for name in self.contenders if contender_base(name) not in CONTENDERS]
+        unknown = [name for name in self.contenders if contender_base(name) not in CONTENDERS
+                   or not contender_options(name) <= OPTIONS.keys()
+                   or (contender_options(name) and contender_base(name) == "stock")]
         if unknown or not self.contenders:
             raise ConfigError(f"--contenders: unknown {unknown} (choose from {', '.join(CONTENDERS)}, "
-                              "ours and ours-sdpa with @POLICY)")
+                              f"ours and ours-sdpa with +OPTION ({', '.join(OPTIONS)}) and @POLICY)")
         parse_policy(self.ac)
         for name in self.contenders:
             parse_policy(self.policy(name))
@@ -184,48 +187,26 @@ class StepBenchConfig:
 # ---------------------------------------------------------------- the stock recipe
 
 
-class StockCheckpointedBlock(nn.Module):
-    """torch.utils.checkpoint around one block (the stock recipe's activation checkpointing)."""
-
-    def __init__(self, block: nn.Module) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self.block, x, use_reentrant=False)
-
-
-def stock_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy with the LM head and loss in checkpointed chunks of STOCK_LOSS_CHUNK tokens:
-    only one chunk's logits exist at a time, in forward and in backward."""
-    x = model.token_embeddings(inputs)  # (B, T, d)
-    for layer in model.layers:
-        x = layer(x)
-    hidden, targets = model.ln_final(x).flatten(0, 1), targets.flatten()  # (B*T, d), (B*T,)
-    return checkpointed_chunks_loss(hidden, model.lm_head.weight, targets, STOCK_LOSS_CHUNK, upcast=True)
-
-
 def contender_base(name: str) -> str:
-    """`ours@selective` -> `ours`."""
-    return name.split("@", 1)[0]
+    """`ours+inbwd@selective` -> `ours`."""
+    return name.split("@", 1)[0].split("+", 1)[0]
 
 
-def stock_setup(model: nn.Module, config: StepBenchConfig) -> tuple[Callable, torch.optim.Optimizer]:
-    model.layers = nn.ModuleList(StockCheckpointedBlock(block) for block in model.layers)
-    if config.compile:
-        for layer in model.layers:
-            layer.compile(backend=config.compile_backend)
-    optimizer = torch.optim.AdamW(model.parameters(), **ADAMW, fused=True)
-    return (lambda x, y: stock_loss(model, x, y)), optimizer
+def contender_options(name: str) -> set[str]:
+    """`ours+inbwd@selective` -> {"inbwd"}."""
+    return set(name.split("@", 1)[0].split("+")[1:])
 
 
-def ours_setup(model: nn.Module, config: StepBenchConfig, policy: ActivationCheckpointing | CheckpointPlan
-               ) -> tuple[Callable, torch.optim.Optimizer]:
+def ours_setup(model: nn.Module, config: StepBenchConfig, policy: ActivationCheckpointing | CheckpointPlan,
+               in_backward: bool = False) -> tuple[Callable, torch.optim.Optimizer | InBackwardOptimizer]:
     checkpointing = policy.per_layer if isinstance(policy, CheckpointPlan) else policy
     forward, _ = parallelize(model, 1, compile_model=config.compile, compile_backend=config.compile_backend,
                              compile_mode=config.compile_mode, activation_checkpointing=checkpointing)
     optimizer_cls, extra = adamw("auto", torch.device(config.device))
-    optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
+    if in_backward:
+        optimizer = attach(model, lambda params: optimizer_cls(params, **ADAMW, **extra))
+    else:
+        optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
     return (lambda x, y: lm_loss(forward, x, y)), optimizer
 
 
@@ -258,7 +239,8 @@ def resolve_policy(name: str, config: StepBenchConfig, model: ModelConfig) -> Ac
         return policy
     with flags_renamed(TRAIN_FLAGS):
         plan = resolve_checkpointing(policy, model, batch=config.batch, context_length=config.ctx,
-                                     dtype=torch.bfloat16, device=config.device)
+                                     dtype=torch.bfloat16, device=config.device,
+                                     optimizer_in_backward="inbwd" in contender_options(name))
     print(f"{name}: {plan.costs.describe()}\n{name}: {plan.describe()}", flush=True)
     return plan
 
@@ -276,9 +258,9 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
         model = model_config.build()
     model.to(torch.bfloat16)
     if base == "stock":
-        loss_fn, optimizer = stock_setup(model, config)
+        loss_fn, optimizer = stock_setup(model, config.compile_backend, config.compile)
     else:
-        loss_fn, optimizer = ours_setup(model, config, policy)
+        loss_fn, optimizer = ours_setup(model, config, policy, "inbwd" in contender_options(name))
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, model_config.vocab_size, (config.batch, config.ctx + 1), generator=generator)
     inputs, targets = tokens[:, :-1].to(config.device), tokens[:, 1:].to(config.device)
@@ -287,7 +269,8 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(inputs, targets)
         loss.backward()
-        optimizer.step()
+        if not isinstance(optimizer, InBackwardOptimizer):  # that one stepped inside backward
+            optimizer.step()
         return loss.detach()
 
     first_s, loss = _timed(step, config.device)
@@ -372,7 +355,7 @@ def check_memory(config: StepBenchConfig, available: int | None = None) -> None:
         policy = "full" if contender_base(contender) == "stock" else config.policy(contender)
         shape = dataclasses.replace(model.shape, num_layers=layers)
         return estimate(shape, model.vocab_size, tokens=config.batch * config.ctx, param_bytes=2, activation_bytes=2,
-                        policy=policy)
+                        policy=policy, optimizer_in_backward="inbwd" in contender_options(contender))
 
     for name in config.contenders:
         if floor(name, model.num_layers).total <= available:

@@ -92,8 +92,10 @@ def kept_per_token(shape: ModelShape, policy: ActivationCheckpointing) -> tuple[
 
 def estimate(shape: ModelShape, vocab_size: int, *, tokens: int, param_bytes: int, activation_bytes: int,
              policy: str, fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
-             shard_optimizer: bool = False, processes: int = 1) -> MemoryPlan:
-    """The floor of one process training `shape` on `tokens` tokens per forward (see the module docstring)."""
+             shard_optimizer: bool = False, processes: int = 1, optimizer_in_backward: bool = False) -> MemoryPlan:
+    """The floor of one process training `shape` on `tokens` tokens per forward (see the module docstring).
+    With `optimizer_in_backward` each gradient is freed once its parameter is updated: the gradients term
+    is the largest parameter's (the LM head or embedding table, or one SwiGLU matrix)."""
     values = shape.num_params(vocab_size)
     params = values * param_bytes // (world_size if fsdp else 1)
     optimizer = 2 * values * param_bytes // (world_size if fsdp or shard_optimizer else 1)
@@ -101,7 +103,10 @@ def estimate(shape: ModelShape, vocab_size: int, *, tokens: int, param_bytes: in
     activations = tokens * shape.d_model * (shape.num_layers * kept + recomputed) * activation_bytes
     if not fused_loss:  # the whole (tokens, vocabulary) logits exist at once
         activations += tokens * vocab_size * activation_bytes
-    return MemoryPlan(parameters=params, optimizer=optimizer, gradients=params, activations=int(activations),
+    gradients = params
+    if optimizer_in_backward:
+        gradients = max(vocab_size, shape.d_ff, shape.d_model) * shape.d_model * param_bytes
+    return MemoryPlan(parameters=params, optimizer=optimizer, gradients=gradients, activations=int(activations),
                       processes=processes)
 
 
@@ -156,7 +161,8 @@ def check_train_memory(config: TrainConfig) -> None:
                         policy=parallel.activation_checkpointing, fused_loss=config.loss == "fused",
                         world_size=parallel.world_size, fsdp=parallel.fsdp,
                         shard_optimizer=parallel.shard_optimizer,
-                        processes=local if device.type == "cpu" else 1)
+                        processes=local if device.type == "cpu" else 1,
+                        optimizer_in_backward=config.optimizer.in_backward)
 
     free = available_bytes(device, parallel.world_size if device.type == "cuda" else 1)
     smaller = largest_fitting({name: plan(shape) for name, shape in sorted(PRESETS.items(), key=_size)
@@ -229,8 +235,8 @@ def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, ava
 def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *, batch: int, context_length: int,
                           dtype: torch.dtype, device: torch.device | str, param_dtype: torch.dtype | None = None,
                           fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
-                          shard_optimizer: bool = False, available: int | None = None
-                          ) -> ActivationCheckpointing | CheckpointPlan:
+                          shard_optimizer: bool = False, available: int | None = None,
+                          optimizer_in_backward: bool = False) -> ActivationCheckpointing | CheckpointPlan:
     """`policy` itself, or for a plan request (auto, budget:GiB) the plan: one block of `model` is built on
     `device` in `dtype` (the activations' dtype: the compute dtype), its per-policy costs measured at
     `batch` x `context_length` tokens, and the layer counts solved against the budget (activation_budget;
@@ -247,7 +253,7 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
     tokens = batch * context_length
     floor = estimate(model.shape, model.vocab_size, tokens=tokens, param_bytes=(param_dtype or dtype).itemsize,
                      activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
-                     fsdp=fsdp, shard_optimizer=shard_optimizer)
+                     fsdp=fsdp, shard_optimizer=shard_optimizer, optimizer_in_backward=optimizer_in_backward)
     available = available_bytes(device) if available is None else available
     transient = max(costs.kept_bytes)  # the layer whose backward runs holds its whole forward again
     loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
@@ -271,7 +277,8 @@ def resolve_train_checkpointing(config: TrainConfig, device: torch.device
                                  param_dtype=runtime.precision.param, device=device,
                                  fused_loss=config.loss == "fused", world_size=parallel.world_size,
                                  fsdp=parallel.fsdp, shard_optimizer=parallel.shard_optimizer,
-                                 available=available_bytes(device) // local)
+                                 available=available_bytes(device) // local,
+                                 optimizer_in_backward=config.optimizer.in_backward)
 
 
 def record_plan(plan: CheckpointPlan, out_dir: str | None) -> None:

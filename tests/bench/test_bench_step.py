@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from cs336_systems.bench import kernel_profile
+from cs336_systems.bench import kernel_profile, stock_step
 from cs336_systems.bench import step as step_bench
 from cs336_systems.errors import ConfigError
 from cs336_systems.presets import ModelConfig
@@ -108,11 +108,11 @@ def test_stock_loss_equals_the_plain_loss():
     torch.manual_seed(0)
     model = ModelConfig(preset="tiny", vocab_size=64, context_length=16).build()
     tokens = torch.randint(0, 64, (2, 17))
-    old_chunk, step_bench.STOCK_LOSS_CHUNK = step_bench.STOCK_LOSS_CHUNK, 5
+    old_chunk, stock_step.STOCK_LOSS_CHUNK = stock_step.STOCK_LOSS_CHUNK, 5
     try:
-        stock = step_bench.stock_loss(model, tokens[:, :-1], tokens[:, 1:])
+        stock = stock_step.stock_loss(model, tokens[:, :-1], tokens[:, 1:])
     finally:
-        step_bench.STOCK_LOSS_CHUNK = old_chunk
+        stock_step.STOCK_LOSS_CHUNK = old_chunk
     torch.testing.assert_close(stock, lm_loss(model, tokens[:, :-1], tokens[:, 1:]))
 
 
@@ -143,7 +143,7 @@ def test_flops_formula_matches_torch_flop_counter():
 
 
 def test_oom_becomes_a_row(tmp_path, monkeypatch):
-    def out_of_memory(model, config):
+    def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
 
     monkeypatch.setattr(step_bench, "stock_setup", out_of_memory)
@@ -341,3 +341,32 @@ def test_cuda_leaderboard_protocol(tmp_path):
     meta = result["meta"]
     assert meta["protocol"] == "leaderboard" and meta["do_bench_rep_ms"] == 100
     assert "leaderboard-cache" in meta["compile_cache"] and not os.path.exists(meta["compile_cache"])
+
+
+def test_optimizer_in_backward_contender_takes_the_same_steps(tmp_path):
+    """`ours+inbwd` updates inside backward: its losses over the steps are those of `ours` (bit for bit on
+    a CPU: the same per-element AdamW arithmetic), and its row names the option."""
+    result = bench(tmp_path, "--no-compile", "--layers", "2", "--ctx", "16", "--contenders", "ours@none",
+                   "ours+inbwd@none", "--steps", "2", "--warmup", "1")
+    plain, in_backward = result["rows"]
+    assert in_backward["contender"] == "ours+inbwd@none" and in_backward["ac"] == "none"
+    assert in_backward["first_loss"] == plain["first_loss"]
+
+
+@pytest.mark.parametrize("name", ["stock+inbwd", "ours+fast", "ours-sdpa+inbwd+x@full"])
+def test_unknown_or_misplaced_options_are_refused(name):
+    with pytest.raises(ConfigError, match="--contenders"):
+        step_bench.config_from_args(parse("--contenders", name))
+
+
+def test_in_backward_floor_counts_one_parameter_of_gradients():
+    from cs336_systems.training.memory_plan import estimate
+
+    model = ModelConfig(preset="tiny", vocab_size=64, context_length=16)
+    kwargs = dict(tokens=32, param_bytes=2, activation_bytes=2, policy="full")
+    plain = estimate(model.shape, 64, **kwargs)
+    in_backward = estimate(model.shape, 64, **kwargs, optimizer_in_backward=True)
+    shape = model.shape
+    assert plain.gradients == plain.parameters
+    assert in_backward.gradients == max(64, shape.d_ff, shape.d_model) * shape.d_model * 2
+    assert in_backward.per_process < plain.per_process or plain.activations >= plain.gradients
