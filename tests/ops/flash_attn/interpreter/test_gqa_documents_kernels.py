@@ -23,7 +23,7 @@ CASES = [
     (1, 4, 2, 20, 45, 32, None),
     (1, 4, 1, 33, 33, 64, "single"),
     (1, 2, 2, 70, 70, 16, "mixed"),
-    (1, 4, 1, 130, 130, 32, "mixed"),
+    (1, 4, 1, 100, 100, 32, "mixed"),
     (1, 4, 2, 50, 50, 16, "per_head"),
 ]
 # Document lengths, repeated to fill a row: documents of one token, documents that cover whole
@@ -35,7 +35,7 @@ BACKWARDS = {"two_pass": flash_backward, "one_pass": flash_backward_onepass}
 
 def _ids_from_lengths(pattern, n: int) -> torch.Tensor:
     """(n,) int64 nondecreasing document ids: documents of the pattern's lengths, repeated, cut at n."""
-    lengths = (pattern * (n // sum(pattern) + 1))
+    lengths = pattern * (n // sum(pattern) + 1)
     return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[:n]
 
 
@@ -78,12 +78,14 @@ def _repeat_kv(x, q):
 
 
 def _reference(q, k, v, grad_out, ids, causal, scale, dtype):
-    """(O, dQ, dK, dV, L) of the plain math in `dtype` (float64: the oracle)."""
+    """(O, dQ, dK, dV, L) of the plain math in `dtype` (float64: the oracle); no gradients (None)
+    without grad_out."""
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
     scores = (q @ _repeat_kv(k, q).transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
     scores = scores.masked_fill(~_keep(ids, causal, q.shape[-2], k.shape[-2]), float("-inf"))
     out = torch.softmax(scores, dim=-1) @ _repeat_kv(v, q)  # (B, Hq, Nq, D)
-    out.backward(grad_out.to(dtype))
+    if grad_out is not None:
+        out.backward(grad_out.to(dtype))
     return out.detach(), q.grad, k.grad, v.grad, torch.logsumexp(scores, dim=-1).detach()
 
 
@@ -96,7 +98,7 @@ def _term_sizes(q, k, v, grad_out, ids, causal, scale):
     """Largest |.| of O, dQ, dK, dV computed from the absolute values of their terms (float64), as
     flash_helpers.term_sizes, with the mask and the sums over each group of query heads."""
     q, k, v, grad_out = (x.double() for x in (q, k, v, grad_out))
-    out, _, _, _, lse = _reference(q, k, v, grad_out, ids, causal, scale, torch.float64)
+    out, _, _, _, lse = _reference(q, k, v, None, ids, causal, scale, torch.float64)
     scores = (q @ _repeat_kv(k, q).transpose(-1, -2)) * scale
     p = torch.exp(scores - lse[..., None]) * _keep(ids, causal, q.shape[-2], k.shape[-2])  # (B, Hq, Nq, Nk)
     delta = (grad_out * out).sum(-1, keepdim=True).abs()  # (B, Hq, Nq, 1)
@@ -108,9 +110,9 @@ def _term_sizes(q, k, v, grad_out, ids, causal, scale):
 
 
 def _assert_forward(out, lse, q, k, v, ids, causal, scale):
-    exact = _reference(q, k, v, q, ids, causal, scale, torch.float64)
-    low_out = _reference(q, k, v, q, ids, causal, scale, q.dtype)[0]
-    low_lse = _reference(q, k, v, q, ids, causal, scale, torch.float32)[4]  # the kernels' L is float32
+    exact = _reference(q, k, v, None, ids, causal, scale, torch.float64)
+    low_out = _reference(q, k, v, None, ids, causal, scale, q.dtype)[0]
+    low_lse = _reference(q, k, v, None, ids, causal, scale, torch.float32)[4]  # the kernels' L is float32
     assert out.shape == q.shape and lse.shape == q.shape[:-1]
     assert_within_oracle("O", out, low_out, exact[0], q.dtype)
     assert_within_oracle("L", lse, low_lse, exact[4], torch.float32)
@@ -151,9 +153,8 @@ def test_backward_matches_float64(case, causal, backward):
 
 # bfloat16 with the bf16_interpreter fixture (conftest.py), which mends the interpreter's bf16 math.
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=str)
-def test_bfloat16(case, causal, bf16_interpreter):
-    q, k, v, grad_out, ids = _inputs(*case, torch.bfloat16, seed=1)
+def test_bfloat16(causal, bf16_interpreter):
+    q, k, v, grad_out, ids = _inputs(1, 4, 2, 45, 45, 32, "mixed", torch.bfloat16, seed=1)
     scale, bounds = q.shape[-1] ** -0.5, _bounds(ids, q)
     out, lse = flash_forward(q, k, v, causal, scale, bounds=bounds)
     _assert_forward(out, lse, q, k, v, ids, causal, scale)
