@@ -14,12 +14,17 @@ exp per score; dQ's last bits depend on the order of the additions). The tl one-
 for head dim 64 once there are enough keys (over the Gluon one too); the numbers are in
 docs/perf/flash_attention.md. Like torch's own attention backends, the faster nondeterministic
 backward is the default and `torch.use_deterministic_algorithms(True)` selects the deterministic one.
+
+Grouped-query attention (k, v with Hkv = Hq / G heads) and packed documents (`document_ids`) run
+on every variant that supports them (all the tl kernels do; the Gluon rules say for theirs). The
+rules count query rows as batch_heads(q); the launchers size the dK/dV grids by batch_heads(k).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ops.flash_attn.documents import document_bounds
 from ops.flash_attn.gluon import use_gluon_backward, use_gluon_forward
 from ops.flash_attn.launch import batch_heads, flash_backward, flash_forward
 from ops.flash_attn.launch_onepass import flash_backward_onepass
@@ -47,23 +52,28 @@ def use_onepass_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> b
             and tma_supported(q, k, v))
 
 
-def attention_forward(q, k, v, is_causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(O, L) from the fastest forward kernel for these inputs."""
-    if use_gluon_forward(q, k, v):  # sm_90, 16-bit, D 64 / 128, unless CS336_GLUON=0 (gluon/__init__.py)
+def attention_forward(q, k, v, is_causal: bool, scale: float,
+                      document_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(O, L) from the fastest forward kernel for these inputs; `document_ids` (broadcastable to
+    q.shape[:-1], checked by the op) restricts each query to the keys of its document."""
+    bounds = None if document_ids is None else document_bounds(document_ids, q.shape[:-1])
+    if use_gluon_forward(q, k, v, documents=bounds is not None):  # sm_90, 16-bit, D 64 / 128 (gluon/__init__.py)
         from ops.flash_attn.gluon.launch import flash_forward_gluon  # imports Gluon only where it runs
 
-        return flash_forward_gluon(q, k, v, is_causal, scale)
+        return flash_forward_gluon(q, k, v, is_causal, scale, bounds=bounds)
     if use_tma_forward(q, k, v):
-        return flash_forward_tma(q, k, v, is_causal, scale)
-    return flash_forward(q, k, v, is_causal, scale)
+        return flash_forward_tma(q, k, v, is_causal, scale, bounds=bounds)
+    return flash_forward(q, k, v, is_causal, scale, bounds=bounds)
 
 
-def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float):
+def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
+                       document_ids: torch.Tensor | None = None):
     """(dQ, dK, dV) from the fastest backward kernels allowed for these inputs."""
-    if use_gluon_backward(q, k, v):
+    bounds = None if document_ids is None else document_bounds(document_ids, q.shape[:-1])
+    if use_gluon_backward(q, k, v, documents=bounds is not None):
         from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon  # imports Gluon only where it runs
 
-        return flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal, scale)
+        return flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal, scale, bounds=bounds)
     if use_onepass_backward(q, k, v):
-        return flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True)
-    return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale)
+        return flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True, bounds=bounds)
+    return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale, bounds=bounds)

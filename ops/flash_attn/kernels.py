@@ -10,6 +10,14 @@ Causal masking is top-left aligned (query i sees keys j <= i). Key tiles wholly 
 are never visited; tiles wholly below it take the unmasked path; only diagonal tiles and the
 ragged last tile (N not a multiple of the block) pay for masks. Head dims that are not a power of
 two are padded to BLOCK_D inside the kernel by masked loads.
+
+Grouped-query attention: K and V may have fewer rows than Q (Hkv = Hq / GROUP heads, heads
+innermost in the BH dim), so query row bh reads kv row bh // group.
+
+Packed documents (constexpr HAS_DOCS; no code when off): START/END (BH, N) int32 hold each query's
+document [start, end) (documents.py). A query tile visits only the key tiles between its first
+row's start and its last row's end (`document_key_ranges`), like the causal skip above the
+diagonal; tiles inside every row's document take the unmasked path, the others mask per row.
 """
 
 import triton
@@ -19,6 +27,9 @@ LOG2E = 1.4426950408889634  # Python float, for launchers
 # Kernels may only read globals that are constexpr.
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(0.6931471805599453)
+# The running max a row starts from when documents are packed: finite, because a row may see no key
+# of the first tiles its query tile visits (another document's), and exp2(-inf - (-inf)) is NaN.
+NO_SCORE_C = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -58,6 +69,38 @@ def key_ranges(start_m, n_keys, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS
 
 
 @triton.jit
+def document_key_ranges(full_end, end, start_base, end_base, start_m, n_queries,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Tile-level skipping for packed documents: narrow key_ranges' (full_end, end) for the query
+    tile at start_m to (lo, full_lo, full_end, end). Key tiles [lo, full_lo) and [full_end, end)
+    are masked, [full_lo, full_end) lie inside every row's document (unmasked), and tiles outside
+    [lo, end) hold no key of these rows' documents: they are never visited.
+
+    start_base/end_base point at this head's (N,) document bounds; starts and ends never decrease
+    along the sequence, so the first and last rows of the tile bound all of them."""
+    last = tl.minimum(start_m + BLOCK_M, n_queries) - 1
+    first_start, last_start = tl.load(start_base + start_m), tl.load(start_base + last)
+    first_end, last_end = tl.load(end_base + start_m), tl.load(end_base + last)
+    lo = (first_start // BLOCK_N) * BLOCK_N
+    end = tl.minimum(end, last_end)  # causal: end <= last + 1 <= last_end already
+    full_lo = tl.minimum(tl.cdiv(last_start, BLOCK_N) * BLOCK_N, end)
+    full_end = tl.maximum(tl.minimum(full_end, (first_end // BLOCK_N) * BLOCK_N), full_lo)
+    return lo, full_lo, full_end, end
+
+
+@triton.jit
+def row_documents(start_base, end_base, rows, n_rows, HAS_DOCS: tl.constexpr):
+    """(start, end) of each row's document, (len(rows),) int32 (rows >= n_rows: [0, n_rows)), or
+    (0, 0) placeholders without documents."""
+    if HAS_DOCS:
+        start = tl.load(start_base + rows, mask=rows < n_rows, other=0)
+        end = tl.load(end_base + rows, mask=rows < n_rows, other=n_rows)
+    else:
+        start, end = 0, 0
+    return start, end
+
+
+@triton.jit
 def query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
     """(head index, first row, rows) of this program's query tile, for grids (query tiles, BH)."""
     pid_m = tl.program_id(0)
@@ -69,19 +112,22 @@ def query_tile(BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def visible(rows, keys, n_keys, IS_CAUSAL: tl.constexpr):
-    """(len(rows), len(keys)) bool: key exists and, when causal, is not after the query."""
+def visible(rows, keys, n_keys, row_start, row_end, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """(len(rows), len(keys)) bool: key exists, when causal is not after the query, and with
+    documents lies in the query's document [row_start, row_end) (each (len(rows),))."""
     keep = keys[None, :] < n_keys
     if IS_CAUSAL:
         keep = keep & (keys[None, :] <= rows[:, None])
+    if HAS_DOCS:
+        keep = keep & (keys[None, :] >= row_start[:, None]) & (keys[None, :] < row_end[:, None])
     return keep
 
 
 @triton.jit
 def fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-               rows, cols_d, lo, hi, n_keys, qk_scale,
+               rows, row_start, row_end, cols_d, lo, hi, n_keys, qk_scale,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+               IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Online softmax over key tiles [lo, hi): returns the updated (acc, l_i, m_i)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -90,9 +136,19 @@ def fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
         v = load_rows(v_base, keys, cols_d, stride_vn, stride_vd, n_keys, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
         if MASKED:
-            s = tl.where(visible(rows, keys, n_keys, IS_CAUSAL), s, float("-inf"))
+            s = tl.where(visible(rows, keys, n_keys, row_start, row_end, IS_CAUSAL, HAS_DOCS), s, float("-inf"))
         acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION)
     return acc, l_i, m_i
+
+
+@triton.jit
+def softmax_init(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """(acc, l_i, m_i) before the first key tile."""
+    if HAS_DOCS:
+        m_i = tl.full([BLOCK_M], NO_SCORE_C, tl.float32)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    return tl.zeros([BLOCK_M, BLOCK_D], tl.float32), tl.zeros([BLOCK_M], tl.float32), m_i
 
 
 @triton.jit
@@ -112,29 +168,38 @@ def softmax_step(acc, l_i, m_i, s, v, qk_scale, PRECISION: tl.constexpr):
 
 @triton.jit
 def flash_fwd_kernel(
-    Q, K, V, O, LSE,  # (BH, Nq, D), (BH, Nk, D), (BH, Nk, D), (BH, Nq, D), (BH, Nq) float32
+    Q, K, V, O, LSE,  # (BH, Nq, D), (BHkv, Nk, D), (BHkv, Nk, D), (BH, Nq, D), (BH, Nq) float32
+    START, END,  # (BH, Nq) int32: each query's document [start, end) (read only with HAS_DOCS)
     stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,
     stride_vb, stride_vn, stride_vd, stride_ob, stride_on, stride_od,
-    n_queries, n_keys, qk_scale,  # qk_scale = softmax scale * log2(e)
+    n_queries, n_keys, group, qk_scale,  # group = BH / BHkv; qk_scale = softmax scale * log2(e)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr = False,
 ):
     """O = softmax(Q K^T * scale) V and L = logsumexp for one BLOCK_M query tile of one head."""
     bh, start_m, rows = query_tile(BLOCK_M, IS_CAUSAL)
     cols_d = tl.arange(0, BLOCK_D)
-    k_base, v_base = K + bh * stride_kb, V + bh * stride_vb
+    kv = bh // group  # the K/V row this query row shares with the rest of its group
+    k_base, v_base = K + kv * stride_kb, V + kv * stride_vb
+    start_base, end_base = START + bh * n_queries, END + bh * n_queries
+    row_start, row_end = row_documents(start_base, end_base, rows, n_queries, HAS_DOCS)
 
     q = load_rows(Q + bh * stride_qb, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, True)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = softmax_init(BLOCK_M, BLOCK_D, HAS_DOCS)
     full_end, end = key_ranges(start_m, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    full_lo = 0
+    if HAS_DOCS:  # skips the key tiles of other documents; masks the tiles on document edges
+        lo, full_lo, full_end, end = document_key_ranges(full_end, end, start_base, end_base, start_m,
+                                                         n_queries, BLOCK_M, BLOCK_N)
+        acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                   rows, row_start, row_end, cols_d, lo, full_lo, n_keys, qk_scale,
+                                   HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION, HAS_DOCS)
     acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               rows, cols_d, 0, full_end, n_keys, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION)
+                               rows, row_start, row_end, cols_d, full_lo, full_end, n_keys, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, False, PRECISION, HAS_DOCS)
     acc, l_i, m_i = fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                               rows, cols_d, full_end, end, n_keys, qk_scale,
-                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION)
+                               rows, row_start, row_end, cols_d, full_end, end, n_keys, qk_scale,
+                               HEAD_DIM, BLOCK_D, BLOCK_N, IS_CAUSAL, True, PRECISION, HAS_DOCS)
     acc = acc / l_i[:, None]
     store_rows(O + bh * stride_ob, acc, rows, cols_d, stride_on, stride_od, n_queries, HEAD_DIM)
     lse = (m_i + tl.log2(l_i)) * LN2_C  # back to natural log

@@ -19,6 +19,10 @@ Three launches:
   2. one-pass: dK and dV stored per key tile; DQ_ACC += dS K (unscaled) per (key tile, query tile);
   3. convert: dQ = scale * DQ_ACC, cast to the input dtype and written with dQ's strides.
 
+Grouped-query attention and packed documents as in kernels_bwd.py: a program owns a key tile of one
+K/V row, loops over the G query rows that read it (dK, dV summed in registers, dQ parts added per
+query row), and visits only the query tiles of its keys' documents.
+
 DQ_ACC is a contiguous (BH, Nq, HEAD_DIM) float32 buffer. It has the real head dim, not BLOCK_D,
 so a padded head dim (e.g. 80 -> 128) spends no atomics on padding columns, and its row stride is
 the constexpr HEAD_DIM. The softmax scale is applied at conversion, once per element, instead of
@@ -28,8 +32,8 @@ to every dQ part inside the loop.
 import triton
 import triton.language as tl
 
-from ops.flash_attn.kernels import load_rows, store_rows
-from ops.flash_attn.kernels_bwd import dkdv_step, key_tile, query_ranges, rowsum_product
+from ops.flash_attn.kernels import load_rows, row_documents, store_rows
+from ops.flash_attn.kernels_bwd import dkdv_query_ranges, dkdv_step, key_tile, rowsum_product
 
 
 @triton.jit
@@ -50,10 +54,12 @@ def atomic_add_rows(base, tile, rows, cols, n_rows,
 
 
 @triton.jit
-def _onepass_query_ranges(start_n, n_queries, n_keys,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
-    """kernels_bwd.query_ranges, except that a ragged last key tile masks every query tile."""
-    lo, diag_end, full_end, q_end = query_ranges(start_n, n_queries, BLOCK_M, BLOCK_N, IS_CAUSAL)
+def _onepass_query_ranges(start_n, n_queries, n_keys, start_base, end_base, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """kernels_bwd.dkdv_query_ranges (with its document skipping), except that a ragged last key
+    tile masks every query tile."""
+    lo, diag_end, full_end, q_end = dkdv_query_ranges(start_n, n_queries, n_keys, start_base, end_base,
+                                                      BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_DOCS)
     # Unlike in the dK/dV pass, padded keys matter here (dQ sums over keys), so the ragged last key
     # tile masks every query tile it visits. It is one program of cdiv(Nk, BLOCK_N).
     ragged = start_n + BLOCK_N > n_keys
@@ -63,11 +69,11 @@ def _onepass_query_ranges(start_n, n_queries, n_keys,
 
 
 @triton.jit
-def _onepass_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
-                 stride_qn, stride_qd, stride_don, stride_dod, keys, cols_d, lo, hi, n_queries, n_keys, qk_scale,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                 IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-                 DESCRIPTORS: tl.constexpr):
+def _onepass_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base, stride_qn, stride_qd, stride_don,
+                   stride_dod, keys, key_start, key_end, cols_d, lo, hi, n_queries, n_keys, qk_scale,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                   IS_CAUSAL: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+                   DESCRIPTORS: tl.constexpr, HAS_DOCS: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi), and add each query tile's dQ
     part (dS K, unscaled) into DQ_ACC. Q, DO, DQ_ACC: descriptors over (BH, N, D) if DESCRIPTORS
     (bh is then the int32 head index), else pointers to this head's rows."""
@@ -80,8 +86,8 @@ def _onepass_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
         else:
             q = load_rows(Q, rows, cols_d, stride_qn, stride_qd, n_queries, HEAD_DIM, BLOCK_D, MASKED)
             do = load_rows(DO, rows, cols_d, stride_don, stride_dod, n_queries, HEAD_DIM, BLOCK_D, MASKED)
-        dk, dv, ds_t = dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, rows, n_queries, n_keys,
-                                  qk_scale, IS_CAUSAL, MASKED, PRECISION)
+        dk, dv, ds_t = dkdv_step(dk, dv, k, v, q, do, lse_base, delta_base, keys, key_start, key_end, rows,
+                                  n_queries, n_keys, qk_scale, IS_CAUSAL, MASKED, PRECISION, HAS_DOCS)
         dq_part = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
         if DESCRIPTORS:  # one bulk reduction by the copy engine; rows >= n_queries are dropped
             DQ_ACC.atomic_add([bh, start_m, 0], dq_part.reshape(1, BLOCK_M, BLOCK_D))
@@ -91,43 +97,68 @@ def _onepass_inner(dk, dv, k, v, Q, DO, DQ_ACC, bh, lse_base, delta_base,
 
 
 @triton.jit
+def _onepass_query_row(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, start_base, end_base,
+                       stride_qn, stride_qd, stride_don, stride_dod, start_n, keys, cols_d, n_queries, n_keys,
+                       qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                       DESCRIPTORS: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Every query tile of one query row (a head of the group) that sees this key tile: dK, dV
+    accumulated, dQ parts added. Masked [lo, diag_end), unmasked [diag_end, full_end), masked
+    [full_end, q_end)."""
+    key_start, key_end = row_documents(start_base, end_base, keys, n_keys, HAS_DOCS)
+    lo, diag_end, full_end, q_end = _onepass_query_ranges(start_n, n_queries, n_keys, start_base, end_base,
+                                                          BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_DOCS)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                            stride_don, stride_dod, keys, key_start, key_end, cols_d, lo, diag_end, n_queries,
+                            n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS,
+                            HAS_DOCS)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                            stride_don, stride_dod, keys, key_start, key_end, cols_d, diag_end, full_end, n_queries,
+                            n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, DESCRIPTORS,
+                            HAS_DOCS)
+    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
+                            stride_don, stride_dod, keys, key_start, key_end, cols_d, full_end, q_end, n_queries,
+                            n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS,
+                            HAS_DOCS)
+    return dk, dv
+
+
+@triton.jit
 def flash_bwd_onepass_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,  # (BH,Nq,D) (BH,Nk,D) x2 (BH,Nq,D) (BH,Nq) x2 (BH,Nk,D) x2
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,  # (BH,Nq,D) (BHkv,Nk,D) x2 (BH,Nq,D) (BH,Nq) x2 (BHkv,Nk,D) x2
+    START, END,  # (BH, Nq) int32: each query's document [start, end) (read only with HAS_DOCS)
     stride_qb, stride_qn, stride_qd, stride_kb, stride_kn, stride_kd,  # DQ_ACC: (BH,Nq,HEAD_DIM) f32
     stride_vb, stride_vn, stride_vd, stride_dob, stride_don, stride_dod,
     stride_dkb, stride_dkn, stride_dkd, stride_dvb, stride_dvn, stride_dvd,
-    n_queries, n_keys, qk_scale, sm_scale,
+    n_queries, n_keys, group, qk_scale, sm_scale,  # group = BH / BHkv
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DESCRIPTORS: tl.constexpr = False,
+    HAS_DOCS: tl.constexpr = False,
 ):
-    """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one head, and DQ_ACC += dS K
-    for every query tile it sees. DQ_ACC must hold zeros (the preprocess kernel writes them).
+    """dV = P^T dO and dK = scale * dS^T Q for one BLOCK_N key tile of one K/V row (summed over the
+    `group` query rows that read it), and DQ_ACC += dS K for every query tile it sees. DQ_ACC must
+    hold zeros (the preprocess kernel writes them).
 
     With DESCRIPTORS, Q, DO and DQ_ACC are tensor descriptors with blocks [1, BLOCK_M, D] (TMA on
     Hopper: the streamed tiles need no address arithmetic in registers, and dQ parts go out as bulk
     reductions) and the Q/dO strides are unused; otherwise all three are pointers."""
-    bh, start_n, keys, cols_d, k, v = key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
+    kv, start_n, keys, cols_d, k, v = key_tile(K, V, stride_kb, stride_kn, stride_kd, stride_vb, stride_vn,
                                                 stride_vd, n_keys, HEAD_DIM, BLOCK_D, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    if DESCRIPTORS:
-        q_in, do_in, acc, head = Q, DO, DQ_ACC, tl.program_id(1)  # descriptor offsets are int32
-    else:
-        q_in, do_in, acc, head = Q + bh * stride_qb, DO + bh * stride_dob, DQ_ACC + bh * n_queries * HEAD_DIM, bh
-    lse_base, delta_base = LSE + bh * n_queries, DELTA + bh * n_queries
-
-    lo, diag_end, full_end, q_end = _onepass_query_ranges(start_n, n_queries, n_keys, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
-                          stride_don, stride_dod, keys, cols_d, lo, diag_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
-    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
-                          stride_don, stride_dod, keys, cols_d, diag_end, full_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, False, PRECISION, DESCRIPTORS)
-    dk, dv = _onepass_inner(dk, dv, k, v, q_in, do_in, acc, head, lse_base, delta_base, stride_qn, stride_qd,
-                          stride_don, stride_dod, keys, cols_d, full_end, q_end, n_queries, n_keys, qk_scale,
-                          HEAD_DIM, BLOCK_D, BLOCK_M, IS_CAUSAL, True, PRECISION, DESCRIPTORS)
-    store_rows(DK + bh * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
-    store_rows(DV + bh * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
+    for g in range(group):
+        bh = kv * group + g  # heads are innermost: K/V row kv serves query rows kv*G .. kv*G + G-1
+        if DESCRIPTORS:
+            q_in, do_in, acc, head = Q, DO, DQ_ACC, bh.to(tl.int32)  # descriptor offsets are int32
+        else:
+            q_in, do_in, acc, head = Q + bh * stride_qb, DO + bh * stride_dob, DQ_ACC + bh * n_queries * HEAD_DIM, bh
+        dk, dv = _onepass_query_row(dk, dv, k, v, q_in, do_in, acc, head, LSE + bh * n_queries,
+                                    DELTA + bh * n_queries, START + bh * n_queries, END + bh * n_queries,
+                                    stride_qn, stride_qd, stride_don, stride_dod, start_n, keys, cols_d, n_queries,
+                                    n_keys, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, IS_CAUSAL, PRECISION,
+                                    DESCRIPTORS, HAS_DOCS)
+    store_rows(DK + kv * stride_dkb, dk * sm_scale, keys, cols_d, stride_dkn, stride_dkd, n_keys, HEAD_DIM)
+    store_rows(DV + kv * stride_dvb, dv, keys, cols_d, stride_dvn, stride_dvd, n_keys, HEAD_DIM)
 
 
 @triton.jit

@@ -2,6 +2,10 @@
 
 Outputs are always fresh tensors (never views of inputs), as torch.library requires; the op
 (op.py: `like`) returns them laid out like their inputs.
+
+Grouped-query attention: k and v may have fewer heads than q (Hq = G * Hkv); the kernels take G
+(`group_size`) and read K/V row bh // G for query row bh. Packed documents: `bounds` is
+documents.document_bounds' (start, end), each (BH, Nq) int32 over q's rows, or None.
 Kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1).
 """
 
@@ -84,11 +88,23 @@ def batch_heads(x: torch.Tensor) -> int:
     return x.shape[:-2].numel()
 
 
-def flash_forward(q, k, v, is_causal: bool, scale: float,
-                  blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+def group_size(q: torch.Tensor, k: torch.Tensor) -> int:
+    """G = Hq / Hkv, the query heads that share one K/V head (1 without grouped-query attention)."""
+    return batch_heads(q) // max(batch_heads(k), 1)
 
-    `blocks` overrides the tuned tile shapes (the tuning script uses it).
+
+def document_arrays(bounds: tuple[torch.Tensor, torch.Tensor] | None,
+                    placeholder: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' START and END arguments: the (BH, Nq) int32 bounds, or without documents a
+    placeholder the kernels never read (HAS_DOCS is off)."""
+    return bounds if bounds is not None else (placeholder, placeholder)
+
+
+def flash_forward(q, k, v, is_causal: bool, scale: float, blocks: Blocks | None = None,
+                  bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Hq, Nq, D), k/v (..., Hkv, Nk, D) -> O (..., Hq, Nq, D) in q.dtype, L (..., Hq, Nq) float32.
+
+    `blocks` overrides the tuned tile shapes (the tuning script uses it); `bounds`: packed documents.
     """
     out, lse = forward_outputs(q)
     bh, n_q, head_dim = batch_heads(q), q.shape[-2], q.shape[-1]
@@ -97,41 +113,52 @@ def flash_forward(q, k, v, is_causal: bool, scale: float,
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).forward
     (q_, sq), (k_, sk), (v_, sv), (o_, so) = map(_operand, (q, k, v, out))
     forward_kernel[launch_grid(n_q, blocks.block_m, bh)](
-        q_, k_, v_, o_, lse, *sq, *sk, *sv, *so,
-        n_q, k.shape[-2], scale * LOG2E, **kernel_meta(blocks, head_dim, block_d_for(head_dim), is_causal, q.dtype))
+        q_, k_, v_, o_, lse, *document_arrays(bounds, lse), *sq, *sk, *sv, *so,
+        n_q, k.shape[-2], group_size(q, k), scale * LOG2E,
+        **kernel_meta(blocks, head_dim, block_d_for(head_dim), is_causal, q.dtype, bounds is not None))
     return out, lse
 
 
 def flash_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
-                   configs: KernelConfigs | None = None):
-    """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum())."""
+                   configs: KernelConfigs | None = None, bounds: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum()).
+
+    `configs` overrides the tuned tile shapes; `bounds`: packed documents (flash_forward).
+    """
     (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
     bh, n_q, n_k, head_dim = batch_heads(q), q.shape[-2], k.shape[-2], q.shape[-1]
     if bh == 0:
         return dq, dk, dv
-    block_d = block_d_for(head_dim)
-    configs = configs or kernel_configs(head_dim, q.dtype, n_q, bh)
+    block_d, has_docs, group = block_d_for(head_dim), bounds is not None, group_size(q, k)
+    dq_blocks = configs.dq if configs else kernel_configs(head_dim, q.dtype, n_q, bh).dq
+    # The dK/dV grid has one program per key tile of each K/V row: G times fewer than the dQ pass
+    # has, each G times longer, so its tiles are the ones tuned for that many rows.
+    dkdv = configs.dkdv if configs else kernel_configs(head_dim, q.dtype, n_q, batch_heads(k)).dkdv
     (q_, sq), (k_, sk), (v_, sv), (o_, so), (do_, sdo) = map(_operand, (q, k, v, out, grad_out))
     sdq, sdk, sdv = (_operand(x)[1] for x in (dq, dk, dv))
+    start, end = document_arrays(bounds, lse)
     # The dQ pass goes first: it also writes D = rowsum(O * dO), which the dK/dV pass reads.
-    dq_blocks = configs.dq
     dq_kernel[launch_grid(n_q, dq_blocks.block_m, bh)](
-        q_, k_, v_, o_, do_, lse, delta, dq, *sq, *sk, *sv, *so, *sdo, *sdq,
-        n_q, n_k, scale * LOG2E, scale, **kernel_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype))
-    dkdv = configs.dkdv
-    dkdv_kernel[launch_grid(n_k, dkdv.block_n, bh)](
-        q_, k_, v_, do_, lse, delta, dk, dv, *sq, *sk, *sv, *sdo, *sdk, *sdv,
-        n_q, n_k, scale * LOG2E, scale, **kernel_meta(dkdv, head_dim, block_d, is_causal, q.dtype))
+        q_, k_, v_, o_, do_, lse, delta, dq, start, end, *sq, *sk, *sv, *so, *sdo, *sdq,
+        n_q, n_k, group, scale * LOG2E, scale,
+        **kernel_meta(dq_blocks, head_dim, block_d, is_causal, q.dtype, has_docs))
+    dkdv_kernel[launch_grid(n_k, dkdv.block_n, batch_heads(k))](
+        q_, k_, v_, do_, lse, delta, dk, dv, start, end, *sq, *sk, *sv, *sdo, *sdk, *sdv,
+        n_q, n_k, group, scale * LOG2E, scale,
+        **kernel_meta(dkdv, head_dim, block_d, is_causal, q.dtype, has_docs))
     return dq, dk, dv
 
 
-def kernel_meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype) -> dict:
+def kernel_meta(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, dtype: torch.dtype,
+                has_docs: bool = False) -> dict:
     """Compile-time arguments shared by the attention kernels (one dict per distinct set, shared:
     callers only unpack it)."""
-    return kernel_meta_for(blocks, head_dim, block_d, is_causal, precision(dtype, block_d))
+    return kernel_meta_for(blocks, head_dim, block_d, is_causal, precision(dtype, block_d), has_docs)
 
 
 @functools.cache
-def kernel_meta_for(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, precision: str) -> dict:
+def kernel_meta_for(blocks: Blocks, head_dim: int, block_d: int, is_causal: bool, precision: str,
+                    has_docs: bool) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-                IS_CAUSAL=is_causal, PRECISION=precision, num_warps=blocks.num_warps, num_stages=blocks.num_stages)
+                IS_CAUSAL=is_causal, PRECISION=precision, HAS_DOCS=has_docs,
+                num_warps=blocks.num_warps, num_stages=blocks.num_stages)

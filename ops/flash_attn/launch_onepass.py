@@ -14,7 +14,15 @@ from ops.flash_attn.kernels_bwd_onepass import (
     flash_bwd_onepass_kernel,
     flash_bwd_onepass_preprocess_kernel,
 )
-from ops.flash_attn.launch import as_bhnd, backward_outputs, batch_heads, kernel_meta, launch_grid
+from ops.flash_attn.launch import (
+    as_bhnd,
+    backward_outputs,
+    batch_heads,
+    document_arrays,
+    group_size,
+    kernel_meta,
+    launch_grid,
+)
 from ops.flash_attn.launch_tma import descriptor, tma_aligned
 from ops.flash_attn.tiles import Blocks, block_d_for, kernel_configs
 from ops.triton_utils.replay import ReplayLauncher
@@ -27,12 +35,14 @@ dq_convert_kernel = ReplayLauncher(flash_bwd_onepass_dq_kernel)
 
 
 def flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal: bool, scale: float,
-                         blocks: Blocks | None = None, descriptors: bool = False):
+                           blocks: Blocks | None = None, descriptors: bool = False,
+                           bounds: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Gradients (dQ, dK, dV) in the input dtypes; dO may have any strides (even 0, from .sum()).
 
     `blocks` overrides the tile shape of the one-pass kernel (the tuning script uses it). With
     `descriptors` (Hopper; q must pass launch_tma.tma_supported) the streamed q and dO tiles and the
-    dQ additions go through tensor descriptors: TMA copies and bulk reductions.
+    dQ additions go through tensor descriptors: TMA copies and bulk reductions. `bounds`: packed
+    documents (launch.flash_forward).
     """
     (dq, dk, dv), lse, delta = backward_outputs(q, k, v, lse)
     bh, n_q, n_k, head_dim = batch_heads(q), q.shape[-2], k.shape[-2], q.shape[-1]
@@ -46,13 +56,15 @@ def flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal: bool, scale: 
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": block_d, "BLOCK_M": ROW_BLOCK}
     preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](  # (BH, N, D) arrays: one batch of BH heads
         o3, do3, delta, dq_acc, 0, *o3.stride(), 0, *do3.stride(), n_q, bh, **row_meta)
-    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).onepass
+    # One program per key tile of each K/V row (grouped-query attention: G query rows each), so the
+    # tiles are the ones tuned for that many rows.
+    blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, batch_heads(k)).onepass
     q_in, do_in, acc = _streamed(q3, do3, dq_acc, blocks.block_m, descriptors)
-    onepass_kernel[launch_grid(n_k, blocks.block_n, bh)](
-        q_in, k3, v3, do_in, lse, delta, dk3, dv3, acc,
+    onepass_kernel[launch_grid(n_k, blocks.block_n, batch_heads(k))](
+        q_in, k3, v3, do_in, lse, delta, dk3, dv3, acc, *document_arrays(bounds, lse),
         *q3.stride(), *k3.stride(), *v3.stride(), *do3.stride(), *dk3.stride(), *dv3.stride(),
-        n_q, n_k, scale * LOG2E, scale, DESCRIPTORS=descriptors,
-        **kernel_meta(blocks, head_dim, block_d, is_causal, q.dtype))
+        n_q, n_k, group_size(q, k), scale * LOG2E, scale, DESCRIPTORS=descriptors,
+        **kernel_meta(blocks, head_dim, block_d, is_causal, q.dtype, bounds is not None))
     dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq3, 0, *dq3.stride(), n_q, bh, scale, **row_meta)
     return dq, dk, dv
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.kernels_tma import flash_fwd_tma_kernel
-from ops.flash_attn.launch import as_bhnd, flash_forward, forward_outputs, launch_grid
+from ops.flash_attn.launch import as_bhnd, document_arrays, flash_forward, forward_outputs, group_size, launch_grid
 from ops.flash_attn.tiles import Blocks, kernel_configs, precision
 from ops.triton_utils import device_capability, interpreting
 from ops.triton_utils.replay import ReplayLauncher
@@ -76,25 +76,26 @@ def descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, block_rows, x.shape[-1]])
 
 
-def flash_forward_tma(q, k, v, is_causal: bool, scale: float,
-                      blocks: Blocks | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., Nq, D), k/v (..., Nk, D) -> O (..., Nq, D) in q.dtype, L (..., Nq) float32.
+def flash_forward_tma(q, k, v, is_causal: bool, scale: float, blocks: Blocks | None = None,
+                      bounds: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., Hq, Nq, D), k/v (..., Hkv, Nk, D) -> O (..., Hq, Nq, D) in q.dtype, L (..., Hq, Nq) float32.
 
     Requires tma_supported(q, k, v), except that empty inputs go to launch.flash_forward; `blocks`
-    overrides the tuned tile shapes (by default those of the pointer forward, launch.kernel_configs).
+    overrides the tuned tile shapes (by default those of the pointer forward, launch.kernel_configs);
+    `bounds`: packed documents (launch.flash_forward).
     """
     if q.numel() == 0 or k.numel() == 0:
-        return flash_forward(q, k, v, is_causal, scale, blocks)  # descriptors need positive extents
+        return flash_forward(q, k, v, is_causal, scale, blocks, bounds)  # descriptors need positive extents
     out, lse = forward_outputs(q)
     q3, k3, v3, o3 = (as_bhnd(t) for t in (q, k, v, out))  # descriptors take (BH, N, D) views
     bh, n_q, head_dim = q3.shape
     blocks = blocks or kernel_configs(head_dim, q.dtype, n_q, bh).forward
     forward_tma_kernel[launch_grid(n_q, blocks.block_m, bh)](
-        descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BH, Nk, D)
-        descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BH, Nk, D), (BH, Nq, D)
-        lse,  # (..., Nq) float32, contiguous: (BH, Nq)
-        n_q, k3.shape[1], scale * LOG2E,
+        descriptor(q3, blocks.block_m), descriptor(k3, blocks.block_n),  # (BH, Nq, D), (BHkv, Nk, D)
+        descriptor(v3, blocks.block_n), descriptor(o3, blocks.block_m),  # (BHkv, Nk, D), (BH, Nq, D)
+        lse, *document_arrays(bounds, lse),  # (..., Nq) float32, contiguous: (BH, Nq); (BH, Nq) int32 x2
+        n_q, k3.shape[1], group_size(q, k), scale * LOG2E,
         HEAD_DIM=head_dim, BLOCK_M=blocks.block_m, BLOCK_N=blocks.block_n,
-        IS_CAUSAL=is_causal, PRECISION=precision(q.dtype, head_dim),
+        IS_CAUSAL=is_causal, PRECISION=precision(q.dtype, head_dim), HAS_DOCS=bounds is not None,
         num_warps=blocks.num_warps, num_stages=blocks.num_stages)
     return out, lse
