@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from cs336_systems.bench.common import OOM, Results, environment, free_device_memory, is_oom, synchronize, time_ms
+from cs336_systems.bench.gpu_monitor import GpuMonitor
 from cs336_systems.bench.kernel_profile import kernel_table, kernel_times
 from cs336_systems.bench.leaderboard import (
     LEADERBOARD_REP_MS,
@@ -289,7 +290,10 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
     else:
         for _ in range(config.warmup):
             step()
-        seconds = statistics.median(_timed(step, config.device)[0] for _ in range(config.steps))
+        with GpuMonitor() as monitor:  # the card's clock and power while the timed steps run
+            seconds = statistics.median(_timed(step, config.device)[0] for _ in range(config.steps))
+        if config.device_type == "cuda":
+            row["gpu"] = monitor.summary()
     row.update({"ms_per_step": seconds * 1e3, "tflops": flops / seconds / 1e12,
                 "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss})
     if config.device_type == "cuda":
