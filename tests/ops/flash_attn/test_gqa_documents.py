@@ -52,8 +52,12 @@ def check(impl, q, k, v, causal, gen, ids=None):
     assert_close_to_reference(ours, q, k, v, causal, grad_out, document_ids=ids)
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+# The numerics matrix (tools/numerics_matrix.sh) reruns only the op's cases: on a CPU the three
+# implementations share the tiled path, so the other two add no new arithmetic to check there.
+NUMERICS_IMPLS = [pytest.param(name, marks=pytest.mark.numerics) if name == "op" else name for name in IMPLEMENTATIONS]
+
+
+@pytest.mark.parametrize("impl", NUMERICS_IMPLS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("kv_heads", [8, 4, 2, 1], ids=lambda h: f"group{8 // h}")  # 1: multi-query
 def test_grouped_query_heads_match_float64(kv_heads, causal, impl, gen):
@@ -61,8 +65,7 @@ def test_grouped_query_heads_match_float64(kv_heads, causal, impl, gen):
     check(impl, q, k, v, causal, gen)
 
 
-@pytest.mark.numerics
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", NUMERICS_IMPLS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_documents_match_float64(layout, causal, impl, gen):
@@ -154,8 +157,9 @@ def test_opcheck_with_grouped_heads_and_documents(op_name, gen):
     torch.library.opcheck(getattr(torch.ops.cs336, op_name).default, args)
 
 
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
-@pytest.mark.parametrize("causal", [False, True])
+# Every implementation causal, and the op without the mask too: compiling the tiled loops of the
+# PyTorch Function takes ~15 s a case on a CPU, so it is not repeated for both masks.
+@pytest.mark.parametrize("impl, causal", [("op", False), *((impl, True) for impl in IMPLEMENTATIONS)])
 def test_compiled_fullgraph_matches_float64(impl, causal, gen):
     compiled = torch.compile(IMPLEMENTATIONS[impl], backend="aot_eager", fullgraph=True)
     q, k, v = make_inputs((2, 4), 75, 75, 16, torch.float32, "cpu", gen, kv_heads=2)
