@@ -16,6 +16,8 @@ are skipped, as causal tiles above the diagonal are.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -41,10 +43,28 @@ def check_document_ids(document_ids: Tensor, q: Tensor, k: Tensor, *, check_valu
             or not _broadcasts(document_ids.shape, rows)):
         raise ValueError(f"flash_attn: document_ids of shape {tuple(document_ids.shape)} must broadcast to "
                          f"q.shape[:-1] = {tuple(rows)} with its last dim the sequence")
-    if check_values and document_ids.shape[-1] > 1 and document_ids.numel() > 0:
+    if check_values and document_ids.shape[-1] > 1 and document_ids.numel() > 0 and not _checked(document_ids):
         if bool((document_ids[..., 1:] < document_ids[..., :-1]).any()):
             raise ValueError("flash_attn: document_ids must be nondecreasing along the sequence (each document "
                              "a contiguous run of equal ids)")
+        _remember(document_ids)
+
+
+# Ids whose values were read and found nondecreasing: id(tensor) -> (weak reference, its version then).
+# A model passes one ids tensor to every layer's forward and (saved) backward: reading it once per step
+# instead of twice per layer spares the host syncs. The entry holds only while it is the same tensor
+# object, unmodified (an in-place write bumps `_version`), and goes away with the tensor.
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _checked(ids: Tensor) -> bool:
+    entry = _CHECKED.get(id(ids))
+    return entry is not None and entry[0]() is ids and entry[1] == ids._version
+
+
+def _remember(ids: Tensor) -> None:
+    key = id(ids)
+    _CHECKED[key] = (weakref.ref(ids, lambda _, key=key: _CHECKED.pop(key, None)), ids._version)
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:

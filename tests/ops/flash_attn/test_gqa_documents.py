@@ -12,7 +12,7 @@ from flash_helpers import IMPLEMENTATIONS, assert_close_to_reference, assert_for
 from numerics import assert_within_oracle
 from torch._dynamo.testing import CompileCounterWithBackend
 
-from ops.flash_attn import attention_reference
+from ops.flash_attn import attention_reference, flash_attn
 from ops.flash_attn.tiled import TILE
 
 
@@ -250,3 +250,20 @@ def test_reference_groups_query_heads_in_order(gen):
         expected, _ = attention_reference(q[:, h].double(), k[:, h // 3].double(), v[:, h // 3].double())
         low, _ = attention_reference(q[:, h], k[:, h // 3], v[:, h // 3])
         assert_within_oracle(f"head {h}", out[:, h], low, expected, torch.float32)
+
+
+def test_ids_reused_across_calls_are_read_once(gen, monkeypatch):
+    """One ids tensor passed to several forwards and their backwards (a model's layers) is read once;
+    written in place, it is read again, and a decrease it now holds is still an error."""
+    from ops.flash_attn import documents
+
+    reads, remember = [], documents._remember
+    monkeypatch.setattr(documents, "_remember", lambda ids: (reads.append(1), remember(ids)))
+    q, k, v = make_inputs((2, 4), 40, 40, 16, torch.float32, "cpu", gen, kv_heads=2)
+    ids = random_document_ids(2, 40, gen)
+    for _ in range(3):  # three layers, forward and backward
+        flash_attn(q, k, v, True, document_ids=ids).sum().backward()
+    assert len(reads) == 1
+    ids[..., 5] = ids[..., 4] - 1  # in place: a decrease, and a new version
+    with pytest.raises(ValueError, match="nondecreasing"):
+        flash_attn(q, k, v, True, document_ids=ids)
