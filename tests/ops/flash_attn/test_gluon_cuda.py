@@ -210,12 +210,18 @@ def _gqa_inputs(n, head_dim, kv_heads, dtype, gen):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("n", GQA_SHAPES)
-@pytest.mark.parametrize("kv_heads, documents", [(2, False), (1, False), (8, True), (2, True), (1, True)],
-                         ids=["gqa4", "gqa8", "docs", "gqa4-docs", "gqa8-docs"])
+def gqa_and_document_cases(test):
+    """Every (dtype, causal, head dim, length, K/V heads with or without documents) the GQA and document
+    tests of the forward and the backward run."""
+    test = pytest.mark.parametrize("kv_heads, documents", [(2, False), (1, False), (8, True), (2, True), (1, True)],
+                                   ids=["gqa4", "gqa8", "docs", "gqa4-docs", "gqa8-docs"])(test)
+    for name, values, ids in (("n", GQA_SHAPES, None), ("head_dim", [64, 128], None), ("causal", [False, True], None),
+                              ("dtype", DTYPES, str)):
+        test = pytest.mark.parametrize(name, values, ids=ids)(test)
+    return test
+
+
+@gqa_and_document_cases
 def test_gluon_forward_gqa_and_documents_match_float64(kv_heads, documents, n, head_dim, causal, dtype, gen,
                                                        monkeypatch):
     from ops.flash_attn.gluon.launch import flash_forward_gluon
@@ -293,12 +299,7 @@ def _assert_masked_backward_close(ours, q, k, v, causal, scale, ids, grad_out):
         assert_within_oracle(name, a, lo, b, q.dtype, scale=size, extra=recompute * size if i else 0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("n", GQA_SHAPES)
-@pytest.mark.parametrize("kv_heads, documents", [(2, False), (1, False), (8, True), (2, True), (1, True)],
-                         ids=["gqa4", "gqa8", "docs", "gqa4-docs", "gqa8-docs"])
+@gqa_and_document_cases
 def test_gluon_backward_gqa_and_documents_match_float64(kv_heads, documents, n, head_dim, causal, dtype, gen):
     from ops.flash_attn.gluon.launch import flash_forward_gluon
     from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon

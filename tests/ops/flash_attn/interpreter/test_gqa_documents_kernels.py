@@ -1,14 +1,14 @@
 """Grouped-query attention and packed documents in the tl kernels, each launcher on CPU tensors under
 the Triton interpreter (TRITON_INTERPRET=1; tiles are 16x16 here).
 
-The reference is the plain math written here: K/V heads repeated for their group of query heads
-(repeat_interleave), keys of other documents masked by id equality. Bounds are the oracle's
-(tests/numerics.py): at most 2x what that math errs in the inputs' dtype against float64.
+The reference is flash_helpers' (attention_reference: K/V heads repeated for their group of query
+heads, keys of other documents masked by id equality). Bounds are the oracle's (tests/numerics.py):
+at most 2x what that math errs in the inputs' dtype against float64.
 """
 
 import pytest
 import torch
-from numerics import assert_within_oracle, eps, magnitude
+from flash_helpers import assert_close_to_reference, assert_forward_close
 
 from ops.flash_attn.documents import document_bounds
 from ops.flash_attn.launch import flash_backward, flash_forward
@@ -62,72 +62,15 @@ def _bounds(ids, q):
     return None if ids is None else document_bounds(ids, q.shape[:-1])
 
 
-def _keep(ids, causal: bool, n_q: int, n_k: int) -> torch.Tensor:
-    """(..., Nq, Nk) bool: query i sees key j (same document; j <= i when causal)."""
-    keep = torch.ones(n_q, n_k, dtype=torch.bool)
-    if causal:
-        keep = keep.tril()
-    if ids is not None:
-        keep = keep & (ids[..., :, None] == ids[..., None, :])
-    return keep
-
-
-def _repeat_kv(x, q):
-    """(B, Hkv, N, D) -> (B, Hq, N, D): each K/V head once per query head of its group."""
-    return x.repeat_interleave(q.shape[-3] // x.shape[-3], dim=-3)
-
-
-def _reference(q, k, v, grad_out, ids, causal, scale, dtype):
-    """(O, dQ, dK, dV, L) of the plain math in `dtype` (float64: the oracle); no gradients (None)
-    without grad_out."""
-    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    scores = (q @ _repeat_kv(k, q).transpose(-1, -2)) * scale  # (B, Hq, Nq, Nk)
-    scores = scores.masked_fill(~_keep(ids, causal, q.shape[-2], k.shape[-2]), float("-inf"))
-    out = torch.softmax(scores, dim=-1) @ _repeat_kv(v, q)  # (B, Hq, Nq, D)
-    if grad_out is not None:
-        out.backward(grad_out.to(dtype))
-    return out.detach(), q.grad, k.grad, v.grad, torch.logsumexp(scores, dim=-1).detach()
-
-
-def _sum_group(x, kv_heads: int):
-    """(B, Hq, N, D) -> (B, Hkv, N, D): the sum over each group of query heads."""
-    return x.unflatten(1, (kv_heads, -1)).sum(2)
-
-
-def _term_sizes(q, k, v, grad_out, ids, causal, scale):
-    """Largest |.| of O, dQ, dK, dV computed from the absolute values of their terms (float64), as
-    flash_helpers.term_sizes, with the mask and the sums over each group of query heads."""
-    q, k, v, grad_out = (x.double() for x in (q, k, v, grad_out))
-    out, _, _, _, lse = _reference(q, k, v, None, ids, causal, scale, torch.float64)
-    scores = (q @ _repeat_kv(k, q).transpose(-1, -2)) * scale
-    p = torch.exp(scores - lse[..., None]) * _keep(ids, causal, q.shape[-2], k.shape[-2])  # (B, Hq, Nq, Nk)
-    delta = (grad_out * out).sum(-1, keepdim=True).abs()  # (B, Hq, Nq, 1)
-    ds = p * (grad_out.abs() @ _repeat_kv(v, q).abs().transpose(-1, -2) + delta)
-    sizes = (p @ _repeat_kv(v, q).abs(), scale * ds @ _repeat_kv(k, q).abs(),
-             _sum_group(scale * ds.transpose(-1, -2) @ q.abs(), k.shape[1]),
-             _sum_group(p.transpose(-1, -2) @ grad_out.abs(), k.shape[1]))
-    return [magnitude(t) for t in sizes]
-
-
 def _assert_forward(out, lse, q, k, v, ids, causal, scale):
-    exact = _reference(q, k, v, None, ids, causal, scale, torch.float64)
-    low_out = _reference(q, k, v, None, ids, causal, scale, q.dtype)[0]
-    low_lse = _reference(q, k, v, None, ids, causal, scale, torch.float32)[4]  # the kernels' L is float32
     assert out.shape == q.shape and lse.shape == q.shape[:-1]
-    assert_within_oracle("O", out, low_out, exact[0], q.dtype)
-    assert_within_oracle("L", lse, low_lse, exact[4], torch.float32)
+    assert_forward_close(out, lse, q, k, v, causal, scale, ids)
 
 
 def _assert_gradients(grads, q, k, v, grad_out, ids, causal, scale):
-    exact = _reference(q, k, v, grad_out, ids, causal, scale, torch.float64)
-    low = _reference(q, k, v, grad_out, ids, causal, scale, q.dtype)
-    sizes = _term_sizes(q, k, v, grad_out, ids, causal, scale)
-    # The backward recomputes P = exp(S - L): L rounds by up to eps |L| (float32), a relative error
-    # of P, so of each gradient's terms, that the plain softmax does not have.
-    recompute = eps(torch.float32) * magnitude(exact[4])
-    for name, ours, lo, ex, size in zip(("dQ", "dK", "dV"), grads, low[1:4], exact[1:4], sizes[1:]):
-        assert ours.shape == ex.shape, name
-        assert_within_oracle(name, ours, lo, ex, q.dtype, scale=size, extra=recompute * size)
+    for name, ours, x in zip(("dQ", "dK", "dV"), grads, (q, k, v)):
+        assert ours.shape == x.shape, name
+    assert_close_to_reference((None, *grads), q, k, v, causal, grad_out, scale, ids)
 
 
 @pytest.mark.parametrize("forward", FORWARDS)
