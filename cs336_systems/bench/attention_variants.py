@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from cs336_basics.attention import naive_attention
 from cs336_systems.bench.common import (
     OOM,
     UNSUPPORTED,
@@ -38,6 +39,7 @@ from cs336_systems.bench.common import (
     time_ms,
 )
 from cs336_systems.errors import ConfigError
+from ops.flash_attn.documents import document_mask
 
 # Contenders of the variant sweeps (the names match `bench attention --impls`).
 VARIANT_IMPLS = ("ours", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "naive")
@@ -83,7 +85,7 @@ def document_flops(lengths: list[list[int]], heads: int, head_dim: int, causal: 
 
 def dense_document_mask(ids: torch.Tensor, causal: bool) -> torch.Tensor:
     """(B, 1, N, N) bool, True where attention is kept: same document (and key <= query when causal)."""
-    keep = ids[:, None, :, None] == ids[:, None, None, :]  # (B, 1, N, N)
+    keep = document_mask(ids[:, None])  # (B, 1, N, N)
     if causal:
         keep &= torch.ones(ids.shape[-1], ids.shape[-1], dtype=torch.bool, device=ids.device).tril()
     return keep
@@ -101,9 +103,10 @@ def build(impl: str, causal: bool, ids: torch.Tensor | None, gqa: bool, n: int, 
         return lambda q, k, v: flash_attn(q, k, v, causal, document_ids=doc)
     if impl == "flex":
         return _flex(causal, ids, gqa, n, device)
+    if impl == "naive":  # cs336_basics' reference: k, v repeated per query head, one dense mask
+        doc = None if ids is None else ids[:, None]
+        return lambda q, k, v: naive_attention(q, k, v, causal, document_ids=doc)
     mask = None if ids is None else dense_document_mask(ids, causal)
-    if impl == "naive":
-        return lambda q, k, v: _naive(q, k, v, causal, mask)
     return _sdpa(SDPA_BACKENDS[impl], causal, mask, gqa)
 
 
@@ -117,17 +120,6 @@ def _sdpa(backend_name: str, causal: bool, mask: torch.Tensor | None, gqa: bool)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                   enable_gqa=gqa)
     return attention
-
-
-def _naive(q, k, v, causal: bool, mask: torch.Tensor | None):
-    group = q.shape[-3] // k.shape[-3]
-    k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)  # (B, Hq, N, D)
-    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, Hq, N, N)
-    if mask is None and causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v
 
 
 def _flex(causal: bool, ids: torch.Tensor | None, gqa: bool, n: int, device: str) -> Callable:

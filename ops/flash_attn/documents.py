@@ -93,7 +93,6 @@ def document_bounds(document_ids: Tensor, rows: torch.Size) -> tuple[Tensor, Ten
     return (start.expand(rows).reshape(-1, n).contiguous(), end.expand(rows).reshape(-1, n).contiguous())
 
 
-def document_mask(document_ids: Tensor, n_queries: int, n_keys: int) -> Tensor:
+def document_mask(document_ids: Tensor) -> Tensor:
     """(..., Nq, Nk) bool, True where query i and key j are in the same document (for references)."""
-    del n_queries, n_keys  # equal to the ids' length (check_document_ids)
     return document_ids[..., :, None] == document_ids[..., None, :]

@@ -40,7 +40,7 @@ def attention_scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool = False, 
         scores = scores.masked_fill(~causal_keep_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
     if document_ids is not None:
         # (..., Nq, Nk) from ids broadcastable to q.shape[:-1]: right-aligned against the scores' (..., Nq)
-        same_document = document_mask(document_ids, q.shape[-2], k.shape[-2])
+        same_document = document_mask(document_ids)
         scores = scores.masked_fill(~same_document, float("-inf"))
     return scores
 
