@@ -3,6 +3,7 @@
     python -m tools.gluon_timings              # from the repository root
     python -m tools.gluon_timings --sweep      # also other forward tiles at the target shapes
     python -m tools.gluon_timings --pingpong   # A/B the forward's ping-pong setting
+    python -m tools.gluon_timings --backward-tiles   # only the backward: Gluon tile variants vs tl, cuDNN
 
 For the 8B model's attention layer and the CS336 leaderboard shape: the largest differences of O and L
 between the Gluon and tl forwards, and the times of the forward and of forward + backward through the op
@@ -111,6 +112,47 @@ def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep
     return row
 
 
+# Backward tile variants (block_m, block_n, stages, early_dp) per head dim, timed by --backward-tiles
+# beside the table's entry: at D = 64, 128-row query steps (half the dQ reductions per FLOP).
+BACKWARD_VARIANTS = {64: [(128, 128, 2, True), (128, 128, 2, False), (128, 128, 1, True), (64, 128, 3, True)],
+                     128: [(64, 128, 2, False)]}
+
+
+def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
+    """The backward alone (dQ, dK, dV from saved O and L) at one shape: the dispatched kernels, the
+    Gluon kernel with the table's tiles and each variant, the tl one-pass kernel, and cuDNN's
+    backward (its forward outside the timing)."""
+    import torch
+
+    from ops.flash_attn.dispatch import attention_backward, attention_forward
+    from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, flash_backward_gluon
+    from ops.flash_attn.launch_onepass import flash_backward_onepass
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    scale = d ** -0.5
+    out, lse = attention_forward(q, k, v, True, scale)
+    ref = flash_backward_onepass(dout, q, k, v, out, lse, True, scale, descriptors=True)
+    row = {"shape": name, "dispatched": _bench(lambda: attention_backward(dout, q, k, v, out, lse, True, scale)),
+           "tl_onepass": _bench(lambda: flash_backward_onepass(dout, q, k, v, out, lse, True, scale,
+                                                               descriptors=True))}
+    variants = [("table", BACKWARD_TILES[d])] + [
+        (f"{bm}x{bn}x{st}{'' if early else 'late'}", GluonBackwardTiles(bm, bn, st, early_dp=early))
+        for bm, bn, st, early in BACKWARD_VARIANTS[d]]
+    for label, tiles in variants:
+        try:
+            grads = flash_backward_gluon(dout, q, k, v, out, lse, True, scale, tiles=tiles)
+            row[f"gluon_{label}_maxdiff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
+            row[f"gluon_{label}"] = _bench(
+                lambda: flash_backward_gluon(dout, q, k, v, out, lse, True, scale, tiles=tiles))  # noqa: B023
+        except Exception as err:  # a variant that does not compile or launch: report it and go on
+            row[f"gluon_{label}"] = f"error: {str(err)[:200]}"
+    qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    oc = _cudnn(qc, kc, vc)
+    row["cudnn_bwd"] = _bench(lambda: torch.autograd.grad(oc, (qc, kc, vc), dout, retain_graph=True))
+    print(json.dumps(row), flush=True)
+
+
 def _timings(sweep: bool, pingpong: bool) -> None:
     import torch
 
@@ -129,12 +171,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", action="store_true", help="also time other tiles at the target shapes")
     parser.add_argument("--pingpong", action="store_true", help="A/B the ping-pong setting at the target shapes")
+    parser.add_argument("--backward-tiles", action="store_true",
+                        help="only the backward at the target shapes: Gluon tile variants, tl one-pass, cuDNN")
     parser.add_argument("--timeout", type=int, default=200, help="seconds the timings may take (default: 200)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.backward_tiles:
+        import torch
+
+        print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+        for shape in TARGETS:
+            _backward_tiles(*shape)
+        return None
     if args.child:
         return _timings(args.sweep, args.pingpong)
-    sys.exit(_child(args.timeout, ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong))
+    flags = ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong + ["--backward-tiles"] * args.backward_tiles
+    sys.exit(_child(args.timeout, flags))
 
 
 if __name__ == "__main__":
