@@ -43,28 +43,46 @@ def check_document_ids(document_ids: Tensor, q: Tensor, k: Tensor, *, check_valu
             or not _broadcasts(document_ids.shape, rows)):
         raise ValueError(f"flash_attn: document_ids of shape {tuple(document_ids.shape)} must broadcast to "
                          f"q.shape[:-1] = {tuple(rows)} with its last dim the sequence")
-    if check_values and document_ids.shape[-1] > 1 and document_ids.numel() > 0 and not _checked(document_ids):
+    if check_values and document_ids.shape[-1] > 1 and document_ids.numel() > 0 and not _CHECKED.get(document_ids):
         if bool((document_ids[..., 1:] < document_ids[..., :-1]).any()):
             raise ValueError("flash_attn: document_ids must be nondecreasing along the sequence (each document "
                              "a contiguous run of equal ids)")
-        _remember(document_ids)
+        _CHECKED.put(document_ids, True)
 
 
-# Ids whose values were read and found nondecreasing: id(tensor) -> (weak reference, its version then).
-# A model passes one ids tensor to every layer's forward and (saved) backward: reading it once per step
-# instead of twice per layer spares the host syncs. The entry holds only while it is the same tensor
-# object, unmodified (an in-place write bumps `_version`), and goes away with the tensor.
-_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+class PerTensorMemo:
+    """Values remembered per tensor object while it lives unmodified.
+
+    A model passes one ids tensor to every layer's forward and (saved) backward: remembering what was
+    derived from it (found nondecreasing: one host sync; its bounds: eight small kernels) once per step
+    spares doing it twice per layer. An entry holds only for the same tensor object at the same
+    `_version` (an in-place write bumps it) and the same `key`, and goes away with the tensor. Inference
+    tensors (no version counter) and traced calls are never remembered."""
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, int, object, object]] = {}
+
+    def get(self, tensor: Tensor, key: object = None) -> object | None:
+        if not _rememberable(tensor):
+            return None
+        entry = self._entries.get(id(tensor))
+        if entry is None or entry[0]() is not tensor or entry[1] != tensor._version or entry[2] != key:
+            return None
+        return entry[3]
+
+    def put(self, tensor: Tensor, value: object, key: object = None) -> None:
+        if _rememberable(tensor):
+            slot = id(tensor)
+            ref = weakref.ref(tensor, lambda _, slot=slot: self._entries.pop(slot, None))
+            self._entries[slot] = (ref, tensor._version, key, value)
 
 
-def _checked(ids: Tensor) -> bool:
-    entry = _CHECKED.get(id(ids))
-    return entry is not None and entry[0]() is ids and entry[1] == ids._version
+def _rememberable(tensor: Tensor) -> bool:
+    return not (torch.compiler.is_compiling() or tensor.is_inference())
 
 
-def _remember(ids: Tensor) -> None:
-    key = id(ids)
-    _CHECKED[key] = (weakref.ref(ids, lambda _, key=key: _CHECKED.pop(key, None)), ids._version)
+_CHECKED = PerTensorMemo()  # ids whose values were read and found nondecreasing
+_BOUNDS = PerTensorMemo()  # ids -> document_bounds, keyed by the rows they were expanded to
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
@@ -75,7 +93,16 @@ def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
 
 def document_bounds(document_ids: Tensor, rows: torch.Size) -> tuple[Tensor, Tensor]:
     """(start, end), each (R, N) int32 contiguous with R = prod(rows[:-1]): for each query row's
-    token t, the first position of its document and one past its last. `rows` is q.shape[:-1]."""
+    token t, the first position of its document and one past its last. `rows` is q.shape[:-1].
+    Remembered per ids tensor (PerTensorMemo): the callers never write into the bounds."""
+    bounds = _BOUNDS.get(document_ids, tuple(rows))
+    if bounds is None:
+        bounds = _compute_bounds(document_ids, rows)
+        _BOUNDS.put(document_ids, bounds, tuple(rows))
+    return bounds
+
+
+def _compute_bounds(document_ids: Tensor, rows: torch.Size) -> tuple[Tensor, Tensor]:
     n = rows[-1]
     ids = document_ids.reshape(-1, n)  # (R0, N) over the ids' own leading dims
     positions = torch.arange(n, device=ids.device, dtype=torch.int32)  # (N,)

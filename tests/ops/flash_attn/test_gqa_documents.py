@@ -255,17 +255,41 @@ def test_reference_groups_query_heads_in_order(gen):
 
 
 def test_ids_reused_across_calls_are_read_once(gen, monkeypatch):
-    """One ids tensor passed to several forwards and their backwards (a model's layers) is read once;
-    written in place, it is read again, and a decrease it now holds is still an error."""
+    """One ids tensor passed to several forwards and their backwards (a model's layers) is read once
+    and its bounds computed once; written in place, it is read again, its bounds recomputed, and a
+    decrease it now holds is still an error."""
     from ops.flash_attn import documents
 
-    reads, remember = [], documents._remember
-    monkeypatch.setattr(documents, "_remember", lambda ids: (reads.append(1), remember(ids)))
+    reads, computed = [], []
+    put, compute = documents._CHECKED.put, documents._compute_bounds
+    monkeypatch.setattr(documents._CHECKED, "put", lambda ids, value: (reads.append(1), put(ids, value)))
+    monkeypatch.setattr(documents, "_compute_bounds", lambda ids, rows: (computed.append(1), compute(ids, rows))[1])
     q, k, v = make_inputs((2, 4), 40, 40, 16, torch.float32, "cpu", gen, kv_heads=2)
     ids = random_document_ids(2, 40, gen)
     for _ in range(3):  # three layers, forward and backward
         flash_attn(q, k, v, True, document_ids=ids).sum().backward()
-    assert len(reads) == 1
+    assert (len(reads), len(computed)) == (1, 1)
+    ids[..., -1] += 1  # in place, still valid (the last document split off): a new version
+    check("op", q, k, v, True, gen, ids)  # against float64 with the new documents
+    assert (len(reads), len(computed)) == (2, 2)
     ids[..., 5] = ids[..., 4] - 1  # in place: a decrease, and a new version
     with pytest.raises(ValueError, match="nondecreasing"):
         flash_attn(q, k, v, True, document_ids=ids)
+
+
+def test_documents_under_inference_mode(gen):
+    """Ids made under torch.inference_mode (no version counter: never remembered) are checked and
+    used on every call, and a decrease is still an error."""
+    q, k, v = (x.detach() for x in make_inputs((1, 2), 24, 24, 8, torch.float32, "cpu", gen))
+    with torch.inference_mode():
+        ids = random_document_ids(1, 24, gen)
+        out = flash_attn(q, k, v, True, document_ids=ids)
+        again = flash_attn(q, k, v, True, document_ids=ids)
+        bad = ids.clone()
+        bad[..., 3] = bad[..., 2] - 1
+        with pytest.raises(ValueError, match="nondecreasing"):
+            flash_attn(q, k, v, True, document_ids=bad)
+    exact, _ = attention_reference(q.double(), k.double(), v.double(), True, document_ids=ids)
+    low, _ = attention_reference(q, k, v, True, document_ids=ids)
+    assert torch.equal(out, again)
+    assert_within_oracle("O", out, low, exact, torch.float32)
