@@ -33,9 +33,9 @@ Batch = tuple[torch.Tensor, ...]
 int32: `lm_loss(model, *batch)` takes either."""
 
 
-def load_tokens(path: str, flag: str) -> np.ndarray:
+def load_tokens(path: str, flag: str, scan: bool = True) -> np.ndarray:
     """Memory-map a flat token file; ConfigError naming `flag` and the file when it is missing, empty,
-    malformed or holds negative ids."""
+    malformed or (`scan`: reads every id) holds negative ids."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"{flag}: no such file: {path}")
@@ -54,17 +54,19 @@ def load_tokens(path: str, flag: str) -> np.ndarray:
         raise ConfigError(f"{flag}: {path} holds no tokens")
     # Only signed files can hold negative ids; they would index the embedding from its end, or fail
     # in the first step with an error that names no file.
-    if tokens.dtype.kind == "i" and (lowest := int(tokens.min())) < 0:
+    if scan and tokens.dtype.kind == "i" and (lowest := int(tokens.min())) < 0:
         raise ConfigError(f"{flag}: {path} holds a negative token id ({lowest}); ids must be >= 0")
     return tokens
 
 
 def load_splits(data: str | None, val_data: str | None, corpus: CorpusConfig, context_length: int,
-                vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None, int]:
+                vocab_size: int | None = None, scan: bool = True) -> tuple[np.ndarray, np.ndarray | None, int | None]:
     """(train tokens, validation tokens or None, smallest vocabulary that covers them), checked.
 
     `data=None` means the embedded corpus and its validation split. With `vocab_size` (--vocab-size),
-    every split's ids must be smaller.
+    every split's ids must be smaller. `scan=False` reads no token values (no id checks, vocabulary
+    None): for the workers, once the launcher's `prepare` has scanned the files (a whole pass over
+    each, which a worker need not repeat).
     """
     if data is None:
         train, val = load_corpus(corpus)
@@ -74,15 +76,15 @@ def load_splits(data: str | None, val_data: str | None, corpus: CorpusConfig, co
         splits = {}
         for flag, path in (("--data", data), ("--val-data", val_data)):
             if path is not None:
-                tokens = load_tokens(path, flag)
-                splits[flag] = (f"{flag} {path}", tokens, 1 + int(tokens.max()))
+                tokens = load_tokens(path, flag, scan)
+                splits[flag] = (f"{flag} {path}", tokens, 1 + int(tokens.max()) if scan else None)
     for flag, (source, tokens, needed) in splits.items():
         if len(tokens) <= context_length:
             raise ConfigError(f"{flag}: {len(tokens)} tokens, too few for --context-length {context_length}")
-        if vocab_size is not None and vocab_size < needed:
+        if vocab_size is not None and needed is not None and vocab_size < needed:
             raise ConfigError(f"--vocab-size {vocab_size} is smaller than the data's largest token id + 1 "
                               f"({needed}, in {source})")
-    vocab = max(needed for _, _, needed in splits.values())
+    vocab = max(needed for _, _, needed in splits.values()) if scan else None
     return splits["--data"][1], splits["--val-data"][1] if "--val-data" in splits else None, vocab
 
 

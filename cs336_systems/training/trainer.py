@@ -134,8 +134,9 @@ def seed_everything(seed: int) -> None:
 
 def build_trainer(config: TrainConfig, world: World) -> Trainer:
     """Data, model (identical on every rank: same seed, then DDP broadcasts rank 0's), optimizer."""
+    # scan=False: `prepare` (the launcher) read and checked every id and fixed the vocabulary.
     train_tokens, val_tokens, _ = load_splits(config.data.data, config.data.val_data, config.data.corpus,
-                                              config.context_length)
+                                              config.context_length, scan=False)
     seed_everything(config.seed)
     precision = config.runtime.precision  # the one precision policy: model dtype, autocast, DDP/FSDP dtypes
     checkpointing = resolve_train_checkpointing(config, world.device)  # before the model takes memory

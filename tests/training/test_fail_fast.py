@@ -15,6 +15,8 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.presets import PRESETS
 from cs336_systems.training import command, memory_plan
 from cs336_systems.training.config import OptimizerConfig, config_from_args
+from cs336_systems.training.corpus import CorpusConfig
+from cs336_systems.training.data import load_splits
 
 
 def float_flags(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
@@ -185,3 +187,16 @@ def test_available_memory_on_cuda_reads_free_memory_only_of_the_gpu_this_process
     assert memory_plan.available_bytes("cuda", processes=1) == 5 * GIB
     assert memory_plan.available_bytes("cuda", processes=4) == 80 * GIB
     assert memory_plan.available_bytes("cpu") > 0
+
+
+def test_workers_load_the_splits_without_reading_values(tmp_path):
+    """`scan=False` (the workers, after the launcher's prepare scanned every id) maps the files and
+    checks their lengths but reads no token values: no id check, no vocabulary."""
+    bad = np.array([5, 3, -2, 7] * 100, dtype=np.int64)
+    path = write_tokens(tmp_path / "negative.npy", bad)
+    train_tokens, val_tokens, vocab = load_splits(path, None, CorpusConfig(), 16, scan=False)
+    assert np.array_equal(train_tokens, bad) and val_tokens is None and vocab is None
+    with pytest.raises(ConfigError, match="negative token id"):
+        load_splits(path, None, CorpusConfig(), 16)
+    with pytest.raises(ConfigError, match="too few for --context-length 400"):
+        load_splits(path, None, CorpusConfig(), 400, scan=False)
