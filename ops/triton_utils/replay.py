@@ -38,6 +38,12 @@ try:
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:  # triton < 3.4, which also lacks the launcher interface: nothing replays
     TensorDescriptor = None
+try:  # Gluon's host descriptor (a layout field beside tl's), where this Triton has Gluon
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:
+    GluonTensorDescriptor = None
+_DESCRIPTORS = tuple(c for c in (TensorDescriptor, GluonTensorDescriptor) if c is not None)
+_SCALARS = (int, float, bool, type(None))  # None: a constexpr parameter left unset, given positionally
 
 # CS336_TRITON_REPLAY=0 launches everything through kernel[grid] (read once, at import).
 ENABLED = os.environ.get("CS336_TRITON_REPLAY", "1") != "0"
@@ -57,14 +63,14 @@ class _Entry:
 class ReplayLauncher:
     """`ReplayLauncher(kernel)[grid](*args, **meta)` behaves as `kernel[grid](*args, **meta)`.
 
-    The arguments must come as our launchers pass them: tensors and tensor descriptors first, then
-    scalars, positionally; constexprs and launch options (num_warps, num_stages) by keyword.
+    The arguments must come as our launchers pass them: tensors, tensor descriptors (tl's or
+    Gluon's), scalars and None (a constexpr left unset), positionally; the constexprs after the
+    last positional one and the launch options (num_warps, num_stages, maxnreg) by keyword.
     """
 
     def __init__(self, kernel):
         self.kernel = kernel
         self._entries: dict[tuple, _Entry] = {}
-        self._n_arrays = 0  # leading tensor and descriptor arguments
         self._usable: bool | None = None  # decided by the first launch
         self.replays = 0  # launches that skipped kernel[grid]; tests read it
 
@@ -93,29 +99,17 @@ class ReplayLauncher:
         return bool(self._usable) and ENABLED and not _hooks_set()
 
     def _key(self, device: int, args: tuple, meta: dict) -> tuple:
-        """What Triton compiles apart, or finer: the device, the keyword arguments, (dtype,
-        alignment) of each tensor, each descriptor's fields, and the exact scalars with their types
-        (1 == 1.0 == True)."""
-        n = self._n_arrays
-        scalars = args[n:]
-        return (device, *meta.items(),
-                *[(a.dtype, a.data_ptr() % _ALIGN == 0) if isinstance(a, torch.Tensor) else _descriptor_key(a)
-                  for a in args[:n]],
-                *scalars, *map(type, scalars))
+        """What Triton compiles apart, or finer: the device, the keyword arguments, and per
+        positional argument: a tensor's (dtype, alignment), a descriptor's fields, a scalar's exact
+        value with its type (1 == 1.0 == True; None stands for itself)."""
+        return (device, *meta.items(), *map(_arg_key, args))
 
     def _decide(self, compiled, args: tuple, meta: dict) -> None:
-        self._n_arrays = sum(_is_array(a) for a in args)
-        self._usable = (_has_launcher(compiled) and self._laid_out(args)
+        self._usable = (_has_launcher(compiled) and _laid_out(args)
                         and self._constexprs(len(args), meta) is not None)
 
-    def _laid_out(self, args: tuple) -> bool:
-        """Tensors and descriptors first, then Python scalars (what the key assumes)."""
-        n = self._n_arrays
-        return (all(_is_array(a) for a in args[:n])
-                and all(type(a) in (int, float, bool) for a in args[n:]))
-
     def _keep(self, compiled, args: tuple, meta: dict) -> None:
-        if not self._laid_out(args):
+        if not _laid_out(args):
             return
         if len(self._entries) >= MAX_ENTRIES:
             self._entries.clear()
@@ -135,13 +129,23 @@ class ReplayLauncher:
         return tuple(meta[p.name] for p in rest)
 
 
-def _is_array(arg) -> bool:
-    return isinstance(arg, torch.Tensor) or (TensorDescriptor is not None and isinstance(arg, TensorDescriptor))
+def _laid_out(args: tuple) -> bool:
+    """Every positional argument a tensor, a descriptor or a plain scalar (what the key covers)."""
+    return all(isinstance(a, (torch.Tensor, *_DESCRIPTORS)) or type(a) in _SCALARS for a in args)
+
+
+def _arg_key(arg) -> tuple:
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % _ALIGN == 0)
+    if isinstance(arg, _DESCRIPTORS):
+        return _descriptor_key(arg)
+    return (arg, type(arg))
 
 
 def _descriptor_key(desc) -> tuple:
     """Everything a host-side descriptor holds except its base's address: the base's (dtype,
-    alignment), then shape, strides, block shape and options (padding, tf32 rounding) as given."""
+    alignment), then shape, strides, block shape, options (padding, tf32 rounding) and, for
+    Gluon's, the shared-memory layout (a frozen dataclass), as given."""
     base = desc.base
     return (base.dtype, base.data_ptr() % _ALIGN == 0,
             *[tuple(value) if isinstance(value, list) else value

@@ -147,3 +147,35 @@ def test_descriptor_arguments_key_on_their_fields_not_their_base():
                   describe(torch.zeros(2, 9, 16)[:, :8])):  # the last: other strides
         launch(launcher, other)
     assert len(kernel.full_launches) == 5 and launcher.replays == 1
+
+
+def test_unset_constexpr_given_positionally_replays_and_keys_apart_from_a_tensor():
+    """A constexpr parameter left None in the middle of the positional arguments (the Gluon
+    kernels' document bounds without documents) replays; a tensor in its place is another key."""
+    kernel, x = FakeKernel(), torch.zeros(32)
+    launcher = ReplayLauncher(kernel)
+    for bounds in (None, None, x, x):
+        launcher[(1,)](x, bounds, 0.5, MODE="fast", BLOCK=16)
+    assert len(kernel.full_launches) == 2 and launcher.replays == 2
+    assert kernel.replayed[0][9:] == (x, None, 0.5, 16, "fast")
+    assert kernel.replayed[1][9:] == (x, x, 0.5, 16, "fast")
+
+
+def test_gluon_descriptors_key_on_their_layout():
+    """Gluon's host descriptors replay like tl's, and a change of their shared-memory layout alone
+    launches through Triton."""
+    hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    from ops.flash_attn.gluon.launch import layout
+
+    def describe(x, swizzle=None):
+        block = [1, 4, 16]
+        return hopper.TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout(block, x.dtype, swizzle))
+
+    kernel = FakeKernel()
+    x, y = (torch.zeros(2, 8, 16, dtype=torch.bfloat16) for _ in range(2))
+    launcher = ReplayLauncher(kernel)
+    launch(launcher, describe(x))
+    launch(launcher, describe(y))
+    launch(launcher, describe(x, swizzle=32))
+    assert len(kernel.full_launches) == 2 and launcher.replays == 1
+    assert kernel.replayed[0][9].base is y

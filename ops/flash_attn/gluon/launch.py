@@ -12,6 +12,7 @@ Inputs and outputs go to the kernels as 4-D (B, H, N, D) descriptors with their 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from ops.flash_attn.gluon.kernels_fwd import NUM_CONSUMERS, flash_fwd_ws_kernel
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.launch import heads_view, launch_grid
 from ops.flash_attn.launch_tma import tma_aligned
+from ops.triton_utils.replay import ReplayLauncher
 
 SM90 = GPUTarget("cuda", 90, 32)
 NUM_WARPS = 4  # the default partition: consumer warpgroup 0
@@ -50,11 +52,22 @@ class GluonTiles:
 FORWARD_TILES = {64: GluonTiles(64, 128, 2), 128: GluonTiles(64, 128, 2)}
 
 
+# Launches replay Triton's compiled launcher (ops.triton_utils.replay): kernel[grid]'s argument
+# binding and cache lookup cost more host time than the launch itself.
+_FORWARD = ReplayLauncher(flash_fwd_ws_kernel)
+
+
 def layout(block_shape: list[int], dtype: torch.dtype, swizzle: int | None = None) -> gl.NVMMASharedLayout:
     """The shared-memory layout of a TMA block: Triton's default for the shape and dtype, or the
-    NVMMA layout with `swizzle` bytes (0, 32, 64 or 128)."""
+    NVMMA layout with `swizzle` bytes (0, 32, 64 or 128). Cached: Triton's default takes ~10 µs of
+    host time to work out, and a launch needs four to nine of them."""
+    return _layout(tuple(block_shape), dtype, swizzle)
+
+
+@functools.cache
+def _layout(block_shape: tuple[int, ...], dtype: torch.dtype, swizzle: int | None) -> gl.NVMMASharedLayout:
     if swizzle is None:
-        return gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[dtype])
+        return gl.NVMMASharedLayout.get_default_for(list(block_shape), _GL_DTYPES[dtype])
     return gl.NVMMASharedLayout(swizzle_byte_width=swizzle, element_bitwidth=dtype.itemsize * 8,
                                 rank=len(block_shape))
 
@@ -134,7 +147,7 @@ def flash_forward_gluon(q, k, v, is_causal: bool, scale: float, bounds=None, *,
     _, n_heads, n_q, head_dim = q4.shape
     tiles = tiles or FORWARD_TILES[head_dim]
     grid = launch_grid(n_q, NUM_CONSUMERS.value * tiles.block_m, q4.shape[0] * n_heads)
-    flash_fwd_ws_kernel[grid](
+    _FORWARD[grid](
         descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
         descriptor(v4, tiles.block_n), descriptor(o4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
         lse,  # (..., Nq) float32, contiguous: (BH, Nq)

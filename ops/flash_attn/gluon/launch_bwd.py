@@ -31,8 +31,10 @@ from ops.flash_attn.gluon.launch import (
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
 from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
+from ops.triton_utils.replay import ReplayLauncher
 
 NUM_WARPS = 8  # two warpgroups: 64 key rows each (kernels_bwd.py)
+_BACKWARD = ReplayLauncher(flash_bwd_gluon_kernel)  # replayed launches, as the forward's (launch.py)
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
     preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
         o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
-    flash_bwd_gluon_kernel[launch_grid(n_k, tiles.block_n, batch * kv_heads)](  # one CTA per K/V head and key tile
+    _BACKWARD[launch_grid(n_k, tiles.block_n, batch * kv_heads)](  # one CTA per K/V head and key tile
         descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
         descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
         descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, Hkv, Nk, D) x2

@@ -329,3 +329,26 @@ def test_gluon_backward_documents_differ_per_head(causal, gen):
     out, lse = flash_forward_gluon(q, k, v, causal, 128 ** -0.5, bounds)
     grads = flash_backward_gluon(grad_out, q, k, v, out, lse, causal, 128 ** -0.5, bounds)
     _assert_masked_backward_close((out, *grads), q, k, v, causal, 128 ** -0.5, ids, grad_out)
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["plain", "documents"])
+def test_gluon_launches_replay_with_the_same_results(documents, gen):
+    """The second launch of a Gluon kernel with the same specialisation replays Triton's compiled
+    launcher (ops.triton_utils.replay): same O, L and gradients, bitwise, on other buffers."""
+    from ops.flash_attn.gluon import launch, launch_bwd
+
+    q, k, v = (x.detach() for x in make_inputs((2, 4), 640, 640, 128, torch.bfloat16, "cuda", gen, kv_heads=2))
+    grad_out = torch.randn(q.shape, generator=gen).to("cuda", q.dtype)
+    ids = torch.arange(640, device="cuda").div(100, rounding_mode="floor")[None, None] if documents else None
+    bounds = document_bounds(ids, q.shape[:-1]) if documents else None
+    runs = []
+    for _ in range(2):
+        forward_replays, backward_replays = launch._FORWARD.replays, launch_bwd._BACKWARD.replays
+        out, lse = launch.flash_forward_gluon(q, k, v, True, 0.125, bounds)
+        grads = launch_bwd.flash_backward_gluon(grad_out, q, k, v, out, lse, True, 0.125, bounds)
+        runs.append((out, lse, *grads))
+    assert launch._FORWARD.replays == forward_replays + 1 and launch_bwd._BACKWARD.replays == backward_replays + 1
+    assert_forward_close(runs[0][0], runs[0][1], q, k, v, True, 0.125, document_ids=ids)
+    # The forward is deterministic; the backward's dQ sums by reductions in the order CTAs finish.
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][:2], runs[1][:2]))
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][3:], runs[1][3:]))  # dK, dV: no atomics
