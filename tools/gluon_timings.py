@@ -4,6 +4,7 @@
     python -m tools.gluon_timings --sweep      # also other forward tiles at the target shapes
     python -m tools.gluon_timings --pingpong   # A/B the forward's ping-pong setting
     python -m tools.gluon_timings --backward-tiles   # only the backward: Gluon tile variants vs tl, cuDNN
+    python -m tools.gluon_timings --rules      # only the forward at the shapes that decide the dispatch rule
 
 For the 8B model's attention layer and the CS336 leaderboard shape: the largest differences of O and L
 between the Gluon and tl forwards, and the times of the forward and of forward + backward through the op
@@ -153,11 +154,12 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     print(json.dumps(row), flush=True)
 
 
-def _timings(sweep: bool, pingpong: bool) -> None:
+def _timings(sweep: bool, pingpong: bool, rules_only: bool = False) -> None:
     import torch
 
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-    rows = [_time_shape(*shape, backward=True, sweep=sweep, pingpong=pingpong) for shape in TARGETS]
+    targets = [] if rules_only else TARGETS
+    rows = [_time_shape(*shape, backward=True, sweep=sweep, pingpong=pingpong) for shape in targets]
     rows += [_time_shape(*shape, backward=False, sweep=False, pingpong=False) for shape in RULE_SHAPES]
     print("\n| shape | max abs O gl-tl | max abs L | fwd gluon | fwd tl | fwd cuDNN | f+b gluon | f+b tl | f+b cuDNN |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -173,6 +175,7 @@ def main() -> None:
     parser.add_argument("--pingpong", action="store_true", help="A/B the ping-pong setting at the target shapes")
     parser.add_argument("--backward-tiles", action="store_true",
                         help="only the backward at the target shapes: Gluon tile variants, tl one-pass, cuDNN")
+    parser.add_argument("--rules", action="store_true", help="only the forward at the dispatch rule's shapes")
     parser.add_argument("--timeout", type=int, default=200, help="seconds the timings may take (default: 200)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -184,8 +187,9 @@ def main() -> None:
             _backward_tiles(*shape)
         return None
     if args.child:
-        return _timings(args.sweep, args.pingpong)
-    flags = ["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong + ["--backward-tiles"] * args.backward_tiles
+        return _timings(args.sweep, args.pingpong, args.rules)
+    flags = (["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong + ["--backward-tiles"] * args.backward_tiles
+             + ["--rules"] * args.rules)
     sys.exit(_child(args.timeout, flags))
 
 
