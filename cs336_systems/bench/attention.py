@@ -6,6 +6,7 @@
     python -m cs336_systems bench attention --leaderboard --repeats 3 --rep-ms 1000   # interleaved rounds
     python -m cs336_systems bench attention --impls ours sdpa-flash --seq-lens 1024 --repeats 5   # idem, sweep
     python -m cs336_systems bench attention --preset 8b --impls ours sdpa-cudnn   # the 8B model's attention layer
+    python -m cs336_systems bench attention --dispatch-sweep   # our dispatch rule vs tl and Gluon kernels, cuDNN
 
 Sweep (CS336 flash_benchmarking): batch 1, one head, causal, every (sequence length, head dim,
 dtype); forward, backward and forward+backward latency (median of triton.testing.do_bench on
@@ -13,7 +14,10 @@ CUDA), inputs made before timing. The forward runs with inputs that require grad
 TFLOP/s counts 4·N²·D per forward (halved when causal) and 2.5x that for the backward. Failures are
 rows too: "OOM", or "unsupported" with the reason (e.g. a SDPA backend that rejects the shape).
 Presets fill the shape flags not given: `8b` is one attention layer of the CS336 2026 leaderboard step
-(batch 2, 32 heads, 32768 tokens, head dim 128, bf16, causal).
+(batch 2, 32 heads, 32768 tokens, head dim 128, bf16, causal); `--dispatch-sweep` is the sweep of
+bench/attention_dispatch.py. `--batch-heads BH ...` sweeps batch 1 with BH heads instead of --batch/--heads.
+The leaderboard timing is in bench/attention_leaderboard.py, the grouped-head and document sweeps in
+bench/attention_variants.py.
 Output: attention.md, attention.json and attention.png (latency vs N, a panel per head dim).
 """
 
@@ -68,10 +72,20 @@ class Unsupported(Exception):
 # ------------------------------------------------------------------------------ implementations
 
 
-def _ours(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
-    from ops.flash_attn import flash_attn
+def _ours(gluon_mode: str) -> Callable[[bool, tuple[int, ...]], AttentionFn]:
+    """Our op with the Gluon kernels chosen by `gluon_mode`: "auto" (the dispatch rule), "off" (the tl
+    kernels), "force" (Gluon wherever it runs)."""
+    def build(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
+        from ops.flash_attn import flash_attn
+        from ops.flash_attn.gluon import set_gluon_mode
 
-    return lambda q, k, v: flash_attn(q, k, v, causal)
+        def attention(q, k, v):
+            set_gluon_mode(gluon_mode)  # process-global: the backward, run after this returns, reads it too
+            return flash_attn(q, k, v, causal)
+
+        return attention
+
+    return build
 
 
 def _naive(causal: bool, shape: tuple[int, ...]) -> AttentionFn:
@@ -129,8 +143,10 @@ def _compiled(build: Callable[[bool, tuple[int, ...]], AttentionFn]) -> Callable
 
 
 IMPLEMENTATIONS: dict[str, Callable[[bool, tuple[int, ...]], AttentionFn]] = {
-    "ours": _ours,
-    "ours-compiled": _compiled(_ours),
+    "ours": _ours("auto"),
+    "ours-compiled": _compiled(_ours("auto")),
+    "ours-tl": _ours("off"),
+    "ours-gluon": _ours("force"),
     "naive": _naive,
     "naive-compiled": _compiled(_naive),
     "sdpa-cudnn": _sdpa("CUDNN_ATTENTION"),
@@ -140,6 +156,7 @@ IMPLEMENTATIONS: dict[str, Callable[[bool, tuple[int, ...]], AttentionFn]] = {
     "flex": _flex,
 }
 CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient", "flex")
+DISPATCH_ONLY = ("ours-tl", "ours-gluon")  # in the dispatch sweep; the default --impls leave them out
 
 
 # ------------------------------------------------------------------------------------- measuring
@@ -222,18 +239,21 @@ def sweep(args: argparse.Namespace, device: str) -> Results:
     return results
 
 
+def sweep_points(args: argparse.Namespace) -> list[tuple[str, tuple[int, ...], bool]]:
+    """(dtype name, shape (B, H, N, D), causal) of every point of the sweep, in the order timed."""
+    leads = [(1, bh) for bh in args.batch_heads] if args.batch_heads else [(args.batch, args.heads)]
+    return [(dtype, (*lead, n, d), causal) for dtype in args.dtypes for causal in args.causals
+            for d in args.head_dims for lead in leads for n in args.seq_lens]
+
+
 def _sweep_into(results: Results, args: argparse.Namespace, device: str) -> None:
-    for dtype_name in args.dtypes:
-        for head_dim in args.head_dims:
-            for seq_len in args.seq_lens:
-                shape = (args.batch, args.heads, seq_len, head_dim)
-                rounds = interleaved_rounds(args.impls, args.repeats, lambda impl: measure(
-                    impl, shape, DTYPES[dtype_name], args.causal, device, tuple(args.passes), args.warmup_ms,
-                    args.rep_ms))
-                for runs in rounds.values():
-                    rows = [_median_row(same_pass) for same_pass in zip(*runs)]
-                    results.rows += rows
-                    _print_progress(rows)
+    for dtype_name, shape, causal in sweep_points(args):
+        rounds = interleaved_rounds(args.impls, args.repeats, lambda impl: measure(
+            impl, shape, DTYPES[dtype_name], causal, device, tuple(args.passes), args.warmup_ms, args.rep_ms))
+        for runs in rounds.values():
+            rows = [_median_row(same_pass) for same_pass in zip(*runs)]
+            results.rows += rows
+            _print_progress(rows)
 
 
 def interleaved_rounds(names: Iterable[str], repeats: int, run: Callable[[str], T]) -> dict[str, list[T]]:
@@ -263,71 +283,10 @@ def _print_progress(rows: list[dict[str, Any]]) -> None:
     print(f"{rows[0]['impl']:>15} {rows[0]['dtype']:>8} {rows[0]['shape']:>18}: " + ", ".join(cells), flush=True)
 
 
-def leaderboard(args: argparse.Namespace, device: str) -> Results:
-    """The CS336 leaderboard timing: torch.compile(FlashAttention2Triton.apply), o.sum().backward()."""
-    from ops.flash_attn import FlashAttention2Triton
-
-    heads, n, d = args.leaderboard_shape
-    qkv = torch.randn(3, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
-    q, k, v = qkv  # (heads, N, D) each: views of one leaf, as in the CS336 script
-    compiled = torch.compile(FlashAttention2Triton.apply)
-    contenders: dict[str, AttentionFn] = {"ours": lambda q, k, v: compiled(q, k, v, True)}
-    for impl in leaderboard_impls(device)[1:]:
-        contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
-    results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
-                                           "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
-                                           "repeats": args.repeats})
-    # Each row keeps every round's time and reports the median.
-    runs = interleaved_rounds(contenders, args.repeats,
-                              lambda name: _leaderboard_times(name, contenders[name], q, k, v, device, args))
-    results.rows = [_leaderboard_row(name, times) for name, times in runs.items()]
-    ours = results.rows[0]
-    for row in results.rows:
-        for key in ("forward_ms", "fwd_bwd_ms"):
-            if row[key] is not None and ours[key] is not None:
-                row[key.replace("_ms", "_ours_over_this")] = ours[key] / row[key]
-    return results
-
-
 def leaderboard_impls(device: str) -> list[str]:
     """The leaderboard's contenders on `device`: ours, then the SDPA backends and FlexAttention that run there."""
     others = ("sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex")
     return ["ours", *(impl for impl in others if device == "cuda" or impl not in CUDA_ONLY)]
-
-
-def _leaderboard_times(name: str, fn: AttentionFn, q, k, v, device: str, args: argparse.Namespace) -> dict[str, Any]:
-    four_d = name != "ours"  # SDPA backends and FlexAttention want (B, H, N, D)
-    call = (lambda: fn(q[None], k[None], v[None])) if four_d else (lambda: fn(q, k, v))
-
-    def forward_backward() -> None:
-        call().sum().backward()
-
-    times: dict[str, Any] = {}
-    for key, run in (("forward_ms", call), ("fwd_bwd_ms", forward_backward)):
-        try:
-            times[key] = time_ms(run, device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-        except Exception as error:  # noqa: BLE001 - a backend that cannot run is a row, not a crash
-            reason = OOM if is_oom(error) else f"unsupported: {str(error).splitlines()[0][:80]}"
-            times[key], times["status"] = None, reason
-    print(f"{name:>15}: forward {_ms(times['forward_ms'])}, forward+backward {_ms(times['fwd_bwd_ms'])}", flush=True)
-    return times
-
-
-def _leaderboard_row(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median of each time over the rounds (None if any round failed), and the rounds' times."""
-    row: dict[str, Any] = {"impl": name}
-    for key in ("forward_ms", "fwd_bwd_ms"):
-        values = [r[key] for r in rounds]
-        row[key] = None if None in values else statistics.median(values)
-        row[key.replace("_ms", "_runs_ms")] = values
-    status = next((r["status"] for r in rounds if "status" in r), None)
-    if status is not None:
-        row["status"] = status
-    return row
-
-
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f} ms"
 
 
 def _draw(rows: list[dict[str, Any]], pass_name: str) -> Callable[[Any], None]:
@@ -364,11 +323,21 @@ def planned_flops(args: argparse.Namespace) -> float:
         heads, n, d = args.leaderboard_shape
         per_impl = TIMED_CALLS * (PASS_FLOP_FACTOR["forward"] + PASS_FLOP_FACTOR["forward+backward"])
         return attention_flops((heads, n, d), True) * per_impl * len(leaderboard_impls(args.device)) * args.repeats
-    runnable = [impl for impl in args.impls if args.device == "cuda" or impl not in CUDA_ONLY]
     per_shape = 1 + TIMED_CALLS * sum(PASS_FLOP_FACTOR[name] for name in args.passes)
-    shapes = sum(attention_flops((args.batch, args.heads, n, d), args.causal)
-                 for n in args.seq_lens for d in args.head_dims) * len(args.dtypes)
-    return shapes * per_shape * len(runnable) * args.repeats
+    shapes = sum(attention_flops(shape, causal) for _, shape, causal in sweep_points(args))
+    return shapes * per_shape * len(_runnable(args)) * args.repeats
+
+
+def _runnable(args: argparse.Namespace) -> list[str]:
+    return [impl for impl in args.impls if args.device == "cuda" or impl not in CUDA_ONLY]
+
+
+def planned_timings(args: argparse.Namespace) -> int:
+    """time_ms calls of the run: each spends at least rep_ms / 2 in timed calls (do_bench runs
+    int(rep_ms / a call's time) calls, at least one; the CPU loop runs until rep_ms has passed)."""
+    if args.leaderboard:
+        return 2 * len(leaderboard_impls(args.device)) * args.repeats
+    return len(sweep_points(args)) * len(args.passes) * len(_runnable(args)) * args.repeats
 
 
 def device_flop_rate(device: str) -> float:
@@ -377,17 +346,19 @@ def device_flop_rate(device: str) -> float:
 
 
 def check_runtime(args: argparse.Namespace) -> None:
-    """Print the least time the run takes; refuse it (one line naming the flags) past --max-minutes."""
-    flops, rate = planned_flops(args), device_flop_rate(args.device)
-    seconds = flops / rate
-    estimate = (f"{flops / 1e9:,.0f} GFLOP of attention to time: at least {_duration(seconds)} "
-                f"at {rate / 1e9:,.0f} GFLOP/s")
+    """Print the least time the run takes: its FLOPs at a rate no implementation beats, or its timings'
+    least time (planned_timings), whichever is longer; refuse it (one line naming the flags) past --max-minutes."""
+    flops, rate, timings = planned_flops(args), device_flop_rate(args.device), planned_timings(args)
+    seconds = max(flops / rate, timings * args.rep_ms / 2e3)
+    estimate = (f"{flops / 1e9:,.0f} GFLOP of attention to time: at least {_duration(seconds)} at "
+                f"{rate / 1e9:,.0f} GFLOP/s and {timings} timings of at least --rep-ms {args.rep_ms:g} / 2")
     if seconds > 60 * args.max_minutes:
         if args.leaderboard:
             what, smaller = f"--leaderboard-shape {_joined(args.leaderboard_shape)}", "a smaller shape"
         else:
-            what = (f"the sweep (--batch {args.batch} --heads {args.heads} --seq-lens {_joined(args.seq_lens)} "
-                    f"--head-dims {_joined(args.head_dims)})")
+            rows = f"--batch-heads {_joined(args.batch_heads)}" if args.batch_heads else \
+                f"--batch {args.batch} --heads {args.heads}"
+            what = f"the sweep ({rows} --seq-lens {_joined(args.seq_lens)} --head-dims {_joined(args.head_dims)})"
             smaller = "smaller sizes, fewer --impls"
         raise ConfigError(f"{what} on --device {args.device}: {estimate}, over --max-minutes {args.max_minutes:g}; "
                           f"use {smaller} or --repeats, a CUDA device, or a larger --max-minutes")
@@ -414,8 +385,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="rounds over all implementations (per shape in the sweep), interleaved; each time "
                              "is the median, every round's time is in the JSON (default: 1)")
     parser.add_argument("--impls", nargs="+", metavar="NAME",
-                        default=list(IMPLEMENTATIONS) if cuda else ["ours", "naive", "sdpa-math", "sdpa-flash"],
-                        help=f"implementations: {', '.join(IMPLEMENTATIONS)}")
+                        help=f"implementations: {', '.join(IMPLEMENTATIONS)} (default: all but "
+                             f"{', '.join(DISPATCH_ONLY)} on CUDA; ours naive sdpa-math sdpa-flash on CPU)")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="a named shape: 8b = B2 H32 N32768 D128 bf16 (explicit shape flags win)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES),
@@ -425,11 +396,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dims", nargs="+", type=int, metavar="D", help="default: 16 32 64 128 (CPU: 16 32)")
     parser.add_argument("--batch", type=int, help="batch size (default: 1)")
     parser.add_argument("--heads", type=int, help="heads (default: 1)")
-    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal (default)")
+    parser.add_argument("--batch-heads", type=int, nargs="+", metavar="BH",
+                        help="batch 1 with each of these head counts, instead of --batch/--heads")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction,
+                        help="causal (default; --dispatch-sweep: both)")
+    parser.add_argument("--dispatch-sweep", action="store_true", help="ours (the dispatch rule), ours-tl, "
+                        "ours-gluon and cuDNN over the shapes the rule decides (bench/attention_dispatch.py)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
     parser.add_argument("--warmup-ms", type=nonnegative_float, help="do_bench warm-up (default: 25; leaderboard: 1000)")
     parser.add_argument("--rep-ms", type=positive_float,
-                        help="do_bench repetition time (default: 100; leaderboard: 10000)")
+                        help="do_bench repetition time (default: 100; leaderboard: 10000; dispatch sweep: 50)")
     parser.add_argument("--kv-heads", type=int, help="grouped-query heads: k and v get this many heads (--heads a "
                         "multiple of it); the variant sweep of bench/attention_variants.py")
     parser.add_argument("--documents", type=positive_float, nargs="+", metavar="MEAN",
@@ -443,26 +419,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", type=directory, default="outputs/bench/attention", help="where .md/.json/.png go")
 
 
-def _sweep_defaults(device: str) -> dict[str, Any]:
-    cuda = device == "cuda"
-    return {"dtypes": ["bf16", "fp32"] if cuda else ["fp32"],
+def _sweep_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    cuda = args.device == "cuda"
+    return {"impls": [i for i in IMPLEMENTATIONS if i not in DISPATCH_ONLY] if cuda else
+            ["ours", "naive", "sdpa-math", "sdpa-flash"], "dtypes": ["bf16", "fp32"] if cuda else ["fp32"],
             "seq_lens": [2**i for i in range(7, 17)] if cuda else [64, 128, 256],
-            "head_dims": [16, 32, 64, 128] if cuda else [16, 32], "batch": 1, "heads": 1}
+            "head_dims": [16, 32, 64, 128] if cuda else [16, 32], "batch": 1, "heads": 1, "batch_heads": None,
+            "causals": [True], "warmup_ms": 1000.0 if args.leaderboard else 25.0,
+            "rep_ms": 10000.0 if args.leaderboard else 100.0}
 
 
 def fill_shape(args: argparse.Namespace) -> argparse.Namespace:
-    """Shape flags not given: the preset's value, else the sweep's default."""
+    """Flags not given: the preset's value, else the default. --batch-heads replaces --batch/--heads,
+    so a preset's batch_heads is not filled when either is given."""
     preset = PRESETS.get(args.preset, {})
-    for key, default in _sweep_defaults(args.device).items():
-        if getattr(args, key) is None:
+    if args.dispatch_sweep:
+        from cs336_systems.bench.attention_dispatch import preset_for
+
+        preset = preset_for(args)  # refuses flags of the other modes
+    rows_given = args.batch is not None or args.heads is not None
+    if rows_given and args.batch_heads:
+        raise ConfigError("--batch-heads: sweeps batch 1 with each head count; give it or --batch/--heads, not both")
+    args.causals = None if args.causal is None else [args.causal]
+    for key, default in _sweep_defaults(args).items():
+        if getattr(args, key) is None and not (key == "batch_heads" and rows_given):
             setattr(args, key, preset.get(key, default))
+    args.causal = args.causals[0]  # what the single-mask runs (leaderboard, variants) read
     return args
 
 
 def _check(args: argparse.Namespace) -> None:
     check_flags(args.impls, IMPLEMENTATIONS, args.device, {
         "--seq-lens": args.seq_lens, "--head-dims": args.head_dims, "--leaderboard-shape": args.leaderboard_shape,
-        "--batch": [args.batch], "--heads": [args.heads], "--repeats": [args.repeats]})
+        "--batch": [args.batch], "--heads": [args.heads], "--repeats": [args.repeats],
+        "--batch-heads": args.batch_heads or []})
+    if args.batch_heads and (args.leaderboard or args.kv_heads is not None or args.documents is not None):
+        raise ConfigError("--batch-heads: sweeps only (not with --leaderboard, --kv-heads or --documents)")
     if any(d > 256 for d in args.head_dims):
         raise ConfigError(f"--head-dims: at most 256 (our op's limit), got {args.head_dims}")
 
@@ -470,18 +462,21 @@ def _check(args: argparse.Namespace) -> None:
 def main(args: argparse.Namespace) -> int:
     _check(fill_shape(args))
     check_runtime(args)
-    defaults = (1000.0, 10000.0) if args.leaderboard else (25.0, 100.0)
-    args.warmup_ms = defaults[0] if args.warmup_ms is None else args.warmup_ms
-    args.rep_ms = defaults[1] if args.rep_ms is None else args.rep_ms
     if args.kv_heads is not None or args.documents is not None:
         from cs336_systems.bench import attention_variants
 
         return attention_variants.run_variants(args, DTYPES)
     if args.leaderboard:
+        from cs336_systems.bench.attention_leaderboard import leaderboard
+
         columns = ["impl", "forward_ms", "fwd_bwd_ms", "forward_ours_over_this", "fwd_bwd_ours_over_this", "status"]
         leaderboard(args, args.device).write(args.out_dir, columns)
         return 0
     results = sweep(args, args.device)
+    if args.dispatch_sweep:
+        from cs336_systems.bench import attention_dispatch
+
+        return attention_dispatch.write(results, args)
     columns = ["impl", "dtype", "shape", "pass", "ms", "tflops", "extra_peak_mib", "status", "reason"]
     results.write(args.out_dir, columns)
     results.plot(args.out_dir, _draw(results.rows, "forward+backward"))

@@ -9,13 +9,21 @@ Gluon is experimental and its API moves between Triton releases, so the kernels 
 the Triton minor version they were written and measured against (TESTED_TRITON). With any other
 Triton, `gluon_available()` warns once and the op keeps its `tl` kernels. `CS336_GLUON=0` (read
 once per process) turns the Gluon path off.
+
+`gluon_mode(mode)` / `set_gluon_mode(mode)` switch the rules for benchmarks and tests: "auto" (the
+measured rules below, the default), "off" (never Gluon) or "force" (Gluon wherever it can run, forward
+and backward, whatever the size, head dim or grid; never in deterministic mode). The mode is
+process-global, not per thread or per `with` block: the backward runs in autograd after the forward
+returned, so it reads the mode in force when it runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -40,6 +48,33 @@ GLUON_MIN_WORK = 2**35
 # 92 vs 114 ms, 16 x 4096: 0.50 vs 0.61 ms), except with few rows, where the tl small-grid tiles
 # keep more SMs busy (1 x 16384: 0.71 vs 0.68 ms). At D = 64 the tl one-pass backward stayed ahead.
 GLUON_BACKWARD_HEAD_DIMS = (128,)
+GLUON_MODES = ("auto", "off", "force")
+_mode = "auto"  # process-global (set_gluon_mode): read by the rules at each forward and backward
+
+
+def set_gluon_mode(mode: str) -> str:
+    """Make `mode` ("auto", "off" or "force") the process-wide Gluon mode; returns the one it replaces."""
+    global _mode
+    if mode not in GLUON_MODES:
+        raise ValueError(f"mode must be one of {', '.join(GLUON_MODES)}, got {mode!r}")
+    previous, _mode = _mode, mode
+    return previous
+
+
+def get_gluon_mode() -> str:
+    return _mode
+
+
+@contextlib.contextmanager
+def gluon_mode(mode: str) -> Iterator[None]:
+    """`set_gluon_mode(mode)` for the block, the previous mode restored after it. Process-global: a
+    backward that runs after the block (autograd) reads the mode of that moment, so wrap the backward
+    too, or call set_gluon_mode."""
+    previous = set_gluon_mode(mode)
+    try:
+        yield
+    finally:
+        set_gluon_mode(previous)
 
 
 @functools.cache
@@ -95,8 +130,11 @@ def _large(q: torch.Tensor, k: torch.Tensor) -> bool:
 def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
     """The dispatch rule: the Gluon forward where it runs and the problem is large enough for its GPU
     time to decide (measured faster there, docs/perf/flash_attention_gluon.md, v11), unless CS336_GLUON=0.
-    GQA (k/v with fewer heads) and packed documents (`documents`: bounds will be passed) included."""
-    return _large(q, k) and gluon_forward_supported(q, k, v, documents)
+    GQA (k/v with fewer heads) and packed documents (`documents`: bounds will be passed) included.
+    Mode "off": never; "force": wherever it runs, whatever the size."""
+    if _mode == "off":
+        return False
+    return (_mode == "force" or _large(q, k)) and gluon_forward_supported(q, k, v, documents)
 
 
 def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
@@ -104,11 +142,16 @@ def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docume
     measured faster and with enough rows, unless torch is asked for deterministic algorithms (its dQ is summed by
     reductions in the order CTAs finish, as in the tl one-pass backward). It launches one CTA per K/V
     head and key tile (with GQA each walks its group's query heads), so the grid the small-grid rule
-    weighs has k's heads; without GQA that is q's, as measured."""
-    return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not torch.are_deterministic_algorithms_enabled()
-            and not small_grid(k.shape[:-2].numel(), q.shape[-2], q.shape[-1])
+    weighs has k's heads; without GQA that is q's, as measured. Mode "off": never; "force": wherever
+    the Gluon forward runs (any head dim in GLUON_HEAD_DIMS, any grid), but still never deterministically."""
+    if _mode == "off" or torch.are_deterministic_algorithms_enabled():
+        return False
+    if _mode == "force":
+        return gluon_forward_supported(q, k, v, documents)
+    return (q.shape[-1] in GLUON_BACKWARD_HEAD_DIMS and not small_grid(k.shape[:-2].numel(), q.shape[-2], q.shape[-1])
             and use_gluon_forward(q, k, v, documents))
 
 
-__all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "TESTED_TRITON", "gluon_available",
-           "gluon_enabled", "gluon_forward_supported", "use_gluon_backward", "use_gluon_forward"]
+__all__ = ["GLUON_BACKWARD_HEAD_DIMS", "GLUON_HEAD_DIMS", "GLUON_MIN_WORK", "GLUON_MODES", "TESTED_TRITON",
+           "get_gluon_mode", "gluon_available", "gluon_enabled", "gluon_forward_supported", "gluon_mode",
+           "set_gluon_mode", "use_gluon_backward", "use_gluon_forward"]
