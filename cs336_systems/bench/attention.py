@@ -27,7 +27,7 @@ import argparse
 import functools
 import statistics
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import torch._functorch.config  # noqa: F401 - sweep() patches it; not loaded by `import torch` alone
@@ -41,13 +41,13 @@ from cs336_systems.bench.common import (
     environment,
     extra_peak_mib,
     free_device_memory,
+    interleaved_rounds,
     is_oom,
     time_ms,
 )
 from cs336_systems.errors import ConfigError, directory, nonnegative_float, positive_float
 
 AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-T = TypeVar("T")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("forward", "backward", "forward+backward")
 # FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
@@ -256,16 +256,6 @@ def _sweep_into(results: Results, args: argparse.Namespace, device: str) -> None
             _print_progress(rows)
 
 
-def interleaved_rounds(names: Iterable[str], repeats: int, run: Callable[[str], T]) -> dict[str, list[T]]:
-    """`run(name)` for every name, `repeats` rounds, the names interleaved within each round: a slow
-    spell of the host or the card (clocks, temperature; small shapes time host work) hits them alike."""
-    rounds: dict[str, list[T]] = {name: [] for name in names}
-    for _ in range(repeats):
-        for name, runs in rounds.items():
-            runs.append(run(name))
-    return rounds
-
-
 def _median_row(rounds: tuple[dict[str, Any], ...]) -> dict[str, Any]:
     """One pass's row over the rounds: the median time (and its TFLOP/s) with every round's time,
     or the first failure's row if any round failed."""
@@ -469,8 +459,10 @@ def main(args: argparse.Namespace) -> int:
     if args.leaderboard:
         from cs336_systems.bench.attention_leaderboard import leaderboard
 
+        heads, n, d = args.leaderboard_shape
+        others = {impl: IMPLEMENTATIONS[impl](True, (1, heads, n, d)) for impl in leaderboard_impls(args.device)[1:]}
         columns = ["impl", "forward_ms", "fwd_bwd_ms", "forward_ours_over_this", "fwd_bwd_ours_over_this", "status"]
-        leaderboard(args, args.device).write(args.out_dir, columns)
+        leaderboard(args, others).write(args.out_dir, columns)
         return 0
     results = sweep(args, args.device)
     if args.dispatch_sweep:

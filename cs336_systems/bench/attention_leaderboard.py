@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from cs336_systems.bench.attention import IMPLEMENTATIONS, AttentionFn, interleaved_rounds, leaderboard_impls
-from cs336_systems.bench.common import OOM, Results, environment, is_oom, time_ms
+from cs336_systems.bench.common import OOM, Results, environment, interleaved_rounds, is_oom, time_ms
+
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def leaderboard(args: argparse.Namespace, device: str) -> Results:
-    """The CS336 leaderboard timing: torch.compile(FlashAttention2Triton.apply), o.sum().backward()."""
+def leaderboard(args: argparse.Namespace, others: dict[str, AttentionFn]) -> Results:
+    """The CS336 leaderboard timing: torch.compile(FlashAttention2Triton.apply), o.sum().backward(), and
+    the same for `others` (name -> causal attention over (1, heads, N, D))."""
     from ops.flash_attn import FlashAttention2Triton
 
-    heads, n, d = args.leaderboard_shape
+    heads, n, d, device = *args.leaderboard_shape, args.device
     qkv = torch.randn(3, heads, n, d, device=device, dtype=torch.bfloat16, requires_grad=True)
     q, k, v = qkv  # (heads, N, D) each: views of one leaf, as in the CS336 script
     compiled = torch.compile(FlashAttention2Triton.apply)
-    contenders: dict[str, AttentionFn] = {"ours": lambda q, k, v: compiled(q, k, v, True)}
-    for impl in leaderboard_impls(device)[1:]:
-        contenders[impl] = IMPLEMENTATIONS[impl](True, (1, heads, n, d))
+    contenders: dict[str, AttentionFn] = {"ours": lambda q, k, v: compiled(q, k, v, True), **others}
     results = Results("leaderboard", meta={**environment(device), "shape": f"{heads}x{n}x{d}", "dtype": "bfloat16",
                                            "causal": True, "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                                            "repeats": args.repeats})

@@ -15,10 +15,10 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -26,11 +26,12 @@ from cs336_systems.errors import ConfigError
 from cs336_systems.timing import Stopwatch, synchronize
 
 __all__ = ["OOM", "UNSUPPORTED", "Results", "Stopwatch", "environment", "free_device_memory", "git_revision",
-           "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags", "check_backend",
-           "extra_peak_mib"]
+           "interleaved_rounds", "is_oom", "markdown_table", "mean_std", "synchronize", "time_ms", "check_flags",
+           "check_backend", "extra_peak_mib"]
 
 OOM = "OOM"
 UNSUPPORTED = "unsupported"
+T = TypeVar("T")
 
 
 def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float = 25, rep_ms: float = 100) -> float:
@@ -46,6 +47,16 @@ def time_ms(fn: Callable[[], Any], device: torch.device | str, warmup_ms: float 
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def interleaved_rounds(names: Iterable[str], repeats: int, run: Callable[[str], T]) -> dict[str, list[T]]:
+    """`run(name)` for every name, `repeats` rounds, the names interleaved within each round: a slow
+    spell of the host or the card (clocks, temperature; small shapes time host work) hits them alike."""
+    rounds: dict[str, list[T]] = {name: [] for name in names}
+    for _ in range(repeats):
+        for name, runs in rounds.items():
+            runs.append(run(name))
+    return rounds
 
 
 def mean_std(samples: Sequence[float]) -> tuple[float, float]:
