@@ -232,9 +232,12 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
 def sweep(args: argparse.Namespace, device: str) -> Results:
     results = Results("attention", meta={**environment(device), "warmup_ms": args.warmup_ms, "rep_ms": args.rep_ms,
                                          "repeats": args.repeats})
+    from ops.flash_attn.gluon import gluon_mode
+
     # The backward pass is timed by replaying one graph (retain_graph=True); compiled backward graphs
-    # refuse that when AOTAutograd donates their saved buffers, so donation is off for the sweep.
-    with torch._functorch.config.patch(donated_buffer=False):
+    # refuse that when AOTAutograd donates their saved buffers, so donation is off for the sweep. Our
+    # contenders set the process-wide Gluon mode at each call: the one before the sweep comes back after.
+    with torch._functorch.config.patch(donated_buffer=False), gluon_mode("auto"):
         _sweep_into(results, args, device)
     return results
 

@@ -5,10 +5,9 @@ views, non-empty, CS336_GLUON not 0, and the Triton minor version the kernels we
 with another Triton it warns once and the tl kernels run.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
+from gluon_stand_ins import fake_cuda, pretend_hopper, qkv
 
 import ops.flash_attn.dispatch as dispatch
 import ops.flash_attn.gluon as gluon
@@ -26,25 +25,7 @@ def fresh_caches(monkeypatch):
 
 @pytest.fixture
 def hopper(monkeypatch):
-    """A pretend sm_90 device; stand-in tensors say themselves whether they are TMA-aligned."""
-    capability = {"value": (9, 0)}
-    monkeypatch.setattr(gluon, "device_capability", lambda index: capability["value"])
-    monkeypatch.setattr(gluon, "heads_view", lambda x: x)
-    monkeypatch.setattr(gluon, "tma_aligned", lambda x: x.aligned)
-    monkeypatch.setattr(gluon.triton, "__version__", "3.6.0")
-    return capability
-
-
-def fake_cuda(n=16384, d=64, dtype=torch.bfloat16, aligned=True, numel=None, heads=8, batch=2):
-    """What the rule reads of a (batch, heads, n, d) CUDA tensor."""
-    size = batch * heads * n * d if numel is None else numel
-    return SimpleNamespace(is_cuda=True, dtype=dtype, shape=torch.Size((batch, heads, n, d)), numel=lambda: size,
-                           device=SimpleNamespace(index=0), aligned=aligned)
-
-
-def qkv(**kwargs):
-    x = fake_cuda(**kwargs)
-    return x, x, x
+    return pretend_hopper(monkeypatch)
 
 
 @pytest.mark.parametrize("d", [64, 128])
