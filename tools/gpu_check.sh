@@ -17,6 +17,9 @@
 #                ours vs SDPA (enable_gqa) and FlexAttention
 #   documents    (not in the default list) bench attention --documents: 32768-token rows of documents with mean
 #                length 512-8192, ours vs FlexAttention's document mask and SDPA's dense mask
+#   dispatch     (not in the default list) bench attention --dispatch-sweep: ours (the dispatch rule) vs the tl
+#                kernels alone, the Gluon kernels wherever they run, and cuDNN; N 512-32768, D 64/128, BH 1-64,
+#                causal and not; writes the dispatch table and the ours/cuDNN plot
 #
 # Prints the GPU and the git revision, each test part's pytest summary line and each benchmark's markdown
 # table; writes OUT_DIR/<part>.log (the full output) and each benchmark's md/json/png under OUT_DIR/<part>/.
@@ -82,14 +85,19 @@ documents() {
         --head-dims 128 --dtypes bf16 --seq-lens 32768 --passes forward forward+backward \
         --impls ours flex sdpa-cudnn sdpa-efficient
 }
+dispatch() {  # prints the dispatch table and its summary; every timing is in OUT_DIR/dispatch/attention.md
+    run dispatch "${TIME_DISPATCH:-540}" $PYTHON -m cs336_systems bench attention --dispatch-sweep \
+        --out-dir "$OUT_DIR/dispatch" || grep -v "$NOISE" "$OUT_DIR/dispatch.log" | tail -n 15
+    cat "$OUT_DIR/dispatch/attention_dispatch.md" 2>/dev/null
+}
 step() {
     bench step "${TIME_STEP:-400}" step --steps 3 --warmup 1 --contenders ours@selective stock ours-sdpa@selective
 }
 
 for part in $PARTS; do
     case $part in
-        tests | attention | leaderboard | profile | step | gluon | gqa | documents) ;;
-        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon gqa documents)" >&2
+        tests | attention | leaderboard | profile | step | gluon | gqa | documents | dispatch) ;;
+        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon gqa documents dispatch)" >&2
            exit 2 ;;
     esac
 done

@@ -143,7 +143,8 @@ def draw_ratios(table: list[dict[str, Any]], head_dims: list[int], causals: list
                     ax.plot([r["seq_len"] for r in line], [r["ours_over_cudnn"] for r in line], marker=".",
                             label=f"BH {bh}")
                 ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
-                ax.set(xscale="log", title=f"D={d}, {'causal' if causal else 'non-causal'}", xlabel="sequence length",
+                ax.set_xscale("log", base=2)
+                ax.set(title=f"D={d}, {'causal' if causal else 'non-causal'}", xlabel="sequence length",
                        ylabel="ours / cuDNN (fwd+bwd)")
                 if panel:
                     ax.legend(fontsize=7)
