@@ -276,3 +276,24 @@ def test_tiny_dispatch_sweep_writes_the_table_and_plot(tmp_path):
     assert summary["judged"] == 12 and summary["rule_off"] == sum(not r["rule_right"] for r in table)
     assert "## summary" in (tmp_path / "attention_dispatch.md").read_text()
     assert gluon.get_gluon_mode() == "auto"  # the sweep hands back the mode it found
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_modes_route_our_contenders_to_their_kernels_on_sm90(monkeypatch, head_dim):
+    """On an sm_90 GPU, at a shape under every Gluon threshold: `ours-tl` and `ours` (the rule) run the tl
+    kernels forward and backward, `ours-gluon` the Gluon ones (their numerics: tests/ops/flash_attn)."""
+    if torch.cuda.get_device_capability() != gluon.GLUON_CAPABILITY or not gluon.gluon_available():
+        pytest.skip("needs an sm_90 GPU and the tested Triton")
+    launch = pytest.importorskip("ops.flash_attn.gluon.launch")
+    launch_bwd = pytest.importorskip("ops.flash_attn.gluon.launch_bwd")
+    calls = []
+    for module, name in ((launch, "flash_forward_gluon"), (launch_bwd, "flash_backward_gluon")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    q, k, v, grad = attention.make_inputs((1, 2, 512, head_dim), torch.bfloat16, "cuda")
+    gluon_both = ["flash_forward_gluon", "flash_backward_gluon"]
+    for impl, expected in (("ours-tl", []), ("ours-gluon", gluon_both), ("ours", [])):  # 2 x 512^2 x D < 2**35
+        calls.clear()
+        attention.IMPLEMENTATIONS[impl](True, tuple(q.shape))(q, k, v).backward(grad)
+        assert calls == expected, impl
