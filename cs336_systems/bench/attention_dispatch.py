@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 from typing import Any
 
@@ -117,7 +118,7 @@ def summary(table: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summary_markdown(stats: dict[str, Any]) -> str:
     lines = [f"- rule off (ours > {stats['rule_slack']:g} x the faster of tl and Gluon): {stats['rule_off']} of "
-             f"{stats['judged']} (by pass: {stats['rule_off_by_pass']})"]
+             f"{stats['judged']} (" + ", ".join(f"{name} {n}" for name, n in stats["rule_off_by_pass"].items()) + ")"]
     worst = stats["worst"]
     if worst is not None:
         shape = f"{'causal' if worst['causal'] else 'non-causal'} D {worst['head_dim']} BH {worst['batch_heads']} " \
@@ -162,10 +163,12 @@ def write(results: Results, args: argparse.Namespace) -> int:
                                  "status", "reason"])
     table = dispatch_table(results.rows)
     stats = summary(table)
-    dispatch = Results("attention_dispatch", meta={**results.meta, "summary": stats}, rows=table)
+    dispatch = Results("attention_dispatch", meta=dict(results.meta), rows=table)
     out = dispatch.write(args.out_dir, TABLE_COLUMNS)
     with open(out / "attention_dispatch.md", "a") as md:
         md.write("\n## summary\n\n" + summary_markdown(stats) + "\n")
+    written = json.loads((out / "attention_dispatch.json").read_text())  # {"meta", "rows"}, plus the summary
+    (out / "attention_dispatch.json").write_text(json.dumps({**written, "summary": stats}, indent=1))
     print(summary_markdown(stats))
     dispatch.plot(args.out_dir, draw_ratios(table, args.head_dims, args.causals))
     return 0

@@ -272,7 +272,7 @@ def test_tiny_dispatch_sweep_writes_the_table_and_plot(tmp_path):
         assert all(math.isfinite(row[key]) and row[key] > 0 for key in ("ours_ms", "tl_ms", "gluon_ms"))
         assert row["cudnn_ms"] is None and row["ours_over_cudnn"] is None
         assert row["ours_over_best"] == pytest.approx(row["ours_ms"] / min(row["tl_ms"], row["gluon_ms"]))
-    summary = result["meta"]["summary"]
+    summary = result["summary"]
     assert summary["judged"] == 12 and summary["rule_off"] == sum(not r["rule_right"] for r in table)
     assert "## summary" in (tmp_path / "attention_dispatch.md").read_text()
     assert gluon.get_gluon_mode() == "auto"  # the sweep hands back the mode it found
