@@ -247,13 +247,17 @@ def resolve_policy(name: str, config: StepBenchConfig, model: ModelConfig) -> Ac
 
 
 def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate: float,
-                  do_bench: Callable[..., float] | None = None) -> dict[str, Any]:
+                  do_bench: Callable[..., float] | None = None, phase: dict[str, str] | None = None) -> dict[str, Any]:
     """Build, compile (first step), warm up and time one contender; its result row. `do_bench` (the
-    leaderboard protocol's timer) defaults to triton.testing.do_bench; tests pass a stand-in."""
+    leaderboard protocol's timer) defaults to triton.testing.do_bench; tests pass a stand-in. `phase`
+    ["now"] says how far it got (plan, build, first step, steps): an OOM row names it."""
+    phase = {} if phase is None else phase
+    phase["now"] = "plan"
     torch.compiler.reset()  # the first step compiles from an empty cache
     base = contender_base(name)
     model_config = ModelConfig(**{**vars(config.model), "attention": "sdpa" if base != "ours" else "flash"})
     policy = None if base == "stock" else resolve_policy(name, config, model_config)
+    phase["now"] = "build"
     torch.manual_seed(0)
     with torch.device(config.device):  # initialised in place: an 8B model is slow to fill on a CPU
         model = model_config.build()
@@ -274,8 +278,10 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
             optimizer.step()
         return loss.detach()
 
+    phase["now"] = "first step"
     first_s, loss = _timed(step, config.device)
     first_loss = loss.item()
+    phase["now"] = "steps"  # the optimizer state now exists: the steady-state peak
     print(f"{name}: first step (compilation included) {first_s:.1f} s, loss {first_loss:.4f}", flush=True)
     if config.device_type == "cuda":
         torch.cuda.reset_peak_memory_stats(config.device)
@@ -300,6 +306,17 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
         row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
     if config.profile:
         row["kernel_ms"] = kernel_times(step, config.device)
+    return row
+
+
+def oom_row(name: str, error: BaseException, phase: str, config: StepBenchConfig) -> dict[str, Any]:
+    """The row of a contender that ran out of memory: where (plan, build, first step, steps), the
+    allocator's own words (how much it tried to allocate, what was free, reserved but unallocated) and,
+    on CUDA, the peak allocated since the first step, to compare with a plan's accounting."""
+    row = {"contender": name, "ms_per_step": OOM, "note": OOM_ADVICE, "oom_phase": phase,
+           "oom_message": " ".join(str(error).split())[:400]}
+    if config.device_type == "cuda":
+        row["peak_gib_before_oom"] = torch.cuda.max_memory_allocated(config.device) / 2**30
     return row
 
 
@@ -329,12 +346,13 @@ def run(config: StepBenchConfig, on_row: Callable[[list[dict[str, Any]], dict[st
                "pflop_per_step": flops / 1e15, "matmul_tflops": rate}
     rows: list[dict[str, Any]] = []
     for name in config.contenders:
+        phase: dict[str, str] = {}
         try:
-            row = run_contender(name, config, flops, rate, do_bench)
+            row = run_contender(name, config, flops, rate, do_bench, phase)
         except RuntimeError as error:  # torch.OutOfMemoryError is one
             if not is_oom(error):
                 raise
-            row = {"contender": name, "ms_per_step": OOM, "note": OOM_ADVICE}
+            row = oom_row(name, error, phase.get("now", "plan"), config)
         except ConfigError as error:  # an auto / budget:GiB plan that does not fit: the others still run
             row = {"contender": name, "ms_per_step": NO_PLAN, "note": str(error)}
         finally:

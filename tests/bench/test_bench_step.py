@@ -150,6 +150,8 @@ def test_oom_becomes_a_row(tmp_path, monkeypatch):
     rows = bench(tmp_path, "--no-compile", "--contenders", "stock", "ours", "--layers", "1", "--ctx", "16")["rows"]
     assert rows[0]["contender"] == "stock" and rows[0]["ms_per_step"] == "OOM"
     assert "--ac full" in rows[0]["note"] and "--batch" in rows[0]["note"]
+    assert rows[0]["oom_phase"] == "build"
+    assert rows[0]["oom_message"] == "CUDA out of memory. Tried to allocate 80.00 GiB"
     assert rows[1]["ms_per_step"] > 0
     assert "OOM" in (tmp_path / "step.md").read_text()
 
