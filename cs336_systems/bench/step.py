@@ -241,7 +241,8 @@ def resolve_policy(name: str, config: StepBenchConfig, model: ModelConfig) -> Ac
     with flags_renamed(TRAIN_FLAGS):
         plan = resolve_checkpointing(policy, model, batch=config.batch, context_length=config.ctx,
                                      dtype=torch.bfloat16, device=config.device,
-                                     optimizer_in_backward="inbwd" in contender_options(name))
+                                     optimizer_in_backward="inbwd" in contender_options(name),
+                                     compiled=config.compile)
     print(f"{name}: {plan.costs.describe()}\n{name}: {plan.describe()}", flush=True)
     return plan
 

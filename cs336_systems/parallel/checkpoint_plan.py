@@ -21,6 +21,10 @@ The cost table is measured, for one block at the run's micro-batch shape and dty
   With attention "flash" the bytes are measured with SDPA in its place: eager `ops.flash_attn`
   skips the op dispatch, so the selective policy would not see (and keep) it in eager, while the
   compiled run keeps its O and L, the same tensors as SDPA's.
+  For a compiled run on CUDA (`compiled=True`) the bytes are instead those the compiled block keeps,
+  read from the caching allocator (`compiled_memory`), with what its backward adds at its peak: the
+  eager count predicted an all-`selective` 8B step well, but plans keeping more than `selective`
+  ran out of memory on an H200 with the eager count 12 GiB under the card (docs/activation_checkpointing.md).
 - recompute seconds: what backward re-runs, timed op by op in forward (no autograd): the
   attention and each block matmul alone, and the block's pointwise rest (the whole block's
   forward less those); a policy re-runs the rest, the attention unless selective, and the
@@ -101,16 +105,20 @@ def retained_bytes(fn: Callable, *args) -> tuple[int, object]:
     return tracker.live_bytes(exclude=out if isinstance(out, torch.Tensor) and out.dim() else None), out
 
 
+def _region(block: nn.Module, policy: ActivationCheckpointing) -> nn.Module:
+    """`block` as a run wraps it under a single-layer `policy`."""
+    if policy.mode == "none":
+        return block
+    saved = policy.saved_matmuls if policy.mode == "selective" else None
+    return CheckpointedBlocks([block], first=0, saved_matmuls=saved)
+
+
 def kept_bytes(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpointing) -> int:
     """Bytes one block keeps for backward under `policy` (a single-layer policy), input `x` (B, T, d).
 
     The input is copied inside the measurement, so it counts when the block keeps it (as every
     policy does); the output does not (it is the next block's input, counted there)."""
-    if policy.mode == "none":
-        region = block
-    else:
-        region = CheckpointedBlocks([block], first=0,
-                                    saved_matmuls=policy.saved_matmuls if policy.mode == "selective" else None)
+    region = _region(block, policy)
     leaf = x.detach().requires_grad_()  # (B, T, d): the graph reaches it, as the embedding's output
 
     def forward() -> torch.Tensor:
@@ -118,6 +126,35 @@ def kept_bytes(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpointin
 
     kept, _ = retained_bytes(forward)
     return kept
+
+
+def compiled_memory(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpointing) -> tuple[int, int]:
+    """CUDA: (bytes kept from forward to backward, bytes its backward adds at its peak) of one block under
+    `policy`, compiled as a run compiles it (each block its own region) and counted by the caching
+    allocator: what the compiled graphs save and hold, which the eager count need not equal (the
+    partitioner chooses the saved tensors; the backward graph's buffers live as inductor plans them).
+    The backward's share is the layer's working set while its gradients are formed: the recomputation,
+    the gradient temporaries and the block's parameter gradients, above what the forward kept."""
+    device = x.device
+    compiled = torch.compile(_region(block, policy))
+    leaf = x.detach().requires_grad_()  # (B, T, d)
+    compiled(leaf.clone()).sum().backward()  # compiles the forward and backward graphs
+    block.zero_grad(set_to_none=True)
+    leaf.grad = None
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    out = compiled(leaf.clone())  # (B, T, d)
+    loss = out.sum()
+    torch.cuda.synchronize(device)
+    after_forward = torch.cuda.memory_allocated(device)
+    kept = after_forward - start - out.untyped_storage().nbytes() - loss.untyped_storage().nbytes()
+    torch.cuda.reset_peak_memory_stats(device)
+    loss.backward()
+    torch.cuda.synchronize(device)
+    backward = torch.cuda.max_memory_allocated(device) - after_forward
+    del out, loss
+    block.zero_grad(set_to_none=True)
+    return kept, backward
 
 
 # ---------------------------------------------------------------- recompute seconds
@@ -183,6 +220,9 @@ class LayerCosts:
     """Bytes one layer keeps from forward to backward."""
     recompute_s: tuple[float, ...]
     """Seconds one layer's backward spends recomputing."""
+    backward_bytes: tuple[int, ...] | None = None
+    """Bytes one layer's backward adds at its peak above what it kept (compiled_memory), where measured
+    (compiled on CUDA); None where not: then the budget takes `none`'s kept bytes for it."""
     shape: tuple[int, int, int] = (0, 0, 0)
     """(batch, ctx, d_model) of the measurement."""
     dtype: str = ""
@@ -193,6 +233,14 @@ class LayerCosts:
     def __post_init__(self) -> None:
         if not (len(self.policies) == len(self.kept_bytes) == len(self.recompute_s)) or not self.policies:
             raise ValueError("LayerCosts: one kept_bytes and recompute_s per policy, at least one policy")
+        if self.backward_bytes is not None and len(self.backward_bytes) != len(self.policies):
+            raise ValueError("LayerCosts: one backward_bytes per policy, or none")
+
+    @property
+    def transient_bytes(self) -> int:
+        """What the layer whose backward runs holds beyond every layer's kept bytes: the largest measured
+        backward working set, or where none was measured, `none`'s kept bytes (its whole forward again)."""
+        return max(self.backward_bytes) if self.backward_bytes is not None else max(self.kept_bytes)
 
     def cost(self, policy: str) -> tuple[int, float]:
         """(kept bytes, recompute seconds) of one layer under `policy`."""
@@ -204,30 +252,40 @@ class LayerCosts:
         batch, ctx, d_model = self.shape
         head = (f"per-layer costs ({batch} x {ctx} tokens, d_model {d_model}, {self.dtype}, {self.device}, "
                 f"attention {self.attention}):")
+        backward = self.backward_bytes or (None,) * len(self.policies)
         rows = [f"  {p:<48} kept {b / 2**20:10.4g} MiB  recompute {s * 1e3:9.4g} ms"
-                for p, b, s in zip(self.policies, self.kept_bytes, self.recompute_s)]
+                + ("" if w is None else f"  backward adds {w / 2**20:10.4g} MiB")
+                for p, b, s, w in zip(self.policies, self.kept_bytes, self.recompute_s, backward)]
         return "\n".join([head, *rows])
 
     def to_dict(self) -> dict:
+        backward = self.backward_bytes or (None,) * len(self.policies)
         return {"shape": list(self.shape), "dtype": self.dtype, "device": self.device, "attention": self.attention,
-                "policies": {p: {"kept_bytes": b, "recompute_s": s}
-                             for p, b, s in zip(self.policies, self.kept_bytes, self.recompute_s)}}
+                "policies": {p: {"kept_bytes": b, "recompute_s": s, **({} if w is None else {"backward_bytes": w})}
+                             for p, b, s, w in zip(self.policies, self.kept_bytes, self.recompute_s, backward)}}
 
 
 def measure_layer_costs(block: nn.Module, batch: int, ctx: int, *, policies: Sequence[str] = CANDIDATES,
-                        runs: int = 3) -> LayerCosts:
+                        runs: int = 3, compiled: bool = False) -> LayerCosts:
     """The cost table of `block` (a TransformerBlock, on its device and in its dtype) for a micro-batch of
-    `batch` x `ctx` tokens: kept bytes per policy, and recompute seconds from `runs` timings of each op."""
+    `batch` x `ctx` tokens: kept bytes per policy, and recompute seconds from `runs` timings of each op.
+    `compiled` (the run compiles its blocks) on CUDA: the bytes as the compiled block keeps them and
+    its backward's working set (compiled_memory); elsewhere the eager count."""
     param = block.attn.q_proj.weight  # (d_model, d_model): the block's device and dtype
     generator = torch.Generator(device=param.device).manual_seed(0)
     x = torch.randn(batch, ctx, param.shape[1], device=param.device, dtype=param.dtype,
                     generator=generator)  # (B, T, d_model)
     parsed = [parse_policy(p) for p in policies]
-    with _attention_for_bytes(block):
-        kept = tuple(kept_bytes(block, x, p) for p in parsed)
+    backward = None
+    if compiled and param.device.type == "cuda":
+        kept, backward = zip(*(compiled_memory(block, x, p) for p in parsed))
+        torch.compiler.reset()  # the run compiles its own blocks: no cache entries (or recompiles) left over
+    else:
+        with _attention_for_bytes(block):
+            kept = tuple(kept_bytes(block, x, p) for p in parsed)
     ops = op_seconds(block, x, runs)
-    return LayerCosts(policies=tuple(str(p) for p in parsed), kept_bytes=kept,
-                      recompute_s=tuple(recompute_seconds(ops, p) for p in parsed),
+    return LayerCosts(policies=tuple(str(p) for p in parsed), kept_bytes=tuple(kept),
+                      recompute_s=tuple(recompute_seconds(ops, p) for p in parsed), backward_bytes=backward,
                       shape=(batch, ctx, x.shape[-1]), dtype=str(param.dtype).removeprefix("torch."),
                       device=str(param.device), attention=block.attn.attention)
 

@@ -239,17 +239,20 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
                           dtype: torch.dtype, device: torch.device | str, param_dtype: torch.dtype | None = None,
                           fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
                           shard_optimizer: bool = False, available: int | None = None,
-                          optimizer_in_backward: bool = False) -> ActivationCheckpointing | CheckpointPlan:
+                          optimizer_in_backward: bool = False, compiled: bool = False
+                          ) -> ActivationCheckpointing | CheckpointPlan:
     """`policy` itself, or for a plan request (auto, budget:GiB) the plan: one block of `model` is built on
     `device` in `dtype` (the activations' dtype: the compute dtype), its per-policy costs measured at
     `batch` x `context_length` tokens, and the layer counts solved against the budget (activation_budget;
     parameters, gradients and AdamW state in `param_dtype`, default `dtype`; `available` default: what
-    is free now). Call before the model is built: the free memory read then is what the whole run gets."""
+    is free now). `compiled`: the run compiles its blocks (on CUDA the table is then measured compiled:
+    checkpoint_plan.measure_layer_costs). Call before the model is built: the free memory read then is
+    what the whole run gets."""
     if not policy.planned:
         return policy
     with torch.device(device):
         block = _one_block(model, context_length).to(dtype)
-    costs = measure_layer_costs(block, batch, context_length)
+    costs = measure_layer_costs(block, batch, context_length, compiled=compiled)
     del block
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
@@ -258,7 +261,7 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
                      activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
                      fsdp=fsdp, shard_optimizer=shard_optimizer, optimizer_in_backward=optimizer_in_backward)
     available = available_bytes(device) if available is None else available
-    transient = max(costs.kept_bytes)  # the layer whose backward runs holds its whole forward again
+    transient = costs.transient_bytes  # what the layer whose backward runs holds beyond the kept bytes
     loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
     budget, terms = activation_budget(policy, floor, available=available, total=device_memory(device),
                                       transient=transient, loss_bytes=loss)
@@ -281,7 +284,7 @@ def resolve_train_checkpointing(config: TrainConfig, device: torch.device
                                  fused_loss=config.loss == "fused", world_size=parallel.world_size,
                                  fsdp=parallel.fsdp, shard_optimizer=parallel.shard_optimizer,
                                  available=available_bytes(device) // local,
-                                 optimizer_in_backward=config.optimizer.in_backward)
+                                 optimizer_in_backward=config.optimizer.in_backward, compiled=runtime.compile)
 
 
 def record_plan(plan: CheckpointPlan, out_dir: str | None) -> None:

@@ -322,6 +322,40 @@ def test_cuda_cost_table():
     assert list(costs.kept_bytes) == sorted(costs.kept_bytes, reverse=True)
     assert costs.cost("full")[0] == B * 64 * D * 2 and costs.device.startswith("cuda")
     assert all(s > 0 for s in costs.recompute_s[1:])
+    assert costs.backward_bytes is None and costs.transient_bytes == costs.kept_bytes[0]
+
+
+@pytest.mark.cuda
+def test_cuda_compiled_cost_table():
+    """Compiled on the GPU, read from the caching allocator: `full` keeps its input (one block of the
+    allocator's, which rounds every allocation up to 512 bytes), every policy's backward adds at least
+    the block's parameter gradients, and no compiled code is left for the run to trip over."""
+    block = tiny_block("flash", context=64).cuda().bfloat16()
+    costs = measure_layer_costs(block, B, 64, runs=3, compiled=True)
+    input_bytes = B * 64 * D * 2
+    assert costs.cost("full")[0] == -(-input_bytes // 512) * 512
+    assert all(kept > 0 for kept in costs.kept_bytes)
+    grads = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in block.parameters())
+    assert min(costs.backward_bytes) >= grads and costs.transient_bytes == max(costs.backward_bytes)
+    assert all(p.grad is None for p in block.parameters())
+
+
+def test_transient_is_the_measured_backward_or_the_whole_forward():
+    """The budget's one-layer term: the largest measured backward working set, else `none`'s kept bytes."""
+    eager = LayerCosts(policies=("none", "full"), kept_bytes=(10, 1), recompute_s=(0.0, 2.0))
+    compiled = LayerCosts(policies=("none", "full"), kept_bytes=(8, 1), recompute_s=(0.0, 2.0), backward_bytes=(3, 12))
+    assert (eager.transient_bytes, compiled.transient_bytes) == (10, 12)
+    assert "backward adds" in compiled.describe() and "backward adds" not in eager.describe()
+    assert compiled.to_dict()["policies"]["full"] == {"kept_bytes": 1, "recompute_s": 2.0, "backward_bytes": 12}
+    with pytest.raises(ValueError, match="backward_bytes"):
+        LayerCosts(policies=("none", "full"), kept_bytes=(8, 1), recompute_s=(0.0, 2.0), backward_bytes=(3,))
+
+
+def test_compiled_table_off_cuda_is_the_eager_count():
+    """Without CUDA's allocator to read, `compiled=True` measures as eager does: the same table."""
+    block = tiny_block()
+    assert measure_layer_costs(block, B, T, runs=1, compiled=True).kept_bytes == \
+        measure_layer_costs(block, B, T, runs=1).kept_bytes
 
 
 def test_train_builds_the_plan(tmp_path, capsys):
