@@ -5,6 +5,7 @@
     python -m tools.gluon_timings --pingpong   # A/B the forward's ping-pong setting
     python -m tools.gluon_timings --backward-tiles   # only the backward: Gluon tile variants vs tl, cuDNN
     python -m tools.gluon_timings --rules      # only the forward at the shapes that decide the dispatch rule
+    python -m tools.gluon_timings --launch-profile   # where a small Gluon forward's time goes: host or kernel
 
 For the 8B model's attention layer and the CS336 leaderboard shape: the largest differences of O and L
 between the Gluon and tl forwards, and the times of the forward and of forward + backward through the op
@@ -154,6 +155,45 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     print(json.dumps(row), flush=True)
 
 
+def _launch_profile(shapes=(("1x2048x64", 1, 1, 2048, 64), ("4x4096x128", 1, 4, 4096, 128))) -> None:
+    """Small forwards, Gluon and tl, under torch.profiler: per call, the host time of our launcher (CPU
+    total of the call's Python and launches) against the kernel's device time (CUDA self time), and
+    do_bench's median beside them. A Gluon forward slower than tl at a small shape is then placed:
+    host-bound (CPU per call above the kernel time) or a fixed device cost (the kernel itself)."""
+    import time
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from ops.flash_attn.dispatch import attention_forward
+    from ops.flash_attn.gluon.launch import flash_forward_gluon
+
+    calls = 20
+    for name, b, h, n, d in shapes:
+        q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        _set_gluon(False)
+        for label, fn in (("gluon", lambda: flash_forward_gluon(q, k, v, True, d ** -0.5)),  # noqa: B023
+                          ("tl", lambda: attention_forward(q, k, v, True, d ** -0.5))):  # noqa: B023
+            fn()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host_us = (time.perf_counter() - start) / calls * 1e6  # enqueue time per call, no sync
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+            kernels = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+            device_us = sum(e.self_device_time_total for e in kernels) / calls
+            top = sorted(kernels, key=lambda e: -e.self_device_time_total)[:3]
+            print(json.dumps({"shape": name, "impl": label, "host_us_per_call": round(host_us, 1),
+                              "device_us_per_call": round(device_us, 1), "do_bench_us": round(_bench(fn) * 1e3, 1),
+                              "top_kernels": [(e.key[:60], round(e.self_device_time_total / calls, 1)) for e in top]}),
+                  flush=True)
+
+
 def _timings(sweep: bool, pingpong: bool, rules_only: bool = False) -> None:
     import torch
 
@@ -176,9 +216,13 @@ def main() -> None:
     parser.add_argument("--backward-tiles", action="store_true",
                         help="only the backward at the target shapes: Gluon tile variants, tl one-pass, cuDNN")
     parser.add_argument("--rules", action="store_true", help="only the forward at the dispatch rule's shapes")
+    parser.add_argument("--launch-profile", action="store_true",
+                        help="small Gluon and tl forwards under torch.profiler: host time vs kernel time per call")
     parser.add_argument("--timeout", type=int, default=200, help="seconds the timings may take (default: 200)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child and args.launch_profile:
+        return _launch_profile()
     if args.child and args.backward_tiles:
         import torch
 
@@ -189,7 +233,7 @@ def main() -> None:
     if args.child:
         return _timings(args.sweep, args.pingpong, args.rules)
     flags = (["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong + ["--backward-tiles"] * args.backward_tiles
-             + ["--rules"] * args.rules)
+             + ["--rules"] * args.rules + ["--launch-profile"] * args.launch_profile)
     sys.exit(_child(args.timeout, flags))
 
 
