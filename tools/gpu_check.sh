@@ -17,6 +17,8 @@
 #                ours vs SDPA (enable_gqa) and FlexAttention
 #   documents    (not in the default list) bench attention --documents: 32768-token rows of documents with mean
 #                length 512-8192, ours vs FlexAttention's document mask and SDPA's dense mask
+#   plans        (not in the default list) bench step: the memory-budgeted plan (ours@auto) beside ours@selective
+#                and stock, each row with its peak (or where it ran out of memory and the allocator's message)
 #   dispatch     (not in the default list) bench attention --dispatch-sweep: ours (the dispatch rule) vs the tl
 #                kernels alone, the Gluon kernels wherever they run, and cuDNN; N 512-32768, D 64/128, BH 1-64,
 #                causal and not; writes the dispatch table and the ours/cuDNN plot
@@ -85,6 +87,9 @@ documents() {
         --head-dims 128 --dtypes bf16 --seq-lens 32768 --passes forward forward+backward \
         --impls ours flex sdpa-cudnn sdpa-efficient
 }
+plans() {
+    bench plans "${TIME_PLANS:-480}" step --steps 2 --warmup 1 --contenders ours@auto ours@selective stock
+}
 dispatch() {  # prints the dispatch table and its summary; every timing is in OUT_DIR/dispatch/attention.md
     run dispatch "${TIME_DISPATCH:-540}" $PYTHON -m cs336_systems bench attention --dispatch-sweep \
         --out-dir "$OUT_DIR/dispatch" || grep -v "$NOISE" "$OUT_DIR/dispatch.log" | tail -n 15
@@ -96,8 +101,9 @@ step() {
 
 for part in $PARTS; do
     case $part in
-        tests | attention | leaderboard | profile | step | gluon | gqa | documents | dispatch) ;;
-        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon gqa documents dispatch)" >&2
+        tests | attention | leaderboard | profile | step | gluon | gqa | documents | plans | dispatch) ;;
+        *) echo "unknown part $part (choose from tests attention leaderboard profile step gluon gqa documents plans" \
+                "dispatch)" >&2
            exit 2 ;;
     esac
 done
