@@ -149,6 +149,14 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
                 lambda: flash_backward_gluon(dout, q, k, v, out, lse, True, scale, tiles=tiles))  # noqa: B023
         except Exception as err:  # a variant that does not compile or launch: report it and go on
             row[f"gluon_{label}"] = f"error: {str(err)[:200]}"
+    from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws
+
+    try:  # the warp-specialised kernel (gluon/kernels_bwd_ws.py), the table's tiles
+        grads = flash_backward_gluon_ws(dout, q, k, v, out, lse, True, scale)
+        row["gluon_ws_maxdiff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
+        row["gluon_ws"] = _bench(lambda: flash_backward_gluon_ws(dout, q, k, v, out, lse, True, scale))
+    except Exception as err:  # noqa: BLE001 - report and go on
+        row["gluon_ws"] = f"error: {str(err)[:200]}"
     qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q, k, v))
     oc = _cudnn(qc, kc, vc)
     row["cudnn_bwd"] = _bench(lambda: torch.autograd.grad(oc, (qc, kc, vc), dout, retain_graph=True))

@@ -88,8 +88,8 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
         descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
         descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, Hkv, Nk, D) x2
         descriptor(dq_acc, tiles.block_m, tiles.dq_swizzle),  # (BH, Nq, D) float32
-        _row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
-        _row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
+        row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
+        row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
         start, end,  # (BH, Nq) int32 each, or None
         n_q, n_k, kv_heads, scale * LOG2E, scale,
         **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS)
@@ -97,7 +97,7 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     return dq, dk, dv
 
 
-def _row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
+def row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
     """Descriptor over a (BH, Nq) float32 array, one (1, rows) block per copy. TMA needs 16-byte
     row strides: for Nq not a multiple of 4 the rows are copied into a wider buffer first (the
     descriptor keeps the logical width, so columns past Nq still read as zero)."""

@@ -1,0 +1,98 @@
+"""Launcher of the warp-specialised Gluon backward (kernels_bwd_ws.flash_bwd_ws_kernel) and its compile.
+
+Same contract as launch_bwd.flash_backward_gluon, whose preprocess and dQ conversion it shares; only
+the middle launch differs: 4 + 4 + 1 warps (two MMA warpgroups and a load warp), dK and dV stored per
+64-key half, each dQ tile added as two BLOCK_M x D/2 halves. Not dispatched: it is selected with
+`flash_backward_gluon_ws` directly (tests, tools/gluon_timings.py) until it has been measured.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ops.flash_attn.gluon.kernels_bwd_ws import KEYS, flash_bwd_ws_kernel
+from ops.flash_attn.gluon.launch import (
+    SM90,
+    bounds_pointers,
+    descriptor,
+    descriptor_type,
+    layout,
+    output_like,
+    query_group,
+    tile_type,
+    tma_view,
+)
+from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, row_descriptor
+from ops.flash_attn.kernels import LOG2E
+from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
+from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
+from ops.triton_utils.replay import ReplayLauncher
+
+NUM_WARPS = 4  # the default partition: MMA warpgroup 0
+# 4 + 4 + 1 warps round up to 3 warpgroups, 384 threads: 168 registers each fit the 64K register file at
+# launch; setmaxnreg then gives both MMA warpgroups 240 and the load warpgroup 24 (as the forward).
+MAXNREG = 168
+MMA_REGS = 240
+_KERNEL = ReplayLauncher(flash_bwd_ws_kernel)
+
+
+def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int, documents: bool) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
+                IS_CAUSAL=is_causal, GROUP=group, HAS_DOCS=documents, MMA_REGS=MMA_REGS)
+
+
+def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale: float, bounds=None, *,
+                            tiles: GluonBackwardTiles | None = None):
+    """(dQ, dK, dV) as launch_bwd.flash_backward_gluon returns them, from the warp-specialised kernel."""
+    start, end = bounds_pointers(bounds, q)
+    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2, (B, Hq, Nq, D)
+    o4 = heads_view(out)
+    (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
+    batch, n_heads, n_q, head_dim = q4.shape
+    bh, n_k, kv_heads = batch * n_heads, k4.shape[2], k4.shape[1]
+    lse, delta = row_buffers(lse)
+    tiles = tiles or BACKWARD_TILES[head_dim]
+    dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
+    row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
+    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
+        o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
+    half_dq = [1, tiles.block_m, head_dim // 2]
+    _KERNEL[launch_grid(n_k, tiles.block_n, batch * kv_heads)](
+        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
+        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
+        descriptor(dk4, KEYS.value), descriptor(dv4, KEYS.value),  # (B, Hkv, Nk, D) x2: 64-key halves
+        _dq_descriptor(dq_acc, half_dq),  # (BH, Nq, D) float32, BLOCK_M x D/2 blocks
+        row_descriptor(lse.view(bh, n_q), tiles.block_m), row_descriptor(delta.view(bh, n_q), tiles.block_m),
+        start, end,  # (BH, Nq) int32 each, or None
+        n_q, n_k, kv_heads, scale * LOG2E, scale,
+        **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS,
+        maxnreg=MAXNREG)
+    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
+    return dq, dk, dv
+
+
+def _dq_descriptor(dq_acc: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """The float32 (BH, Nq, D) accumulator in (1, BLOCK_M, D/2) blocks: one MMA warpgroup's half of a tile."""
+    return TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), block, layout(block, torch.float32))
+
+
+def compile_backward_ws(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
+                        tiles: GluonBackwardTiles | None = None, target=SM90, group: int = 1, documents: bool = False):
+    """Compile the warp-specialised backward for `target` without a GPU (see launch.compile_forward)."""
+    tiles = tiles or BACKWARD_TILES[head_dim]
+    meta = _meta(head_dim, is_causal, tiles, group, documents)
+    bounds = {name: "*i32" if documents else "constexpr" for name in ("start_ptr", "end_ptr")}
+    rows = (tiles.block_m, tiles.block_n, KEYS.value)
+    q_type, k_type, half_type = (tile_type(n, head_dim, dtype) for n in rows)
+    row_type = descriptor_type([1, tiles.block_m], torch.float32)
+    signature = {"q_desc": q_type, "k_desc": k_type, "v_desc": k_type, "do_desc": q_type, "dk_desc": half_type,
+                 "dv_desc": half_type,
+                 "dq_desc": descriptor_type([1, tiles.block_m, head_dim // 2], torch.float32),
+                 "lse_desc": row_type, "delta_desc": row_type, **bounds, "n_queries": "i32", "n_keys": "i32",
+                 "n_heads": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in meta}}
+    constexprs = {**meta, **({} if documents else {"start_ptr": None, "end_ptr": None})}
+    source = GluonASTSource(flash_bwd_ws_kernel, signature, constexprs=constexprs)
+    return triton.compile(source, target=target, options={"num_warps": NUM_WARPS, "maxnreg": MAXNREG})
