@@ -1,9 +1,14 @@
 """The warp-specialised Gluon backward (gluon/kernels_bwd_ws.py): it compiles for sm_90 on any machine,
 and on an sm_90 GPU its gradients match float64 as the one-pass Gluon backward's do.
 
-The kernel's partitions wait on mbarriers: a wrong phase deadlocks instead of failing. Run the CUDA
-cases under a time limit (`timeout -s INT 300 python3 -m pytest -m cuda FILE`).
+The kernel's partitions wait on mbarriers: a wrong phase deadlocks instead of failing, so each CUDA
+case runs in a child process under a time limit (`_isolated`): a hang fails that case alone.
 """
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,22 +62,13 @@ def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None):
     return (out, *grads), (q, k, v, causal, grad_out)
 
 
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("shape", [((2, 3), 200, 333), ((1,), 1030, 1030), ((2,), 77, 1030), ((1,), 1030, 77),
-                                   ((3,), 1, 129)], ids=str)
-def test_matches_float64(shape, head_dim, causal, gen):
-    ours, inputs = _case(*shape, head_dim, causal, gen)
+def check_matches_float64(lead, n_q, n_k, head_dim, causal):
+    ours, inputs = _case(lead, n_q, n_k, head_dim, causal, torch.Generator().manual_seed(7))
     assert_close_to_reference(ours, *inputs)
 
 
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_grouped_heads_and_documents_match_float64(causal, documents, gen):
+def check_grouped_heads_and_documents(causal, documents):
+    gen = torch.Generator().manual_seed(7)
     ids = None
     if documents:  # documents of 1 to ~300 tokens, the same split for every head
         starts = torch.rand(2, 777, generator=gen) < 1 / 150
@@ -81,6 +77,40 @@ def test_grouped_heads_and_documents_match_float64(causal, documents, gen):
     assert_close_to_reference(ours, *inputs, document_ids=ids)
 
 
-@pytest.fixture
-def gen():
-    return torch.Generator().manual_seed(7)
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+# A child compiles the tl forward and the warp-specialised backward (tens of seconds) and runs a few
+# small float64 references; a kernel that waits on an mbarrier phase that never comes never returns.
+CHILD_SECONDS = 300
+
+
+def _isolated(check: str, *args) -> None:
+    """Run `check(*args)` of this module in a child process under a time limit, so that a deadlocked
+    kernel fails its test instead of hanging the whole run."""
+    code = ("import json, sys; sys.path[:0] = json.loads(sys.argv[1]); import test_gluon_ws_backward as t; "
+            "getattr(t, sys.argv[2])(*json.loads(sys.argv[3]))")
+    paths = [str(HERE), str(HERE.parents[1]), str(ROOT)]  # flash_helpers, numerics (tests/), ops
+    try:
+        run = subprocess.run([sys.executable, "-c", code, json.dumps(paths), check, json.dumps(args)],
+                             capture_output=True, text=True, timeout=CHILD_SECONDS, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{check}{args}: no result in {CHILD_SECONDS} s (a deadlocked kernel?)")
+    assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("shape", [((2, 3), 200, 333), ((1,), 1030, 1030), ((2,), 77, 1030), ((1,), 1030, 77),
+                                   ((3,), 1, 129)], ids=str)
+def test_matches_float64(shape, head_dim, causal):
+    _isolated("check_matches_float64", *shape, head_dim, causal)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_heads_and_documents_match_float64(causal, documents):
+    _isolated("check_grouped_heads_and_documents", causal, documents)
