@@ -24,7 +24,7 @@ The cost table is measured, for one block at the run's micro-batch shape and dty
   For a compiled run on CUDA (`compiled=True`) the bytes are instead those the compiled block keeps,
   read from the caching allocator (`compiled_memory`), with what its backward adds at its peak: the
   eager count predicted an all-`selective` 8B step well, but plans keeping more than `selective`
-  ran out of memory on an H200 with the eager count 12 GiB under the card (docs/activation_checkpointing.md).
+  ran out of memory on an H200 even with a 12 GiB margin under the card (docs/activation_checkpointing.md).
 - recompute seconds: what backward re-runs, timed op by op in forward (no autograd): the
   attention and each block matmul alone, and the block's pointwise rest (the whole block's
   forward less those); a policy re-runs the rest, the attention unless selective, and the
