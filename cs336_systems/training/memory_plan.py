@@ -235,17 +235,6 @@ def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, ava
     return budget, terms
 
 
-def loss_bytes(d_model: int, vocab_size: int, tokens: int, dtype: torch.dtype, param_dtype: torch.dtype,
-               fused_loss: bool) -> int:
-    """What the loss holds beside every layer's kept activations when backward starts. Fused: the
-    gradients ops.linear_cross_entropy makes in its forward and keeps for backward, dX (tokens, d_model)
-    in the activations' dtype and dW (vocabulary, d_model) in the weight's (its chunked working set,
-    4.3 GiB at 8B, is freed before backward); unfused: the whole (tokens, vocabulary) logits."""
-    if not fused_loss:
-        return tokens * vocab_size * dtype.itemsize
-    return tokens * d_model * dtype.itemsize + vocab_size * d_model * param_dtype.itemsize
-
-
 def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *, batch: int, context_length: int,
                           dtype: torch.dtype, device: torch.device | str, param_dtype: torch.dtype | None = None,
                           fused_loss: bool = True, world_size: int = 1, fsdp: bool = False,
@@ -273,7 +262,7 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
                      fsdp=fsdp, shard_optimizer=shard_optimizer, optimizer_in_backward=optimizer_in_backward)
     available = available_bytes(device) if available is None else available
     transient = costs.transient_bytes  # what the layer whose backward runs holds beyond the kept bytes
-    loss = loss_bytes(model.shape.d_model, model.vocab_size, tokens, dtype, param_dtype or dtype, fused_loss)
+    loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
     budget, terms = activation_budget(policy, floor, available=available, total=device_memory(device),
                                       transient=transient, loss_bytes=loss)
     return solve_plan(costs, model.num_layers, budget, what=f"--activation-checkpointing {policy}",
