@@ -9,6 +9,7 @@ only the middle, matmul-bound launch is Gluon. Callers check `ops.flash_attn.glu
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,40 @@ def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int,
                 DK_FROM_REGISTERS=tiles.dk_from_registers, GROUP=group, HAS_DOCS=documents)
 
 
+@dataclass(frozen=True)
+class BackwardViews:
+    """What the middle launch of a Gluon backward takes (gluon_backward makes them)."""
+
+    q4: torch.Tensor  # (B, Hq, Nq, D)
+    k4: torch.Tensor  # (B, Hkv, Nk, D)
+    v4: torch.Tensor  # (B, Hkv, Nk, D)
+    do4: torch.Tensor  # (B, Hq, Nq, D)
+    dk4: torch.Tensor  # (B, Hkv, Nk, D): written by the kernel
+    dv4: torch.Tensor  # (B, Hkv, Nk, D)
+    dq_acc: torch.Tensor  # (BH, Nq, D) float32, zeros: dS K is added into it
+    lse: torch.Tensor  # (BH, Nq) float32, L
+    delta: torch.Tensor  # (BH, Nq) float32, rowsum(O * dO)
+
+
+def gluon_backward(grad_out, q, k, v, out, lse, scale: float, middle: Callable[[BackwardViews], None]):
+    """(dQ, dK, dV) in the input dtypes, each laid out like its input: the three launches around a
+    Gluon backward kernel, the tl preprocess (Delta, and zeros into the float32 dQ accumulator),
+    `middle(views)` (the Gluon kernel), and the conversion dQ = scale * accumulator."""
+    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2, (B, Hq, Nq, D)
+    o4 = heads_view(out)  # read by pointers (the preprocess): any strides
+    (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
+    batch, n_heads, n_q, head_dim = q4.shape
+    bh = batch * n_heads
+    lse, delta = row_buffers(lse)
+    dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
+    row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
+    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
+        o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
+    middle(BackwardViews(q4, k4, v4, do4, dk4, dv4, dq_acc, lse.view(bh, n_q), delta.view(bh, n_q)))
+    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
+    return dq, dk, dv
+
+
 def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: float, bounds=None, *,
                          tiles: GluonBackwardTiles | None = None):
     """(dQ, dK, dV) in the input dtypes, each laid out like its input (torch.empty_like); dO may have
@@ -72,29 +107,22 @@ def flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal: bool, scale: fl
     `tiles` overrides the table (the tests run variants with it).
     """
     start, end = bounds_pointers(bounds, q)
-    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2, (B, Hq, Nq, D)
-    o4 = heads_view(out)  # read by pointers (the preprocess): any strides
-    (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
-    batch, n_heads, n_q, head_dim = q4.shape
-    bh, n_k, kv_heads = batch * n_heads, k4.shape[2], k4.shape[1]
-    lse, delta = row_buffers(lse)
+    head_dim = q.shape[-1]
     tiles = tiles or BACKWARD_TILES[head_dim]
-    dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
-    row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
-    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
-        o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
-    _BACKWARD[launch_grid(n_k, tiles.block_n, batch * kv_heads)](  # one CTA per K/V head and key tile
-        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
-        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
-        descriptor(dk4, tiles.block_n), descriptor(dv4, tiles.block_n),  # (B, Hkv, Nk, D) x2
-        descriptor(dq_acc, tiles.block_m, tiles.dq_swizzle),  # (BH, Nq, D) float32
-        row_descriptor(lse.view(bh, n_q), tiles.block_m),  # L: (BH, Nq) float32
-        row_descriptor(delta.view(bh, n_q), tiles.block_m),  # Delta: (BH, Nq) float32
-        start, end,  # (BH, Nq) int32 each, or None
-        n_q, n_k, kv_heads, scale * LOG2E, scale,
-        **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS)
-    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
-    return dq, dk, dv
+
+    def middle(t: BackwardViews) -> None:
+        n_q, n_k, kv_heads = t.q4.shape[2], t.k4.shape[2], t.k4.shape[1]
+        _BACKWARD[launch_grid(n_k, tiles.block_n, t.k4.shape[0] * kv_heads)](  # a CTA per K/V head and key tile
+            descriptor(t.q4, tiles.block_m), descriptor(t.k4, tiles.block_n),
+            descriptor(t.v4, tiles.block_n), descriptor(t.do4, tiles.block_m),
+            descriptor(t.dk4, tiles.block_n), descriptor(t.dv4, tiles.block_n),
+            descriptor(t.dq_acc, tiles.block_m, tiles.dq_swizzle),
+            row_descriptor(t.lse, tiles.block_m), row_descriptor(t.delta, tiles.block_m),
+            start, end,  # (BH, Nq) int32 each, or None
+            n_q, n_k, kv_heads, scale * LOG2E, scale,
+            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None), num_warps=NUM_WARPS)
+
+    return gluon_backward(grad_out, q, k, v, out, lse, scale, middle)
 
 
 def row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:

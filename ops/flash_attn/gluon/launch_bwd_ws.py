@@ -20,15 +20,18 @@ from ops.flash_attn.gluon.launch import (
     descriptor,
     descriptor_type,
     layout,
-    output_like,
     query_group,
     tile_type,
-    tma_view,
 )
-from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, row_descriptor
+from ops.flash_attn.gluon.launch_bwd import (
+    BACKWARD_TILES,
+    BackwardViews,
+    GluonBackwardTiles,
+    gluon_backward,
+    row_descriptor,
+)
 from ops.flash_attn.kernels import LOG2E
-from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
-from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
+from ops.flash_attn.launch import launch_grid
 from ops.triton_utils.replay import ReplayLauncher
 
 NUM_WARPS = 4  # the default partition: MMA warpgroup 0
@@ -48,30 +51,23 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
                             tiles: GluonBackwardTiles | None = None):
     """(dQ, dK, dV) as launch_bwd.flash_backward_gluon returns them, from the warp-specialised kernel."""
     start, end = bounds_pointers(bounds, q)
-    q4, k4, v4, do4 = (tma_view(t) for t in (q, k, v, grad_out))  # (B, Hq, Nq, D), (B, Hkv, Nk, D) x2, (B, Hq, Nq, D)
-    o4 = heads_view(out)
-    (dq, dq4), (dk, dk4), (dv, dv4) = (output_like(x) for x in (q, k, v))
-    batch, n_heads, n_q, head_dim = q4.shape
-    bh, n_k, kv_heads = batch * n_heads, k4.shape[2], k4.shape[1]
-    lse, delta = row_buffers(lse)
+    head_dim = q.shape[-1]
     tiles = tiles or BACKWARD_TILES[head_dim]
-    dq_acc = torch.empty((bh, n_q, head_dim), dtype=torch.float32, device=q.device)  # zeroed by preprocess
-    row_meta = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_M": ROW_BLOCK}
-    preprocess_kernel[launch_grid(n_q, ROW_BLOCK, bh)](
-        o4, do4, delta, dq_acc, *o4.stride(), *do4.stride(), n_q, n_heads, **row_meta)
-    half_dq = [1, tiles.block_m, head_dim // 2]
-    _KERNEL[launch_grid(n_k, tiles.block_n, batch * kv_heads)](
-        descriptor(q4, tiles.block_m), descriptor(k4, tiles.block_n),  # (B, Hq, Nq, D), (B, Hkv, Nk, D)
-        descriptor(v4, tiles.block_n), descriptor(do4, tiles.block_m),  # (B, Hkv, Nk, D), (B, Hq, Nq, D)
-        descriptor(dk4, KEYS.value), descriptor(dv4, KEYS.value),  # (B, Hkv, Nk, D) x2: 64-key halves
-        _dq_descriptor(dq_acc, half_dq),  # (BH, Nq, D) float32, BLOCK_M x D/2 blocks
-        row_descriptor(lse.view(bh, n_q), tiles.block_m), row_descriptor(delta.view(bh, n_q), tiles.block_m),
-        start, end,  # (BH, Nq) int32 each, or None
-        n_q, n_k, kv_heads, scale * LOG2E, scale,
-        **_meta(head_dim, is_causal, tiles, query_group(q4, k4), start is not None), num_warps=NUM_WARPS,
-        maxnreg=MAXNREG)
-    dq_convert_kernel[launch_grid(n_q, ROW_BLOCK, bh)](dq_acc, dq4, *dq4.stride(), n_q, n_heads, scale, **row_meta)
-    return dq, dk, dv
+
+    def middle(t: BackwardViews) -> None:
+        n_q, n_k, kv_heads = t.q4.shape[2], t.k4.shape[2], t.k4.shape[1]
+        _KERNEL[launch_grid(n_k, tiles.block_n, t.k4.shape[0] * kv_heads)](
+            descriptor(t.q4, tiles.block_m), descriptor(t.k4, tiles.block_n),
+            descriptor(t.v4, tiles.block_n), descriptor(t.do4, tiles.block_m),
+            descriptor(t.dk4, KEYS.value), descriptor(t.dv4, KEYS.value),  # stored per 64-key half
+            _dq_descriptor(t.dq_acc, [1, tiles.block_m, head_dim // 2]),  # added per BLOCK_M x D/2 half
+            row_descriptor(t.lse, tiles.block_m), row_descriptor(t.delta, tiles.block_m),
+            start, end,  # (BH, Nq) int32 each, or None
+            n_q, n_k, kv_heads, scale * LOG2E, scale,
+            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None), num_warps=NUM_WARPS,
+            maxnreg=MAXNREG)
+
+    return gluon_backward(grad_out, q, k, v, out, lse, scale, middle)
 
 
 def _dq_descriptor(dq_acc: torch.Tensor, block: list[int]) -> TensorDescriptor:

@@ -1,0 +1,53 @@
+"""The Gluon backward launchers' wiring, on CPU: with the three launches recorded instead of run, each
+gets the tensors, grid and compile-time arguments it must (the kernels themselves run only on an sm_90
+GPU: test_gluon_cuda.py, test_gluon_ws_backward.py)."""
+
+import pytest
+import torch
+
+from ops.flash_attn.gluon import TESTED_TRITON, gluon_available
+
+pytestmark = pytest.mark.skipif(not gluon_available(), reason=f"Gluon kernels need triton {TESTED_TRITON}.x")
+
+
+class _Recorder:
+    """Stands in for a launcher: `launcher[grid](*args, **meta)` appends (name, grid, args, meta)."""
+
+    def __init__(self, name: str, calls: list) -> None:
+        self.name, self.calls = name, calls
+
+    def __getitem__(self, grid):
+        return lambda *args, **meta: self.calls.append((self.name, grid, args, meta))
+
+
+@pytest.mark.parametrize("documents", [False, True], ids=["plain", "documents"])
+@pytest.mark.parametrize("warp_specialized", [False, True], ids=["one-pass", "warp-specialised"])
+def test_backward_launches_get_their_tensors(monkeypatch, warp_specialized, documents):
+    from ops.flash_attn.documents import document_bounds
+    from ops.flash_attn.gluon import launch_bwd, launch_bwd_ws
+
+    calls: list = []
+    monkeypatch.setattr(launch_bwd, "preprocess_kernel", _Recorder("preprocess", calls))
+    monkeypatch.setattr(launch_bwd, "dq_convert_kernel", _Recorder("convert", calls))
+    monkeypatch.setattr(launch_bwd, "_BACKWARD", _Recorder("gluon", calls))
+    monkeypatch.setattr(launch_bwd_ws, "_KERNEL", _Recorder("gluon", calls))
+    q, grad_out, out = (torch.randn(2, 8, 100, 128, dtype=torch.bfloat16) for _ in range(3))  # (B, Hq, N, D)
+    k, v = (torch.randn(2, 2, 100, 128, dtype=torch.bfloat16) for _ in range(2))  # (B, Hkv, N, D): GQA, G = 4
+    lse = torch.randn(2, 8, 100)  # (B, Hq, N) float32
+    ids = torch.arange(100).div(30, rounding_mode="floor")[None, None]  # (1, 1, N)
+    bounds = document_bounds(ids, q.shape[:-1]) if documents else None
+    launcher = launch_bwd_ws.flash_backward_gluon_ws if warp_specialized else launch_bwd.flash_backward_gluon
+    dq, dk, dv = launcher(grad_out, q, k, v, out, lse, True, 0.125, bounds)
+
+    assert [c[0] for c in calls] == ["preprocess", "gluon", "convert"]
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    dq_acc = calls[0][2][3]  # (BH, Nq, D) float32: zeroed by the preprocess, converted last
+    assert dq_acc.shape == (16, 100, 128) and dq_acc.dtype == torch.float32 and calls[2][2][0] is dq_acc
+    _, grid, args, meta = calls[1]
+    assert grid == (1, 2 * 2)  # one 128-key tile, B * Hkv CTAs
+    assert [a.base.data_ptr() for a in args[:6]] == [x.data_ptr() for x in (q, k, v, grad_out, dk, dv)]
+    assert args[6].base is dq_acc and args[6].block_shape[-1] == (64 if warp_specialized else 128)
+    assert args[7].base.shape == args[8].base.shape == (16, 100)  # L and Delta, (BH, Nq)
+    assert (args[9] is None) == (not documents) and (args[10] is None) == (not documents)
+    assert args[11:] == (100, 100, 2, pytest.approx(0.125 * 1.4426950408889634), 0.125)
+    assert (meta["GROUP"], meta["HAS_DOCS"], meta["IS_CAUSAL"], meta["HEAD_DIM"]) == (4, documents, True, 128)
