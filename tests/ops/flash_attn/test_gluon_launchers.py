@@ -51,3 +51,5 @@ def test_backward_launches_get_their_tensors(monkeypatch, warp_specialized, docu
     assert (args[9] is None) == (not documents) and (args[10] is None) == (not documents)
     assert args[11:] == (100, 100, 2, pytest.approx(0.125 * 1.4426950408889634), 0.125)
     assert (meta["GROUP"], meta["HAS_DOCS"], meta["IS_CAUSAL"], meta["HEAD_DIM"]) == (4, documents, True, 128)
+    options = {"num_warps": 4, "maxnreg": 168} if warp_specialized else {"num_warps": 8}  # 4 + 4 + 1 warps; 8
+    assert {name: meta.get(name) for name in options} == options
