@@ -202,13 +202,26 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
     """One row per pass for `impl` at `shape`; a failure becomes rows with its status."""
     base = dict(impl=impl, dtype=str(dtype).removeprefix("torch."), shape="x".join(map(str, shape)),
                 seq_len=shape[-2], head_dim=shape[-1], causal=causal)
-    try:
-        if device != "cuda" and impl in CUDA_ONLY:
-            raise Unsupported("needs CUDA")
+
+    def build():
         q, k, v, grad = make_inputs(shape, dtype, device)
-        fn = IMPLEMENTATIONS[impl](causal, shape)
+        return IMPLEMENTATIONS[impl](causal, shape), q, k, v, grad
+
+    return time_passes(base, build, impl in CUDA_ONLY, attention_flops(shape, causal), device, passes, warmup_ms,
+                       rep_ms)
+
+
+def time_passes(base: dict[str, Any], build: Callable[[], tuple], needs_cuda: bool, flops: float, device: str,
+                passes: Iterable[str], warmup_ms: float, rep_ms: float) -> list[dict[str, Any]]:
+    """`base` plus the time, TFLOP/s (`flops` per forward) and, for forward+backward, the extra peak
+    memory of each pass, for the (fn, q, k, v, grad) that `build()` makes; a failure (a contender
+    that needs CUDA elsewhere, one that cannot run this shape, OOM) becomes rows with its status."""
+    passes = tuple(passes)
+    try:
+        if needs_cuda and device != "cuda":
+            raise Unsupported("needs CUDA")
+        fn, q, k, v, grad = build()
         runs = pass_functions(fn, q, k, v, grad)
-        flops = attention_flops(shape, causal)
         rows = []
         for name in passes:
             ms = time_ms(runs[name], device, warmup_ms=warmup_ms, rep_ms=rep_ms)

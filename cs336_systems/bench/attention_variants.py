@@ -28,30 +28,16 @@ import torch
 import torch.nn.functional as F
 
 from cs336_basics.attention import naive_attention
-from cs336_systems.bench.common import (
-    OOM,
-    UNSUPPORTED,
-    Results,
-    environment,
-    extra_peak_mib,
-    free_device_memory,
-    is_oom,
-    time_ms,
-)
+from cs336_systems.bench.attention import CUDA_ONLY, Unsupported, time_passes
+from cs336_systems.bench.common import Results, environment
 from cs336_systems.errors import ConfigError
 from ops.flash_attn.documents import document_mask
 
 # Contenders of the variant sweeps (the names match `bench attention --impls`).
 VARIANT_IMPLS = ("ours", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "sdpa-math", "flex", "naive")
-CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient", "flex")
 SDPA_BACKENDS = {"sdpa-cudnn": "CUDNN_ATTENTION", "sdpa-flash": "FLASH_ATTENTION",
                  "sdpa-efficient": "EFFICIENT_ATTENTION", "sdpa-math": "MATH"}
-PASSES_FLOPS = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 LENGTH_SIGMA = 1.0  # log-normal sigma of document lengths: a long tail of long documents
-
-
-class Unsupported(Exception):
-    """This implementation cannot run this variant."""
 
 
 # -------------------------------------------------------------------------------- inputs
@@ -147,46 +133,14 @@ def measure(impl: str, spec: dict[str, Any], args: argparse.Namespace) -> list[d
     """One row per pass for `impl` at one variant shape; a failure becomes rows with its status."""
     base = {key: spec[key] for key in ("shape", "kv_heads", "doc_mean", "documents", "sum_sq")}
     base.update(impl=impl, seq_len=spec["n"], head_dim=spec["d"], causal=args.causal)
-    try:
-        if args.device != "cuda" and impl in CUDA_ONLY:
-            raise Unsupported("needs CUDA")
+
+    def make():
         q, k, v, grad = spec["make"]()
         fn = build(impl, args.causal, spec["ids"], spec["kv_heads"] != spec["heads"], spec["n"], args.device)
-        runs = _passes(fn, q, k, v, grad)
-        rows = []
-        for name in args.passes:
-            ms = time_ms(runs[name], args.device, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-            row = dict(base, **{"pass": name}, ms=ms, tflops=PASSES_FLOPS[name] * spec["flops"] / ms / 1e9,
-                       status="ok")
-            if name == "forward+backward":
-                q.grad = k.grad = v.grad = None
-                row["extra_peak_mib"] = extra_peak_mib(runs[name], args.device)
-            rows.append(row)
-        return rows
-    except Exception as error:  # noqa: BLE001 - a contender that cannot run is a row, never a crashed sweep
-        status = OOM if is_oom(error) else UNSUPPORTED
-        reason = "" if status == OOM else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        return [dict(base, **{"pass": name}, ms=None, tflops=None, status=status, reason=reason)
-                for name in args.passes]
-    finally:
-        free_device_memory()
+        return fn, q, k, v, grad
 
-
-def _passes(fn: Callable, q, k, v, grad) -> dict[str, Callable[[], Any]]:
-    def clear() -> None:
-        q.grad = k.grad = v.grad = None
-
-    def forward_backward() -> None:
-        clear()
-        fn(q, k, v).backward(grad)
-
-    out = fn(q, k, v)
-
-    def backward() -> None:
-        clear()
-        out.backward(grad, retain_graph=True)
-
-    return {"forward": lambda: fn(q, k, v), "backward": backward, "forward+backward": forward_backward}
+    return time_passes(base, make, impl in CUDA_ONLY, spec["flops"], args.device, args.passes, args.warmup_ms,
+                       args.rep_ms)
 
 
 def specs(args: argparse.Namespace, dtype: torch.dtype) -> list[dict[str, Any]]:
