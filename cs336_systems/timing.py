@@ -1,6 +1,7 @@
 """One timer for benchmarks and training: host seconds with the device queue drained.
 
     with stopwatch:  ...             # Stopwatch: total seconds spent inside such blocks
+    call_seconds(fn, device, warmup=1, iters=5)   # seconds of each of a fixed number of calls
     clock.read(); with clock.paused(): ...   # Clock: running seconds, with pauses left out
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -37,6 +38,20 @@ class Stopwatch:
     @property
     def ms(self) -> float:
         return self.seconds * 1e3
+
+
+def call_seconds(fn: Callable[[], object], device: torch.device | str | None, *, warmup: int, iters: int
+                 ) -> list[float]:
+    """Seconds of each of `iters` calls of `fn`, each timed by a Stopwatch, after `warmup` untimed calls.
+    A fixed count (not a deadline), so ranks that time a collective this way stay matched."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        with Stopwatch(device) as watch:
+            fn()
+        times.append(watch.seconds)
+    return times
 
 
 class Clock:

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cs336_systems.bench.common import Results, Stopwatch, check_backend, environment
+from cs336_systems.bench.common import Results, check_backend, environment
 from cs336_systems.distributed.collectives import gather_from_ranks
 from cs336_systems.distributed.launch import default_backend, run_on_ranks
 from cs336_systems.errors import ConfigError, directory, positive_float
+from cs336_systems.timing import call_seconds
 
 MB = 10**6  # the handout's sizes are decimal megabytes: 1 MB = 250,000 float32
 DEFAULT_NPROC = (2, 4, 6)  # CS336's rank counts
@@ -55,14 +56,7 @@ def timed_collective(fn: Callable[[], Any], device: torch.device, warmup: int, i
     A fixed count on purpose: bench.common.time_ms stops at a deadline, and ranks that stopped
     after different counts would leave a collective unmatched and hang.
     """
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        with Stopwatch(device) as watch:
-            fn()
-        times.append(watch.ms)
-    return times
+    return [seconds * 1e3 for seconds in call_seconds(fn, device, warmup=warmup, iters=iters)]
 
 
 def _measure(sizes_mb: list[float], warmup: int, iters: int) -> list[dict[str, Any]]:

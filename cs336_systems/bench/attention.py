@@ -33,17 +33,12 @@ import torch
 import torch._functorch.config  # noqa: F401 - sweep() patches it; not loaded by `import torch` alone
 import torch.nn.functional as F
 
+from cs336_systems.bench.attention_timing import CUDA_ONLY, PASS_FLOP_FACTOR, Unsupported, time_passes
 from cs336_systems.bench.common import (
-    OOM,
-    UNSUPPORTED,
     Results,
     check_flags,
     environment,
-    extra_peak_mib,
-    free_device_memory,
     interleaved_rounds,
-    is_oom,
-    time_ms,
 )
 from cs336_systems.errors import ConfigError, directory, nonnegative_float, positive_float
 
@@ -51,7 +46,6 @@ AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("forward", "backward", "forward+backward")
 # FLOPs of a pass relative to the forward's (FlashAttention-2 paper convention).
-PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
 LEADERBOARD_SHAPE = (16, 16384, 64)  # (heads, sequence length, head dim), bf16, causal
 # The least work of one timing: time_ms's warm-up call and its minimum of 3 timed calls (CUDA's do_bench
 # runs more, for --rep-ms; that time is the user's choice, not counted).
@@ -65,8 +59,7 @@ CUDA_TFLOPS = 1000.0
 PRESETS = {"8b": {"batch": 2, "heads": 32, "seq_lens": [32768], "head_dims": [128], "dtypes": ["bf16"]}}
 
 
-class Unsupported(Exception):
-    """This implementation cannot run here (missing backend, device, or shape it rejects)."""
+
 
 
 # ------------------------------------------------------------------------------ implementations
@@ -155,7 +148,6 @@ IMPLEMENTATIONS: dict[str, Callable[[bool, tuple[int, ...]], AttentionFn]] = {
     "sdpa-math": _sdpa("MATH"),
     "flex": _flex,
 }
-CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient", "flex")
 DISPATCH_ONLY = ("ours-tl", "ours-gluon")  # in the dispatch sweep; the default --impls leave them out
 
 
@@ -178,23 +170,7 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: i
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
 
 
-def pass_functions(fn: AttentionFn, q, k, v, grad) -> dict[str, Callable[[], Any]]:
-    """Zero-argument closures timing each pass; gradients are dropped before each backward."""
 
-    def clear() -> None:
-        q.grad = k.grad = v.grad = None
-
-    out = fn(q, k, v)
-
-    def backward() -> None:
-        clear()
-        out.backward(grad, retain_graph=True)
-
-    def forward_backward() -> None:
-        clear()
-        fn(q, k, v).backward(grad)
-
-    return {"forward": lambda: fn(q, k, v), "backward": backward, "forward+backward": forward_backward}
 
 
 def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool, device: str,
@@ -209,34 +185,6 @@ def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool,
 
     return time_passes(base, build, impl in CUDA_ONLY, attention_flops(shape, causal), device, passes, warmup_ms,
                        rep_ms)
-
-
-def time_passes(base: dict[str, Any], build: Callable[[], tuple], needs_cuda: bool, flops: float, device: str,
-                passes: Iterable[str], warmup_ms: float, rep_ms: float) -> list[dict[str, Any]]:
-    """`base` plus the time, TFLOP/s (`flops` per forward) and, for forward+backward, the extra peak
-    memory of each pass, for the (fn, q, k, v, grad) that `build()` makes; a failure (a contender
-    that needs CUDA elsewhere, one that cannot run this shape, OOM) becomes rows with its status."""
-    passes = tuple(passes)
-    try:
-        if needs_cuda and device != "cuda":
-            raise Unsupported("needs CUDA")
-        fn, q, k, v, grad = build()
-        runs = pass_functions(fn, q, k, v, grad)
-        rows = []
-        for name in passes:
-            ms = time_ms(runs[name], device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-            row = dict(base, **{"pass": name}, ms=ms, tflops=PASS_FLOP_FACTOR[name] * flops / ms / 1e9, status="ok")
-            if name == "forward+backward":
-                q.grad = k.grad = v.grad = None  # the gradients count as extra memory too
-                row["extra_peak_mib"] = extra_peak_mib(runs[name], device)
-            rows.append(row)
-        return rows
-    except Exception as error:  # noqa: BLE001 - every failure is a result, never a crashed sweep
-        status = OOM if is_oom(error) else UNSUPPORTED
-        reason = "" if status == OOM else f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-        return [dict(base, **{"pass": name}, ms=None, tflops=None, status=status, reason=reason) for name in passes]
-    finally:
-        free_device_memory()
 
 
 # ------------------------------------------------------------------------------------ sweep, CLI

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from cs336_basics.attention import naive_attention
-from cs336_systems.bench.attention import CUDA_ONLY, Unsupported, time_passes
+from cs336_systems.bench.attention_timing import CUDA_ONLY, Unsupported, time_passes
 from cs336_systems.bench.common import Results, environment
 from cs336_systems.errors import ConfigError
 from ops.flash_attn.documents import document_mask

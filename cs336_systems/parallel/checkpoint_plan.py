@@ -30,7 +30,7 @@ The cost table is measured, for one block at the run's micro-batch shape and dty
   forward less those); a policy re-runs the rest, the attention unless selective, and the
   matmuls it does not keep, never w2 (recomputation stops at its input). This is the compute a
   compiled step re-runs, without the eager selective policy's dispatch overhead, which a compiled
-  graph does not pay. Median of `runs` timings each, on the device (cs336_systems.timing.Stopwatch).
+  graph does not pay. Median of `runs` timings each, on the device (cs336_systems.timing.call_seconds).
 
 Order of the layers: the plan gives the first layers the policies that keep least. Backward frees
 the last layers' activations first while gradients accumulate, so the big ones go first.
@@ -56,7 +56,7 @@ from cs336_systems.parallel.activation_checkpointing import (
     CheckpointedBlocks,
     parse_policy,
 )
-from cs336_systems.timing import Stopwatch
+from cs336_systems.timing import call_seconds
 
 __all__ = ["CANDIDATES", "CheckpointPlan", "LayerCosts", "measure_layer_costs", "retained_bytes", "solve_plan"]
 
@@ -162,13 +162,7 @@ def compiled_memory(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpo
 
 def median_seconds(fn: Callable[[], object], device: torch.device | str, runs: int) -> float:
     """Median seconds of `fn()` over `runs` calls after one untimed call, device drained at both ends."""
-    fn()
-    times = []
-    for _ in range(runs):
-        with Stopwatch(device) as watch:
-            fn()
-        times.append(watch.seconds)
-    return statistics.median(times)
+    return statistics.median(call_seconds(fn, device, warmup=1, iters=runs))
 
 
 def _linear(block: nn.Module, name: str) -> nn.Module:
