@@ -102,7 +102,7 @@ def like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 def forward_impl(q: Tensor, k: Tensor, v: Tensor, is_causal: bool, scale: float,
                  document_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(O, L): the Triton kernels on CUDA (or under the interpreter), else the tiled PyTorch path."""
-    check_inputs(q, k, v, document_ids)  # reads the ids' values: one host sync with documents
+    check_inputs(q, k, v, document_ids)  # reads the ids' values once per ids tensor (documents.py)
     return _forward_checked(q, k, v, is_causal, scale, document_ids)
 
 
