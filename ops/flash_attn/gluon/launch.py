@@ -72,9 +72,10 @@ def _layout(block_shape: tuple[int, ...], dtype: torch.dtype, swizzle: int | Non
                                 rank=len(block_shape))
 
 
-def descriptor(x: torch.Tensor, rows: int, swizzle: int | None = None) -> TensorDescriptor:
-    """Descriptor over x (.., N, D), any rank up to 5, one (1, .., 1, rows, D) tile per copy."""
-    block = [1] * (x.dim() - 2) + [rows, x.shape[-1]]
+def descriptor(x: torch.Tensor, rows: int, swizzle: int | None = None, cols: int | None = None) -> TensorDescriptor:
+    """Descriptor over x (.., N, D), any rank up to 5, one (1, .., 1, rows, cols) tile per copy (cols
+    default D)."""
+    block = [1] * (x.dim() - 2) + [rows, x.shape[-1] if cols is None else cols]
     return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout(block, x.dtype, swizzle))
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ops.flash_attn.gluon.kernels_bwd_ws import KEYS, flash_bwd_ws_kernel
 from ops.flash_attn.gluon.launch import (
@@ -19,7 +18,6 @@ from ops.flash_attn.gluon.launch import (
     bounds_pointers,
     descriptor,
     descriptor_type,
-    layout,
     query_group,
     tile_type,
 )
@@ -60,7 +58,7 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
             descriptor(t.q4, tiles.block_m), descriptor(t.k4, tiles.block_n),
             descriptor(t.v4, tiles.block_n), descriptor(t.do4, tiles.block_m),
             descriptor(t.dk4, KEYS.value), descriptor(t.dv4, KEYS.value),  # stored per 64-key half
-            _dq_descriptor(t.dq_acc, [1, tiles.block_m, head_dim // 2]),  # added per BLOCK_M x D/2 half
+            descriptor(t.dq_acc, tiles.block_m, cols=head_dim // 2),  # float32, added per BLOCK_M x D/2 half
             row_descriptor(t.lse, tiles.block_m), row_descriptor(t.delta, tiles.block_m),
             start, end,  # (BH, Nq) int32 each, or None
             n_q, n_k, kv_heads, scale * LOG2E, scale,
@@ -68,11 +66,6 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
             maxnreg=MAXNREG)
 
     return gluon_backward(grad_out, q, k, v, out, lse, scale, middle)
-
-
-def _dq_descriptor(dq_acc: torch.Tensor, block: list[int]) -> TensorDescriptor:
-    """The float32 (BH, Nq, D) accumulator in (1, BLOCK_M, D/2) blocks: one MMA warpgroup's half of a tile."""
-    return TensorDescriptor(dq_acc, list(dq_acc.shape), list(dq_acc.stride()), block, layout(block, torch.float32))
 
 
 def compile_backward_ws(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
