@@ -7,10 +7,18 @@ this file only wires them together. Running with no subcommand runs `train` with
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from types import ModuleType
 
 from cs336_systems.errors import ConfigError
+
+CUDA_ALLOCATOR = "expandable_segments:True"
+"""The CUDA caching allocator's setting for every command, unless PYTORCH_CUDA_ALLOC_CONF is set (set it
+empty for torch's default). Expandable segments grow one mapping instead of caching fixed blocks, so
+memory freed by one phase of a step (activations in backward) is reusable by another of a different
+shape (AdamW's state, the next forward): without them a step near the card's capacity can run out with
+gigabytes reserved but unallocated (docs/activation_checkpointing.md, "Checked on a GPU")."""
 
 # subcommand -> one-line help; `load` imports the command's module.
 COMMANDS = {"train": "train a Transformer LM (the default command)"}
@@ -94,6 +102,7 @@ def _command(argv: list[str] | None) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", CUDA_ALLOCATOR)  # read when CUDA first allocates
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["train", *argv]  # `python -m cs336_systems [--flags]` means train
     parser = build_parser(argv)

@@ -46,3 +46,26 @@ def test_only_the_chosen_command_is_imported():
             "print(sorted(m for m in sys.modules if m.startswith('cs336_systems.bench')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("given, expected", [(None, cli.CUDA_ALLOCATOR), ("", ""), ("max_split_size_mb:64", None)],
+                         ids=["default", "empty", "user-set"])
+def test_commands_run_with_expandable_segments_unless_the_user_chose(monkeypatch, given, expected):
+    if given is None:
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    else:
+        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", given)
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "step", "--help"])
+    assert cli.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (given if expected is None else expected)
+
+
+@pytest.mark.cuda
+def test_the_allocator_setting_reaches_the_caching_allocator():
+    """The CLI sets it before CUDA's first allocation: the segments it maps are expandable."""
+    code = ("import os; os.environ.pop('PYTORCH_CUDA_ALLOC_CONF', None); from cs336_systems import cli\n"
+            "try: cli.main(['bench', 'step', '--help'])\nexcept SystemExit: pass\n"
+            "import torch; x = torch.ones(2**20, device='cuda')\n"
+            "print(sorted({s['is_expandable'] for s in torch.cuda.memory_snapshot()}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split()[-1] == "[True]"

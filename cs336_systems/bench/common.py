@@ -97,6 +97,7 @@ def environment(device: torch.device | str) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         # CPU timings on a shared machine are only as good as its idleness: keep the evidence.
         "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **({"cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")} if device.type == "cuda" else {}),
     }
 
 

@@ -305,6 +305,7 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
                 "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss})
     if config.device_type == "cuda":
         row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
+        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(config.device) / 2**30
     if config.profile:
         row["kernel_ms"] = kernel_times(step, config.device)
     return row
@@ -318,6 +319,7 @@ def oom_row(name: str, error: BaseException, phase: str, config: StepBenchConfig
            "oom_message": " ".join(str(error).split())[:400]}
     if config.device_type == "cuda":
         row["peak_gib_before_oom"] = torch.cuda.max_memory_allocated(config.device) / 2**30
+        row["peak_reserved_gib_before_oom"] = torch.cuda.max_memory_reserved(config.device) / 2**30
     return row
 
 
@@ -474,7 +476,8 @@ def write(args: argparse.Namespace, config: StepBenchConfig, rows: list[dict[str
     rows = with_stock_ratio(rows)
     results = Results("step", meta=meta, rows=rows)
     columns = ["contender", "attention", "ac", "ms_per_step", "tflops", "mfu", "first_step_s", "first_loss"]
-    optional = ["speedup_vs_stock", "wall_s", "ac_plan"] + (["peak_gib"] if config.device_type == "cuda" else [])
+    memory = ["peak_gib", "peak_reserved_gib"] if config.device_type == "cuda" else []
+    optional = ["speedup_vs_stock", "wall_s", "ac_plan", *memory]
     columns += [name for name in [*optional, "note"] if any(name in row for row in rows)]
     out = results.write(args.out_dir, columns=columns)
     with open(out / f"{results.name}.md", "a") as md:
