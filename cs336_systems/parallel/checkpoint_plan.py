@@ -232,9 +232,16 @@ class LayerCosts:
 
     @property
     def transient_bytes(self) -> int:
-        """What the layer whose backward runs holds beyond every layer's kept bytes: the largest measured
+        """What the layer whose backward runs holds beyond every layer's kept bytes, whatever its policy:
+        the largest `transient(p)`."""
+        return max(self.transient(p) for p in self.policies)
+
+    def transient(self, policy: str) -> int:
+        """What one layer under `policy` holds while its backward runs, beyond its kept bytes: the measured
         backward working set, or where none was measured, `none`'s kept bytes (its whole forward again)."""
-        return max(self.backward_bytes) if self.backward_bytes is not None else max(self.kept_bytes)
+        if self.backward_bytes is None:
+            return max(self.kept_bytes)
+        return self.backward_bytes[self.policies.index(str(parse_policy(policy)))]
 
     def cost(self, policy: str) -> tuple[int, float]:
         """(kept bytes, recompute seconds) of one layer under `policy`."""
@@ -311,6 +318,9 @@ class CheckpointPlan:
     budget_bytes: int
     recompute_s: float
     """Seconds of recomputation per step (per micro-batch)."""
+    transient_bytes: int = 0
+    """What the backward of one layer adds (its policies' largest `LayerCosts.transient`), where the budget
+    holds it too (`solve_plan(..., transient=True)`); 0 where the budget is for kept bytes alone."""
     costs: LayerCosts | None = None
     budget_terms: str = ""
     """How the budget was reached, for the record ("given", or free memory less what)."""
@@ -323,43 +333,49 @@ class CheckpointPlan:
     def describe(self) -> str:
         """One line: `ac plan: 20 x selective, 14 x full; kept 41.2 GiB of 44.0 budget; recompute 0.31 s/step`."""
         layers = ", ".join(f"{n} x {p}" for p, n in reversed(self.counts))  # most memory first
-        return (f"ac plan: {layers}; kept {_gib(self.kept_bytes)} GiB of {_gib(self.budget_bytes)} budget; "
+        backward = f" + one layer's backward {_gib(self.transient_bytes)}" if self.transient_bytes else ""
+        return (f"ac plan: {layers}; kept {_gib(self.kept_bytes)}{backward} GiB of {_gib(self.budget_bytes)} budget; "
                 f"recompute {self.recompute_s:.3g} s/step")
 
     def to_dict(self) -> dict:
         return {"plan": self.describe(), "counts": dict(self.counts), "kept_bytes": self.kept_bytes,
-                "budget_bytes": self.budget_bytes, "recompute_s": self.recompute_s, "budget": self.budget_terms,
+                "transient_bytes": self.transient_bytes, "budget_bytes": self.budget_bytes,
+                "recompute_s": self.recompute_s, "budget": self.budget_terms,
                 "costs": self.costs.to_dict() if self.costs else None}
 
 
 def solve_plan(costs: LayerCosts, num_layers: int, budget: int, *, what: str = "--activation-checkpointing",
-               budget_terms: str = "") -> CheckpointPlan:
+               budget_terms: str = "", transient: bool = False) -> CheckpointPlan:
     """The counts per policy with the least recompute seconds whose kept bytes fit `budget`; a ConfigError
     naming `what` and the numbers when even the least-memory plan does not fit. Ties go to the plan that
     keeps more: what is kept is work not redone, where timings too small to tell (a clamped pointwise
-    rest) make two plans equal."""
+    rest) make two plans equal. `transient`: the budget also holds the backward of one layer, the
+    largest `costs.transient(p)` over the policies the plan uses (a plan without the policy whose
+    backward needs most does not reserve for it)."""
     if num_layers < 1:
         raise ValueError(f"solve_plan: num_layers must be positive, got {num_layers}")
-    options = _undominated(costs)
+    options = _undominated(costs, transient)
     best = None
     for counts in _compositions(num_layers, len(options)):
-        kept = sum(n * b for n, (_, b, _) in zip(counts, options))
-        if kept > budget:
+        kept = sum(n * b for n, (_, b, _, _) in zip(counts, options))
+        backward = max(t for n, (_, _, _, t) in zip(counts, options) if n) if transient else 0
+        if kept + backward > budget:
             continue
-        key = (sum(n * s for n, (_, _, s) in zip(counts, options)), -kept)
+        key = (sum(n * s for n, (_, _, s, _) in zip(counts, options)), -kept)
         if best is None or key < best[0]:
-            best = key, counts
+            best = key, counts, backward
     if best is None:
         least = min(costs.kept_bytes)
         policy = costs.policies[costs.kept_bytes.index(least)]
+        backward = f" and its backward {costs.transient(policy) / GIB:.3g} GiB" if transient else ""
         raise ConfigError(f"{what}: no plan fits a budget of {budget / GIB:.3g} GiB{_terms(budget_terms)}: the least "
-                          f"memory, {num_layers} x {policy}, keeps {num_layers * least / GIB:.3g} GiB; free memory "
-                          "(a smaller --batch or context), or give a budget with budget:GiB")
-    (seconds, minus_kept), counts = best
+                          f"memory, {num_layers} x {policy}, keeps {num_layers * least / GIB:.3g} GiB{backward}; free "
+                          "memory (a smaller --batch or context), or give a budget with budget:GiB")
+    (seconds, minus_kept), counts, backward = best
     order = sorted(zip(options, counts), key=lambda item: item[0][1])  # least kept bytes first
-    return CheckpointPlan(counts=tuple((p, n) for (p, _, _), n in order if n), kept_bytes=-minus_kept,
-                          budget_bytes=budget,
-                          recompute_s=seconds, costs=costs, budget_terms=budget_terms)
+    return CheckpointPlan(counts=tuple((p, n) for (p, _, _, _), n in order if n), kept_bytes=-minus_kept,
+                          budget_bytes=budget, recompute_s=seconds, transient_bytes=backward, costs=costs,
+                          budget_terms=budget_terms)
 
 
 def _gib(n: int) -> str:
@@ -371,11 +387,13 @@ def _terms(budget_terms: str) -> str:
     return f" ({budget_terms})" if budget_terms else ""
 
 
-def _undominated(costs: LayerCosts) -> list[tuple[str, int, float]]:
-    """The (policy, bytes, seconds) that no other policy beats, faster in no more bytes: the others never
-    belong to a best plan, and dropping them shortens the enumeration."""
-    rows = list(zip(costs.policies, costs.kept_bytes, costs.recompute_s))
-    return [row for row in rows if not any(b <= row[1] and s < row[2] for _, b, s in rows)]
+def _undominated(costs: LayerCosts, transient: bool) -> list[tuple[str, int, float, int]]:
+    """The (policy, bytes, seconds, backward bytes) that no other policy beats, faster in no more bytes
+    (and, where the backward counts, no larger a backward): the others never belong to a best plan, and
+    dropping them shortens the enumeration."""
+    rows = [(p, b, s, costs.transient(p) if transient else 0)
+            for p, b, s in zip(costs.policies, costs.kept_bytes, costs.recompute_s)]
+    return [row for row in rows if not any(b <= row[1] and s < row[2] and t <= row[3] for _, b, s, t in rows)]
 
 
 def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:

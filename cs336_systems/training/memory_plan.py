@@ -212,21 +212,21 @@ def device_memory(device: torch.device | str) -> int:
 
 
 def activation_budget(policy: ActivationCheckpointing, floor: MemoryPlan, *, available: int, total: int,
-                      transient: int, loss_bytes: int = 0) -> tuple[int, str]:
+                      loss_bytes: int = 0) -> tuple[int, str]:
     """(bytes the layers may keep for backward, how that was reached) for a plan request.
 
-    budget:GiB: that. auto[:MARGIN]: `available` less the parameters and AdamW state (`floor`'s), the
-    `transient` (one layer's activations, rebuilt while its backward runs), the loss's working set and
-    the margin (MARGIN GiB, default MARGIN_FRACTION of `total`). The kept activations share memory
+    budget:GiB: that, for the kept bytes alone. auto[:MARGIN]: `available` less the parameters and AdamW
+    state (`floor`'s), the loss's working set and the margin (MARGIN GiB, default MARGIN_FRACTION of
+    `total`); the solver fits in it the kept bytes and the backward of one layer (its working set while it
+    runs, by the policies the plan uses: solve_plan(transient=True)). The kept activations share memory
     with the gradients (max(gradients, activations), module docstring): a budget below the gradients
     leaves no room, and is an error here."""
     if policy.mode == "budget":
         return int(policy.gib * GIB), "given"
     margin = int(MARGIN_FRACTION * total) if policy.gib is None else int(policy.gib * GIB)
-    budget = available - floor.parameters - floor.optimizer - transient - loss_bytes - margin
+    budget = available - floor.parameters - floor.optimizer - loss_bytes - margin
     terms = (f"{available / GIB:.3g} GiB free - parameters {floor.parameters / GIB:.3g} - AdamW state "
-             f"{floor.optimizer / GIB:.3g} - one layer's recomputation {transient / GIB:.3g} - loss "
-             f"{loss_bytes / GIB:.3g} - margin {margin / GIB:.3g}")
+             f"{floor.optimizer / GIB:.3g} - loss {loss_bytes / GIB:.3g} - margin {margin / GIB:.3g}")
     if budget < floor.gradients:
         raise ConfigError(f"--activation-checkpointing {policy}: no plan fits: {terms} = {budget / GIB:.3g} GiB, "
                           f"less than the gradients ({floor.gradients / GIB:.3g} GiB), which take the activations' "
@@ -261,12 +261,11 @@ def resolve_checkpointing(policy: ActivationCheckpointing, model: ModelConfig, *
                      activation_bytes=dtype.itemsize, policy="none", fused_loss=fused_loss, world_size=world_size,
                      fsdp=fsdp, shard_optimizer=shard_optimizer, optimizer_in_backward=optimizer_in_backward)
     available = available_bytes(device) if available is None else available
-    transient = costs.transient_bytes  # what the layer whose backward runs holds beyond the kept bytes
     loss = 0 if fused_loss else tokens * model.vocab_size * dtype.itemsize  # the whole logits at once
     budget, terms = activation_budget(policy, floor, available=available, total=device_memory(device),
-                                      transient=transient, loss_bytes=loss)
+                                      loss_bytes=loss)
     return solve_plan(costs, model.num_layers, budget, what=f"--activation-checkpointing {policy}",
-                      budget_terms=terms)
+                      budget_terms=terms, transient=policy.mode == "auto")
 
 
 def resolve_train_checkpointing(config: TrainConfig, device: torch.device

@@ -6,6 +6,7 @@ gives the plain model's gradients (eager bitwise, compiled within the measured c
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -258,16 +259,14 @@ def floor(params: int, grads: int) -> MemoryPlan:
 
 def test_auto_budget_arithmetic():
     budget, terms = activation_budget(parse_policy("auto:2"), floor(10 * GIB, 10 * GIB), available=80 * GIB,
-                                      total=80 * GIB, transient=5 * GIB, loss_bytes=GIB)
-    assert budget == (80 - 10 - 20 - 5 - 1 - 2) * GIB and "margin 2" in terms
+                                      total=80 * GIB, loss_bytes=GIB)
+    assert budget == (80 - 10 - 20 - 1 - 2) * GIB and "margin 2" in terms
     default, _ = activation_budget(parse_policy("auto"), floor(10 * GIB, 10 * GIB), available=80 * GIB,
-                                   total=80 * GIB, transient=5 * GIB)
-    assert default == 80 * GIB - 35 * GIB - int(0.02 * 80 * GIB)  # the margin: 2% of the device
-    assert activation_budget(parse_policy("budget:7"), floor(GIB, GIB), available=0, total=0, transient=0) == \
-        (7 * GIB, "given")
-    with pytest.raises(ConfigError, match=r"--activation-checkpointing auto: no plan fits.*gradients \(45 GiB\)"):
-        activation_budget(parse_policy("auto"), floor(10 * GIB, 45 * GIB), available=80 * GIB, total=80 * GIB,
-                          transient=5 * GIB)
+                                   total=80 * GIB)
+    assert default == 80 * GIB - 30 * GIB - int(0.02 * 80 * GIB)  # the margin: 2% of the device
+    assert activation_budget(parse_policy("budget:7"), floor(GIB, GIB), available=0, total=0) == (7 * GIB, "given")
+    with pytest.raises(ConfigError, match=r"--activation-checkpointing auto: no plan fits.*gradients \(55 GiB\)"):
+        activation_budget(parse_policy("auto"), floor(10 * GIB, 55 * GIB), available=80 * GIB, total=80 * GIB)
 
 
 def test_resolve_on_the_cpu():
@@ -338,6 +337,24 @@ def test_cuda_compiled_cost_table():
     grads = sum(-(-p.numel() * p.element_size() // 512) * 512 for p in block.parameters())
     assert min(costs.backward_bytes) >= grads and costs.transient_bytes == max(costs.backward_bytes)
     assert all(p.grad is None for p in block.parameters())
+
+
+def test_the_budget_holds_the_backward_of_the_policies_the_plan_uses():
+    """With transient=True a plan reserves the largest backward among its own policies: a plan of
+    `selective` alone does not pay for `full`'s larger backward, and one that needs `full` does."""
+    costs = LayerCosts(policies=("none", "selective", "full"), kept_bytes=(10, 4, 1), recompute_s=(0.0, 1.0, 2.0),
+                       backward_bytes=(2, 3, 6))
+    plan = solve_plan(costs, 4, budget=19, transient=True)  # 4 x selective: 16 kept + 3
+    assert plan.counts == (("selective", 4),) and plan.transient_bytes == 3
+    assert "+ one layer's backward" in plan.describe() and plan.to_dict()["transient_bytes"] == 3
+    plan = solve_plan(costs, 4, budget=18, transient=True)  # 1 x full: 13 kept + 6 > 18; 2 x full: 10 + 6
+    assert dict(plan.counts) == {"full": 2, "selective": 2} and (plan.kept_bytes, plan.transient_bytes) == (10, 6)
+    assert solve_plan(costs, 4, budget=18).counts == (("selective", 4),)  # kept bytes alone: 16 fit
+    brute = min(sum(costs.recompute_s[i] for i in choice) for choice in itertools.product(range(3), repeat=4)
+                if sum(costs.kept_bytes[i] for i in choice) + max(costs.backward_bytes[i] for i in choice) <= 18)
+    assert plan.recompute_s == brute
+    with pytest.raises(ConfigError, match=r"4 x full, keeps .* GiB and its backward"):
+        solve_plan(costs, 4, budget=9, transient=True)
 
 
 def test_transient_is_the_measured_backward_or_the_whole_forward():
