@@ -144,10 +144,12 @@ def compiled_memory(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpo
     torch.cuda.synchronize(device)
     start = torch.cuda.memory_allocated(device)
     out = compiled(leaf.clone())  # (B, T, d)
+    torch.cuda.synchronize(device)
+    after_forward = torch.cuda.memory_allocated(device)
+    kept = after_forward - start - _allocated_bytes(out)
     loss = out.sum()
     torch.cuda.synchronize(device)
     after_forward = torch.cuda.memory_allocated(device)
-    kept = after_forward - start - out.untyped_storage().nbytes() - loss.untyped_storage().nbytes()
     torch.cuda.reset_peak_memory_stats(device)
     loss.backward()
     torch.cuda.synchronize(device)
@@ -155,6 +157,12 @@ def compiled_memory(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpo
     del out, loss
     block.zero_grad(set_to_none=True)
     return kept, backward
+
+
+def _allocated_bytes(tensor: torch.Tensor) -> int:
+    """What the caching allocator holds for `tensor`'s storage: its bytes rounded up to the allocator's
+    512-byte granularity (a 2-byte scalar takes 512)."""
+    return -(-tensor.untyped_storage().nbytes() // 512) * 512
 
 
 # ---------------------------------------------------------------- recompute seconds

@@ -5,13 +5,13 @@ Gluon kernel (gluon/; off with CS336_GLUON=0). Otherwise the pointer-arithmetic 
 for head dim 128 and long sequences the tensor-descriptor (TMA) kernel (launch_tma), which measured
 4-7 % faster there on an H100 and no faster elsewhere.
 
-Backward: on sm_90 at head dim 128 with enough work, the Gluon one-pass backward
-(gluon/kernels_bwd.py; same rule and switch as the Gluon forward, and like the tl one-pass backward
-not under `torch.use_deterministic_algorithms(True)`). Otherwise the two-pass kernels
-(launch.flash_backward: 7 matmuls and two exps per score, no atomics, bitwise deterministic), or
-the one-pass backward with dQ summed by bulk (TMA) reductions (launch_onepass: 5 matmuls and one
-exp per score; dQ's last bits depend on the order of the additions). The tl one-pass backward wins
-for head dim 64 once there are enough keys (over the Gluon one too); the numbers are in
+Backward: on sm_90 at head dim 64 or 128 with enough work and rows, the warp-specialised Gluon
+backward (gluon/kernels_bwd_ws.py; same rule and switch as the Gluon forward, and like the tl
+one-pass backward not under `torch.use_deterministic_algorithms(True)`). Otherwise the two-pass
+kernels (launch.flash_backward: 7 matmuls and two exps per score, no atomics, bitwise
+deterministic), or the one-pass backward with dQ summed by bulk (TMA) reductions (launch_onepass: 5
+matmuls and one exp per score; dQ's last bits depend on the order of the additions), which wins for
+head dim 64 once there are enough keys where Gluon does not run; the numbers are in
 docs/perf/flash_attention.md. Like torch's own attention backends, the faster nondeterministic
 backward is the default and `torch.use_deterministic_algorithms(True)` selects the deterministic one.
 
@@ -71,9 +71,9 @@ def attention_backward(grad_out, q, k, v, out, lse, is_causal: bool, scale: floa
     """(dQ, dK, dV) from the fastest backward kernels allowed for these inputs."""
     bounds = None if document_ids is None else document_bounds(document_ids, q.shape[:-1])
     if use_gluon_backward(q, k, v, documents=bounds is not None):
-        from ops.flash_attn.gluon.launch_bwd import flash_backward_gluon  # imports Gluon only where it runs
+        from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws  # imports Gluon only where it runs
 
-        return flash_backward_gluon(grad_out, q, k, v, out, lse, is_causal, scale, bounds=bounds)
+        return flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal, scale, bounds=bounds)
     if use_onepass_backward(q, k, v):
         return flash_backward_onepass(grad_out, q, k, v, out, lse, is_causal, scale, descriptors=True, bounds=bounds)
     return flash_backward(grad_out, q, k, v, out, lse, is_causal, scale, bounds=bounds)

@@ -49,8 +49,8 @@ FEW_ROWS = dict(d=128, batch=1, heads=1)  # large, but a small grid for the back
 def test_auto_is_the_measured_rule(supported):
     assert gluon.get_gluon_mode() == "auto"
     assert gluon.use_gluon_forward(*qkv()) and not gluon.use_gluon_forward(*qkv(**SMALL))
-    assert gluon.use_gluon_backward(*qkv(d=128))
-    for case in (SMALL, D64, FEW_ROWS):
+    assert gluon.use_gluon_backward(*qkv(d=128)) and gluon.use_gluon_backward(*qkv(**D64))
+    for case in (SMALL, FEW_ROWS):
         assert not gluon.use_gluon_backward(*qkv(**case)), case
 
 
@@ -286,13 +286,13 @@ def test_modes_route_our_contenders_to_their_kernels_on_sm90(monkeypatch, head_d
     if torch.cuda.get_device_capability() != gluon.GLUON_CAPABILITY or not gluon.gluon_available():
         pytest.skip("needs an sm_90 GPU and the tested Triton")
     launch = pytest.importorskip("ops.flash_attn.gluon.launch")
-    launch_bwd = pytest.importorskip("ops.flash_attn.gluon.launch_bwd")
+    launch_bwd = pytest.importorskip("ops.flash_attn.gluon.launch_bwd_ws")
     calls = []
-    for module, name in ((launch, "flash_forward_gluon"), (launch_bwd, "flash_backward_gluon")):
+    for module, name in ((launch, "flash_forward_gluon"), (launch_bwd, "flash_backward_gluon_ws")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     q, k, v, grad = attention.make_inputs((1, 2, 512, head_dim), torch.bfloat16, "cuda")
-    gluon_both = ["flash_forward_gluon", "flash_backward_gluon"]
+    gluon_both = ["flash_forward_gluon", "flash_backward_gluon_ws"]
     for impl, expected in (("ours-tl", []), ("ours-gluon", gluon_both), ("ours", [])):  # 2 x 512^2 x D < 2**35
         calls.clear()
         attention.IMPLEMENTATIONS[impl](True, tuple(q.shape))(q, k, v).backward(grad)

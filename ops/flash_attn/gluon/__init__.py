@@ -43,11 +43,13 @@ GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has 
 # took 0.201 vs 0.073 ms; from 2**35 it won (16 x 4096 x 128: 0.143 vs 0.176; 1 x 16384 x 128: 0.204
 # vs 0.218) or tied (64 x 4096 x 64, 2**36: 0.355 vs 0.360).
 GLUON_MIN_WORK = 2**35
-# The backward where it measured faster than the tl backward dispatch.py would pick otherwise
-# (H200, v12 in docs/perf/flash_attention_gluon.md): at D = 128 against the two-pass tl kernels (8B layer
-# 92 vs 114 ms, 16 x 4096: 0.50 vs 0.61 ms), except with few rows, where the tl small-grid tiles
-# keep more SMs busy (1 x 16384: 0.71 vs 0.68 ms). At D = 64 the tl one-pass backward stayed ahead.
-GLUON_BACKWARD_HEAD_DIMS = (128,)
+# The backward where it measured faster than the tl backward dispatch.py would pick otherwise: the
+# warp-specialised Gluon backward (kernels_bwd_ws.py) at D = 128 and 64, on one H100 (tools/gluon_timings.py
+# --backward-tiles, commit 12af6c5): the 8B layer 78.9 ms against the one-pass Gluon kernel's 87.0 and the tl
+# one-pass 123.4 (cuDNN 79.7); the leaderboard's D = 64 shape 3.26 ms against the tl one-pass 3.60 (cuDNN
+# 3.21). With few rows the tl small-grid tiles keep more SMs busy (H200, 1 x 16384 x 128: the one-pass
+# Gluon kernel 0.71 vs 0.68 ms), so those stay on tl.
+GLUON_BACKWARD_HEAD_DIMS = (64, 128)
 GLUON_MODES = ("auto", "off", "force")
 _mode = "auto"  # process-global (set_gluon_mode): read by the rules at each forward and backward
 
@@ -138,7 +140,7 @@ def use_gluon_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documen
 
 
 def use_gluon_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents: bool = False) -> bool:
-    """The Gluon one-pass backward: where the forward's rule holds, at the head dims where it
+    """The Gluon backward (the warp-specialised kernel): where the forward's rule holds, at the head dims where it
     measured faster and with enough rows, unless torch is asked for deterministic algorithms (its dQ is summed by
     reductions in the order CTAs finish, as in the tl one-pass backward). It launches one CTA per K/V
     head and key tile (with GQA each walks its group's query heads), so the grid the small-grid rule

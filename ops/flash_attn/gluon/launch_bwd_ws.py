@@ -2,8 +2,8 @@
 
 Same contract as launch_bwd.flash_backward_gluon, whose preprocess and dQ conversion it shares; only
 the middle launch differs: 4 + 4 + 1 warps (two MMA warpgroups and a load warp), dK and dV stored per
-64-key half, each dQ tile added as two BLOCK_M x D/2 halves. Not dispatched: it is selected with
-`flash_backward_gluon_ws` directly (tests, tools/gluon_timings.py) until it has been measured.
+64-key half, each dQ tile added as two BLOCK_M x D/2 halves. dispatch.attention_backward calls it
+wherever the Gluon backward runs; the one-pass kernel (launch_bwd) stays for comparison (tools/gluon_timings.py).
 """
 
 from __future__ import annotations

@@ -111,10 +111,12 @@ def test_disabled_path_never_checks_the_version(hopper, monkeypatch, recwarn):
     assert not [w for w in recwarn if "Gluon" in str(w.message)]
 
 
-def test_gluon_backward_at_head_dim_128_only(hopper):
+def test_gluon_backward_at_head_dims_64_and_128(hopper):
     assert gluon.use_gluon_backward(*qkv(d=128))
     assert gluon.use_gluon_backward(*qkv(d=128, dtype=torch.float16))
-    assert not gluon.use_gluon_backward(*qkv(d=64))  # the tl one-pass backward measured faster there
+    assert gluon.use_gluon_backward(*qkv(d=64))  # the warp-specialised kernel beat the tl one-pass there
+    with gluon.gluon_mode("off"):
+        assert not gluon.use_gluon_backward(*qkv(d=64))
 
 
 @pytest.mark.parametrize("case", [dict(n=2048, d=128), dict(d=128, dtype=torch.float32), dict(d=128, aligned=False),
@@ -156,8 +158,8 @@ def test_deterministic_mode_keeps_the_tl_backward(hopper):
 ROUTES = {
     "forward": ("attention_forward", "use_gluon_forward", "use_tma_forward", "ops.flash_attn.gluon.launch",
                 "flash_forward_gluon", "flash_forward"),
-    "backward": ("attention_backward", "use_gluon_backward", "use_onepass_backward", "ops.flash_attn.gluon.launch_bwd",
-                 "flash_backward_gluon", "flash_backward"),
+    "backward": ("attention_backward", "use_gluon_backward", "use_onepass_backward",
+                 "ops.flash_attn.gluon.launch_bwd_ws", "flash_backward_gluon_ws", "flash_backward"),
 }
 
 
