@@ -45,7 +45,7 @@ GLUON_CAPABILITY = (9, 0)  # sm_90 exactly: wgmma and setmaxnreg; Blackwell has 
 GLUON_MIN_WORK = 2**35
 # The backward where it measured faster than the tl backward dispatch.py would pick otherwise: the
 # warp-specialised Gluon backward (kernels_bwd_ws.py) at D = 128 and 64, on one H100 (tools/gluon_timings.py
-# --backward-tiles, commit 12af6c5): the 8B layer 78.9 ms against the one-pass Gluon kernel's 87.0 and the tl
+# --backward-tiles, commit e6de4e3): the 8B layer 78.9 ms against the one-pass Gluon kernel's 87.0 and the tl
 # one-pass 123.4 (cuDNN 79.7); the leaderboard's D = 64 shape 3.26 ms against the tl one-pass 3.60 (cuDNN
 # 3.21). With few rows the tl small-grid tiles keep more SMs busy (H200, 1 x 16384 x 128: the one-pass
 # Gluon kernel 0.71 vs 0.68 ms), so those stay on tl.
