@@ -123,12 +123,9 @@ class StepBenchConfig:
     """torch.compile backend; None: inductor on CUDA, aot_eager on CPU (inductor's C++ build is slow)."""
     compile_mode: str = "regional"
     """ours: "regional" (each block) or "model" (the whole model)."""
-    steps: int = 5
-    """Timed steps; the median is reported."""
-    warmup: int = 2
-    """Untimed steps after the first."""
-    device: str = "auto"
-    """Where to run."""
+    steps: int = 5  # timed steps; the median is reported
+    warmup: int = 2  # untimed steps after the first
+    device: str = "auto"  # where to run
     matmul_size: int | None = None
     """n of the n^3 bf16 matmul whose rate MFU is measured against; None: 8192 on CUDA, 512 on CPU."""
     profile: bool = False
@@ -136,10 +133,8 @@ class StepBenchConfig:
     protocol: str = "default"
     """How steps are timed: "default" (--warmup steps, then the median of --steps) or "leaderboard"
     (triton.testing.do_bench(step, warmup=10_000, rep=30_000), as the CS336 2026 timing script: CUDA only)."""
-    leaderboard_warmup_ms: float = LEADERBOARD_WARMUP_MS
-    """do_bench's warm-up of the leaderboard protocol, in ms (the leaderboard's: 10 000)."""
-    leaderboard_rep_ms: float = LEADERBOARD_REP_MS
-    """do_bench's measured time of the leaderboard protocol, in ms (the leaderboard's: 30 000)."""
+    leaderboard_warmup_ms: float = LEADERBOARD_WARMUP_MS  # do_bench's warm-up (the leaderboard's: 10 000 ms)
+    leaderboard_rep_ms: float = LEADERBOARD_REP_MS  # do_bench's measured time (the leaderboard's: 30 000 ms)
 
     def __post_init__(self) -> None:
         self.device = str(pick_device(self.device))
@@ -185,7 +180,7 @@ class StepBenchConfig:
         return torch.device(self.device).type
 
 
-# ---------------------------------------------------------------- the stock recipe
+# ---------------------------------------------------------------- the contenders (stock: stock_step.py)
 
 
 def contender_base(name: str) -> str:
@@ -204,10 +199,8 @@ def ours_setup(model: nn.Module, config: StepBenchConfig, policy: ActivationChec
     forward, _ = parallelize(model, 1, compile_model=config.compile, compile_backend=config.compile_backend,
                              compile_mode=config.compile_mode, activation_checkpointing=checkpointing)
     optimizer_cls, extra = adamw("auto", torch.device(config.device))
-    if in_backward:
-        optimizer = attach(model, lambda params: optimizer_cls(params, **ADAMW, **extra))
-    else:
-        optimizer = optimizer_cls(model.parameters(), **ADAMW, **extra)
+    optimizer = (attach(model, lambda params: optimizer_cls(params, **ADAMW, **extra)) if in_backward
+                 else optimizer_cls(model.parameters(), **ADAMW, **extra))
     return (lambda x, y: lm_loss(forward, x, y)), optimizer
 
 
@@ -303,9 +296,7 @@ def run_contender(name: str, config: StepBenchConfig, flops: float, matmul_rate:
             row["gpu"] = monitor.summary()
     row.update({"ms_per_step": seconds * 1e3, "tflops": flops / seconds / 1e12,
                 "mfu": flops / seconds / 1e12 / matmul_rate, "first_step_s": first_s, "first_loss": first_loss})
-    if config.device_type == "cuda":
-        row["peak_gib"] = torch.cuda.max_memory_allocated(config.device) / 2**30
-        row["peak_reserved_gib"] = torch.cuda.max_memory_reserved(config.device) / 2**30
+    row.update(_peaks(config))
     if config.profile:
         row["kernel_ms"] = kernel_times(step, config.device)
     return row
@@ -317,10 +308,15 @@ def oom_row(name: str, error: BaseException, phase: str, config: StepBenchConfig
     on CUDA, the peak allocated since the first step, to compare with a plan's accounting."""
     row = {"contender": name, "ms_per_step": OOM, "note": OOM_ADVICE, "oom_phase": phase,
            "oom_message": " ".join(str(error).split())[:400]}
-    if config.device_type == "cuda":
-        row["peak_gib_before_oom"] = torch.cuda.max_memory_allocated(config.device) / 2**30
-        row["peak_reserved_gib_before_oom"] = torch.cuda.max_memory_reserved(config.device) / 2**30
-    return row
+    return {**row, **_peaks(config, "_before_oom")}
+
+
+def _peaks(config: StepBenchConfig, suffix: str = "") -> dict[str, float]:
+    """CUDA: the peak GiB allocated and reserved by the caching allocator since its last reset."""
+    if config.device_type != "cuda":
+        return {}
+    return {f"peak_gib{suffix}": torch.cuda.max_memory_allocated(config.device) / 2**30,
+            f"peak_reserved_gib{suffix}": torch.cuda.max_memory_reserved(config.device) / 2**30}
 
 
 def matmul_params(model: ModelConfig) -> int:
