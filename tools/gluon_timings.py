@@ -118,16 +118,21 @@ def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep
 # beside the table's entry: at D = 64, 128-row query steps (half the dQ reductions per FLOP).
 BACKWARD_VARIANTS = {64: [(128, 128, 2, True), (128, 128, 2, False), (128, 128, 1, True), (64, 128, 3, True)],
                      128: [(64, 128, 2, False)]}
+# The warp-specialised kernel's variants (block_m, block_n, stages): a deeper ring, and at D = 64 128-row
+# query steps. Each fits sm_90's 227 KB of shared memory (compile_backward_ws on a CPU: 133, 150, 199 and
+# 231 KB); the 128-row and the D = 128 three-stage ones spill (364-384 bytes loaded), the others do not.
+WS_VARIANTS = {64: [(64, 128, 3), (64, 128, 4), (128, 128, 2)], 128: [(64, 128, 3)]}
 
 
 def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     """The backward alone (dQ, dK, dV from saved O and L) at one shape: the dispatched kernels, the
-    Gluon kernel with the table's tiles and each variant, the tl one-pass kernel, and cuDNN's
-    backward (its forward outside the timing)."""
+    one-pass and the warp-specialised Gluon kernels with the table's tiles and each variant, the tl
+    one-pass kernel, and cuDNN's backward (its forward outside the timing)."""
     import torch
 
     from ops.flash_attn.dispatch import attention_backward, attention_forward
     from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, flash_backward_gluon
+    from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws
     from ops.flash_attn.launch_onepass import flash_backward_onepass
 
     gen = torch.Generator("cuda").manual_seed(0)
@@ -138,25 +143,19 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     row = {"shape": name, "dispatched": _bench(lambda: attention_backward(dout, q, k, v, out, lse, True, scale)),
            "tl_onepass": _bench(lambda: flash_backward_onepass(dout, q, k, v, out, lse, True, scale,
                                                                descriptors=True))}
-    variants = [("table", BACKWARD_TILES[d])] + [
-        (f"{bm}x{bn}x{st}{'' if early else 'late'}", GluonBackwardTiles(bm, bn, st, early_dp=early))
-        for bm, bn, st, early in BACKWARD_VARIANTS[d]]
-    for label, tiles in variants:
+    variants = [("gluon_table", flash_backward_gluon, BACKWARD_TILES[d])] + [
+        (f"gluon_{bm}x{bn}x{st}{'' if early else 'late'}", flash_backward_gluon,
+         GluonBackwardTiles(bm, bn, st, early_dp=early)) for bm, bn, st, early in BACKWARD_VARIANTS[d]] + [
+        ("gluon_ws", flash_backward_gluon_ws, BACKWARD_TILES[d])] + [
+        (f"gluon_ws_{bm}x{bn}x{st}", flash_backward_gluon_ws, GluonBackwardTiles(bm, bn, st))
+        for bm, bn, st in WS_VARIANTS[d]]
+    for label, backward, tiles in variants:
         try:
-            grads = flash_backward_gluon(dout, q, k, v, out, lse, True, scale, tiles=tiles)
-            row[f"gluon_{label}_maxdiff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
-            row[f"gluon_{label}"] = _bench(
-                lambda: flash_backward_gluon(dout, q, k, v, out, lse, True, scale, tiles=tiles))  # noqa: B023
-        except Exception as err:  # a variant that does not compile or launch: report it and go on
-            row[f"gluon_{label}"] = f"error: {str(err)[:200]}"
-    from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws
-
-    try:  # the warp-specialised kernel (gluon/kernels_bwd_ws.py), the table's tiles
-        grads = flash_backward_gluon_ws(dout, q, k, v, out, lse, True, scale)
-        row["gluon_ws_maxdiff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
-        row["gluon_ws"] = _bench(lambda: flash_backward_gluon_ws(dout, q, k, v, out, lse, True, scale))
-    except Exception as err:  # noqa: BLE001 - report and go on
-        row["gluon_ws"] = f"error: {str(err)[:200]}"
+            grads = backward(dout, q, k, v, out, lse, True, scale, tiles=tiles)
+            row[f"{label}_maxdiff"] = max((g.float() - r.float()).abs().max().item() for g, r in zip(grads, ref))
+            row[label] = _bench(lambda: backward(dout, q, k, v, out, lse, True, scale, tiles=tiles))  # noqa: B023
+        except Exception as err:  # noqa: BLE001 - a variant that does not compile or launch: report it, go on
+            row[label] = f"error: {str(err)[:200]}"
     qc, kc, vc = (x.detach().clone().requires_grad_() for x in (q, k, v))
     oc = _cudnn(qc, kc, vc)
     row["cudnn_bwd"] = _bench(lambda: torch.autograd.grad(oc, (qc, kc, vc), dout, retain_graph=True))
