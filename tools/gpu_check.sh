@@ -6,7 +6,8 @@
 #     PARTS="tests leaderboard" bash tools/gpu_check.sh      # only some parts
 #
 # Parts, in order (PARTS picks and orders them):
-#   tests        pytest -m cuda: the Gluon tests, the other flash-attention tests, then the rest of tests/
+#   tests        pytest -m cuda: the Gluon tests, the other flash-attention tests, then the rest of tests/ (in
+#                parallel processes where pytest-xdist is installed: see workers())
 #   attention    bench attention --preset 8b --impls ours sdpa-cudnn: the 8B model's attention layer
 #   leaderboard  bench attention --leaderboard: the CS336 leaderboard shape, ours vs SDPA
 #   profile      bench step --profile at 2 and 4 layers, ours and ours-sdpa: kernel time by category
@@ -48,8 +49,16 @@ run() {
     return $rc
 }
 
+# pytest-xdist workers for the CUDA tests, where it is installed: one per 18 GiB of the card, at most 8 (the
+# float64 oracles of the 4113-token cases take several GiB each: 8 workers ran an 80 GB H100 out of memory,
+# 3 and 4 did not; 8 fit an H200's 141 GB); none without xdist.
+workers() {
+    $PYTHON -c "import xdist" 2>/dev/null || return 0
+    $PYTHON -c "import torch; print(f'-n {max(1, min(8, torch.cuda.mem_get_info()[1] // (18 * 2**30)))}')"
+}
+
 tests() {
-    local pytest=($PYTHON -m pytest -m cuda -q -p no:cacheprovider)
+    local pytest=($PYTHON -m pytest -m cuda -q -p no:cacheprovider $(workers))
     local gluon=tests/ops/flash_attn/test_gluon_cuda.py
     run tests_gluon "${TIME_TESTS_GLUON:-300}" "${pytest[@]}" "$gluon"
     run tests_flash "${TIME_TESTS_FLASH:-300}" "${pytest[@]}" tests/ops/flash_attn --ignore="$gluon"
