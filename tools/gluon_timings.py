@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -30,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (name, batch, heads, N, D): the 8B model's layer and the CS336 leaderboard (16 heads x 16384 x 64, batch 1).
 TARGETS = [("8B", 2, 32, 32768, 128), ("leaderboard", 1, 16, 16384, 64)]
+# --backward-tiles also times grouped-query heads: issue 30's GQA shape, Hq 32 over Hkv 8 (the last field).
+BACKWARD_SHAPES = [*TARGETS, ("gqa 8B", 1, 32, 32768, 128, 8)]
 # Smaller shapes that decide the dispatch rule (forward only).
 RULE_SHAPES = [("64x4096x64", 4, 16, 4096, 64), ("16x4096x128", 1, 16, 4096, 128), ("1x16384x128", 1, 1, 16384, 128),
                ("4x4096x128", 1, 4, 4096, 128), ("16x2048x64", 1, 16, 2048, 64), ("1x8192x64", 1, 1, 8192, 64),
@@ -68,7 +71,7 @@ def _cudnn(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _time_shape(name: str, b: int, h: int, n: int, d: int, backward: bool, sweep: bool, pingpong: bool) -> dict:
@@ -124,7 +127,7 @@ BACKWARD_VARIANTS = {64: [(128, 128, 2, True), (128, 128, 2, False), (128, 128, 
 WS_VARIANTS = {64: [(64, 128, 3), (64, 128, 4), (128, 128, 2)], 128: [(64, 128, 3)]}
 
 
-def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
+def _backward_tiles(name: str, b: int, h: int, n: int, d: int, kv_heads: int | None = None) -> None:
     """The backward alone (dQ, dK, dV from saved O and L) at one shape: the dispatched kernels, the
     one-pass and the warp-specialised Gluon kernels with the table's tiles and each variant, the tl
     one-pass kernel, and cuDNN's backward (its forward outside the timing)."""
@@ -136,7 +139,8 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     from ops.flash_attn.launch_onepass import flash_backward_onepass
 
     gen = torch.Generator("cuda").manual_seed(0)
-    q, k, v, dout = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(4))
+    q, k, v, dout = (torch.randn(b, kv_heads if i in (1, 2) and kv_heads else h, n, d, device="cuda",
+                                 dtype=torch.bfloat16, generator=gen) for i in range(4))  # k, v: (B, Hkv, N, D)
     scale = d ** -0.5
     out, lse = attention_forward(q, k, v, True, scale)
     ref = flash_backward_onepass(dout, q, k, v, out, lse, True, scale, descriptors=True)
@@ -146,7 +150,8 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int) -> None:
     variants = [("gluon_table", flash_backward_gluon, BACKWARD_TILES[d])] + [
         (f"gluon_{bm}x{bn}x{st}{'' if early else 'late'}", flash_backward_gluon,
          GluonBackwardTiles(bm, bn, st, early_dp=early)) for bm, bn, st, early in BACKWARD_VARIANTS[d]] + [
-        ("gluon_ws", flash_backward_gluon_ws, BACKWARD_TILES[d])] + [
+        ("gluon_ws", flash_backward_gluon_ws, BACKWARD_TILES[d]),
+        ("gluon_ws_heads_first", functools.partial(flash_backward_gluon_ws, heads_first=True), BACKWARD_TILES[d])] + [
         (f"gluon_ws_{bm}x{bn}x{st}", flash_backward_gluon_ws, GluonBackwardTiles(bm, bn, st))
         for bm, bn, st in WS_VARIANTS[d]]
     for label, backward, tiles in variants:
@@ -234,7 +239,7 @@ def main() -> None:
         import torch
 
         print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-        for shape in TARGETS:
+        for shape in BACKWARD_SHAPES:
             _backward_tiles(*shape)
         return None
     if args.child:

@@ -48,6 +48,17 @@ KEYS = gl.constexpr(64)  # key rows per MMA partition (one wgmma M extent)
 
 
 @gluon.jit
+def _cta(BLOCK_N: gl.constexpr, HEADS_FIRST: gl.constexpr):
+    """(flat K/V head b * Hkv + h, first key of this CTA). HEADS_FIRST: the grid is (heads, key tiles),
+    so CTAs launch key tile by key tile across all heads: with causal masking the first key tiles
+    have the most query steps (GROUP times more with GQA), and launching them first leaves short
+    CTAs for the tail. Otherwise (key tiles, heads): one head after another."""
+    if HEADS_FIRST:
+        return gl.program_id(0), gl.program_id(1) * BLOCK_N
+    return gl.program_id(1), gl.program_id(0) * BLOCK_N
+
+
+@gluon.jit
 def _steps(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
            IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr):
     """(first query tile, query tiles per query head, steps): the walk every partition takes."""
@@ -63,12 +74,11 @@ def _steps(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M: gl.constexpr, BL
 def _load_partition(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                     lse_smem, delta_smem, bars, start_ptr, end_ptr, n_queries, n_heads, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr,
-                    HAS_DOCS: gl.constexpr):
+                    HAS_DOCS: gl.constexpr, HEADS_FIRST: gl.constexpr):
     """K and V of this CTA's keys, then each step's Q, dO, L and Delta into ring slot it % NUM_STAGES."""
     kv_ready, ready, empty, _, _, _ = bars
-    bh = gl.program_id(1)
+    bh, start_n = _cta(BLOCK_N, HEADS_FIRST)
     b, h = bh // n_heads, bh % n_heads
-    start_n = gl.program_id(0) * BLOCK_N
     mbarrier.expect(kv_ready, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [b, h, start_n, 0], kv_ready, k_smem.index(0))
     tma.async_copy_global_to_shared(v_desc, [b, h, start_n, 0], kv_ready, v_smem.index(0))
@@ -88,13 +98,13 @@ def _load_partition(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_sme
 def _mma_partition(half: gl.constexpr, dk_desc, dv_desc, dq_desc, k_smem, v_smem, q_smem, do_smem, lse_smem,
                    delta_smem, ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
                    sm_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                   NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr):
+                   NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr,
+                   HEADS_FIRST: gl.constexpr):
     """Keys [half * 64, half * 64 + 64) of the CTA: their dK and dV, and dQ's columns [half * D/2, + D/2)."""
     kv_ready, ready, empty, ds_ready, ds_free, done = bars
     dtype: gl.constexpr = q_smem.dtype
-    bh = gl.program_id(1)
+    bh, start_n = _cta(BLOCK_N, HEADS_FIRST)
     b, h = bh // n_heads, bh % n_heads
-    start_n = gl.program_id(0) * BLOCK_N
     my_keys = start_n + half * KEYS
     # One warpgroup: 4 warps stacked along its 64 key rows; along the query rows for its dQ half.
     st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -193,6 +203,7 @@ def flash_bwd_ws_kernel(
     n_queries, n_keys, n_heads, qk_scale, sm_scale,  # n_heads: K/V heads; qk_scale = sm_scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr, MMA_REGS: gl.constexpr,
+    HEADS_FIRST: gl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head; dQ_acc += dS K (unscaled) for each query tile they meet.
     dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
@@ -229,11 +240,13 @@ def flash_bwd_ws_kernel(
     gl.warp_specialize([
         (_mma_partition, (0, dk_desc, dv_desc, dq_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                           ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
-                          sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS)),
+                          sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS,
+                          HEADS_FIRST)),
         (_mma_partition, (1, dk_desc, dv_desc, dq_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                           ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
-                          sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS)),
+                          sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS,
+                          HEADS_FIRST)),
         (_load_partition, (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                            lse_smem, delta_smem, bars, start_ptr, end_ptr, n_queries, n_heads, BLOCK_M, BLOCK_N,
-                           NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS)),
+                           NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS, HEADS_FIRST)),
     ], [4, 1], [MMA_REGS, 24])

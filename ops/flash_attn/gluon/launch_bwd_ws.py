@@ -29,7 +29,7 @@ from ops.flash_attn.gluon.launch_bwd import (
     row_descriptor,
 )
 from ops.flash_attn.kernels import LOG2E
-from ops.flash_attn.launch import launch_grid
+from ops.flash_attn.launch import MAX_GRID_Y, launch_grid
 from ops.triton_utils.replay import ReplayLauncher
 
 NUM_WARPS = 4  # the default partition: MMA warpgroup 0
@@ -40,21 +40,34 @@ MMA_REGS = 240
 _KERNEL = ReplayLauncher(flash_bwd_ws_kernel)
 
 
-def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int, documents: bool) -> dict:
+def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int, documents: bool,
+          heads_first: bool = False) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
-                IS_CAUSAL=is_causal, GROUP=group, HAS_DOCS=documents, MMA_REGS=MMA_REGS)
+                IS_CAUSAL=is_causal, GROUP=group, HAS_DOCS=documents, MMA_REGS=MMA_REGS, HEADS_FIRST=heads_first)
+
+
+def _grid(n_keys: int, block_n: int, kv_bh: int, heads_first: bool) -> tuple[int, int]:
+    """(key tiles, K/V heads), or with `heads_first` (K/V heads, key tiles): kernels_bwd_ws._cta."""
+    if not heads_first:
+        return launch_grid(n_keys, block_n, kv_bh)
+    tiles = -(-n_keys // block_n)
+    if tiles > MAX_GRID_Y:
+        raise ValueError(f"flash_attn (Gluon): at most {MAX_GRID_Y * block_n} keys, got {n_keys}")
+    return kv_bh, tiles
 
 
 def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale: float, bounds=None, *,
-                            tiles: GluonBackwardTiles | None = None):
-    """(dQ, dK, dV) as launch_bwd.flash_backward_gluon returns them, from the warp-specialised kernel."""
+                            tiles: GluonBackwardTiles | None = None, heads_first: bool = False):
+    """(dQ, dK, dV) as launch_bwd.flash_backward_gluon returns them, from the warp-specialised kernel.
+    `heads_first`: launch the CTAs key tile by key tile across the heads (kernels_bwd_ws._cta); a
+    variant tools/gluon_timings.py times, not yet the default."""
     start, end = bounds_pointers(bounds, q)
     head_dim = q.shape[-1]
     tiles = tiles or BACKWARD_TILES[head_dim]
 
     def middle(t: BackwardViews) -> None:
         n_q, n_k, kv_heads = t.q4.shape[2], t.k4.shape[2], t.k4.shape[1]
-        _KERNEL[launch_grid(n_k, tiles.block_n, t.k4.shape[0] * kv_heads)](
+        _KERNEL[_grid(n_k, tiles.block_n, t.k4.shape[0] * kv_heads, heads_first)](
             descriptor(t.q4, tiles.block_m), descriptor(t.k4, tiles.block_n),
             descriptor(t.v4, tiles.block_n), descriptor(t.do4, tiles.block_m),
             descriptor(t.dk4, KEYS.value), descriptor(t.dv4, KEYS.value),  # stored per 64-key half
@@ -62,17 +75,18 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
             row_descriptor(t.lse, tiles.block_m), row_descriptor(t.delta, tiles.block_m),
             start, end,  # (BH, Nq) int32 each, or None
             n_q, n_k, kv_heads, scale * LOG2E, scale,
-            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None), num_warps=NUM_WARPS,
-            maxnreg=MAXNREG)
+            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None, heads_first),
+            num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
     return gluon_backward(grad_out, q, k, v, out, lse, scale, middle)
 
 
 def compile_backward_ws(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
-                        tiles: GluonBackwardTiles | None = None, target=SM90, group: int = 1, documents: bool = False):
+                        tiles: GluonBackwardTiles | None = None, target=SM90, group: int = 1, documents: bool = False,
+                        heads_first: bool = False):
     """Compile the warp-specialised backward for `target` without a GPU (see launch.compile_forward)."""
     tiles = tiles or BACKWARD_TILES[head_dim]
-    meta = _meta(head_dim, is_causal, tiles, group, documents)
+    meta = _meta(head_dim, is_causal, tiles, group, documents, heads_first)
     bounds = {name: "*i32" if documents else "constexpr" for name in ("start_ptr", "end_ptr")}
     rows = (tiles.block_m, tiles.block_n, KEYS.value)
     q_type, k_type, half_type = (tile_type(n, head_dim, dtype) for n in rows)

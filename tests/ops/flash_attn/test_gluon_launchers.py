@@ -53,3 +53,20 @@ def test_backward_launches_get_their_tensors(monkeypatch, warp_specialized, docu
     assert (meta["GROUP"], meta["HAS_DOCS"], meta["IS_CAUSAL"], meta["HEAD_DIM"]) == (4, documents, True, 128)
     options = {"num_warps": 4, "maxnreg": 168} if warp_specialized else {"num_warps": 8}  # 4 + 4 + 1 warps; 8
     assert {name: meta.get(name) for name in options} == options
+
+
+def test_heads_first_grid_puts_the_heads_first(monkeypatch):
+    """The warp-specialised backward's other launch order: grid (K/V heads, key tiles), the kernel told so."""
+    from ops.flash_attn.gluon import launch_bwd, launch_bwd_ws
+
+    calls: list = []
+    launches = ((launch_bwd, "preprocess_kernel"), (launch_bwd, "dq_convert_kernel"), (launch_bwd_ws, "_KERNEL"))
+    for module, name in launches:
+        monkeypatch.setattr(module, name, _Recorder(name, calls))
+    q, grad_out, out = (torch.randn(2, 8, 300, 64, dtype=torch.bfloat16) for _ in range(3))  # (B, Hq, N, D)
+    k, v = (torch.randn(2, 2, 300, 64, dtype=torch.bfloat16) for _ in range(2))  # (B, Hkv, N, D)
+    lse = torch.randn(2, 8, 300)
+    for heads_first, grid in ((False, (3, 4)), (True, (4, 3))):  # 3 key tiles of 128, B * Hkv = 4
+        calls.clear()
+        launch_bwd_ws.flash_backward_gluon_ws(grad_out, q, k, v, out, lse, True, 0.125, heads_first=heads_first)
+        assert calls[1][1] == grid and calls[1][3]["HEADS_FIRST"] == heads_first

@@ -41,11 +41,23 @@ def test_compiles_for_sm90(head_dim, causal, group, documents):
     assert compiled.metadata.shared <= 227 * 1024
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
+def test_heads_first_compiles_with_the_same_resources(documents):
+    """The (heads, key tiles) launch order changes which grid index names what: the same shared memory
+    as the default order (ptxas may allocate registers a little differently: its spills are not compared)."""
+    from ops.flash_attn.gluon import launch_bwd_ws
+
+    default, heads_first = (launch_bwd_ws.compile_backward_ws(128, True, group=4, documents=documents,
+                                                              heads_first=first) for first in (False, True))
+    assert heads_first.metadata.shared == default.metadata.shared
+    assert heads_first.asm["ptx"] != default.asm["ptx"]
+
+
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                           reason="needs an sm_90 GPU")
 
 
-def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None):
+def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None, heads_first=False):
     """(O, dQ, dK, dV) with the warp-specialised backward, and what the float64 oracle needs."""
     from ops.flash_attn.dispatch import attention_forward
     from ops.flash_attn.documents import document_bounds
@@ -57,23 +69,23 @@ def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None):
     scale = head_dim ** -0.5
     out, lse = attention_forward(q, k, v, causal, scale, ids)
     bounds = None if ids is None else document_bounds(ids, q.shape[:-1])
-    grads = flash_backward_gluon_ws(grad_out, q, k, v, out, lse, causal, scale, bounds)
+    grads = flash_backward_gluon_ws(grad_out, q, k, v, out, lse, causal, scale, bounds, heads_first=heads_first)
     assert all(g.shape == x.shape and g.dtype == x.dtype for g, x in zip(grads, (q, k, v)))
     return (out, *grads), (q, k, v, causal, grad_out)
 
 
-def check_matches_float64(lead, n_q, n_k, head_dim, causal):
-    ours, inputs = _case(lead, n_q, n_k, head_dim, causal, torch.Generator().manual_seed(7))
+def check_matches_float64(lead, n_q, n_k, head_dim, causal, heads_first=False):
+    ours, inputs = _case(lead, n_q, n_k, head_dim, causal, torch.Generator().manual_seed(7), heads_first=heads_first)
     assert_close_to_reference(ours, *inputs)
 
 
-def check_grouped_heads_and_documents(causal, documents):
+def check_grouped_heads_and_documents(causal, documents, heads_first=False):
     gen = torch.Generator().manual_seed(7)
     ids = None
     if documents:  # documents of 1 to ~300 tokens, the same split for every head
         starts = torch.rand(2, 777, generator=gen) < 1 / 150
         ids = starts.cumsum(-1).to("cuda")[:, None, :]  # (B, 1, N)
-    ours, inputs = _case((2, 8), 777, 777, 128, causal, gen, kv_heads=2, ids=ids)
+    ours, inputs = _case((2, 8), 777, 777, 128, causal, gen, kv_heads=2, ids=ids, heads_first=heads_first)
     assert_close_to_reference(ours, *inputs, document_ids=ids)
 
 
@@ -110,7 +122,17 @@ def test_matches_float64(shape, head_dim, causal):
 
 @pytest.mark.cuda
 @cuda
+@pytest.mark.parametrize("heads_first", [False, True], ids=["tiles-first", "heads-first"])
 @pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_grouped_heads_and_documents_match_float64(causal, documents):
-    _isolated("check_grouped_heads_and_documents", causal, documents)
+def test_grouped_heads_and_documents_match_float64(causal, documents, heads_first):
+    """With GQA and documents, and in both launch orders of the CTAs (kernels_bwd_ws._cta)."""
+    _isolated("check_grouped_heads_and_documents", causal, documents, heads_first)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("causal", [False, True])
+def test_heads_first_launch_order_matches_float64(causal):
+    """The (heads, key tiles) grid at odd lengths, Nq != Nk, several heads and a batch."""
+    _isolated("check_matches_float64", (2, 3), 200, 333, 128, causal, True)
