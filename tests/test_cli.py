@@ -51,10 +51,9 @@ def test_only_the_chosen_command_is_imported():
 @pytest.mark.parametrize("given, expected", [(None, cli.CUDA_ALLOCATOR), ("", ""), ("max_split_size_mb:64", None)],
                          ids=["default", "empty", "user-set"])
 def test_commands_run_with_expandable_segments_unless_the_user_chose(monkeypatch, given, expected):
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", given or "")  # recorded: the variable is restored after the test
     if given is None:
-        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
-    else:
-        monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", given)
+        monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     with pytest.raises(SystemExit):
         cli.main(["bench", "step", "--help"])
     assert cli.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == (given if expected is None else expected)
