@@ -1,8 +1,10 @@
 """Gluon (`triton.experimental.gluon`) FlashAttention kernels for Hopper, and when to use them.
 
-Files: kernels_fwd.py (the warp-specialised forward), kernels_bwd.py (the one-pass backward),
-launch.py / launch_bwd.py (descriptors, tiles, launch, and `compile_forward` / `compile_backward`, the
-ahead-of-time sm_90 compiles CI runs on CPU), tools/gluon_timings.py (the GPU timing script).
+Files: kernels_fwd.py (the warp-specialised forward), kernels_bwd_ws.py (the warp-specialised backward,
+dispatched), kernels_bwd.py (the one-pass backward, kept for comparison; its helpers serve both),
+launch.py / launch_bwd.py / launch_bwd_ws.py (descriptors, tiles, launch, and `compile_forward` /
+`compile_backward` / `compile_backward_ws`, the ahead-of-time sm_90 compiles CI runs on CPU),
+tools/gluon_timings.py (the GPU timing script).
 This module imports no Gluon: it only decides.
 
 Gluon is experimental and its API moves between Triton releases, so the kernels are used only with
