@@ -37,7 +37,9 @@ def heads_view(x: torch.Tensor) -> torch.Tensor:
     the outer leading dims above where they merge (else a copy). Unlike as_bhnd it never copies a
     (B, H, N, D) tensor whose B and H do not merge, e.g. the (B, N, H, D) projection output seen
     through .transpose(1, 2): tensor descriptors take its four strides as they are."""
-    if x.dim() <= 4:
+    if x.dim() == 4:
+        return x  # (the common case, and reshape's own host time is a launch's worth at small sizes)
+    if x.dim() < 4:
         return x.reshape((1,) * (4 - x.dim()) + tuple(x.shape))  # adds unit dims: always a view
     return x.reshape(-1, *x.shape[-3:])
 

@@ -74,9 +74,18 @@ def _layout(block_shape: tuple[int, ...], dtype: torch.dtype, swizzle: int | Non
 
 def descriptor(x: torch.Tensor, rows: int, swizzle: int | None = None, cols: int | None = None) -> TensorDescriptor:
     """Descriptor over x (.., N, D), any rank up to 5, one (1, .., 1, rows, cols) tile per copy (cols
-    default D)."""
+    default D).
+
+    Built without TensorDescriptor's own checks (__post_init__: alignment, strides, a power-of-two
+    block), which cost more host time than the rest of a small launch: every tensor a launcher hands
+    here has passed them already (tma_view and output_like check TMA's alignment rules, the other
+    buffers are fresh and contiguous) and the block shapes come from the tile tables. The fields are
+    those the constructor sets, in its order (test_gluon_launchers.py compares the two)."""
     block = [1] * (x.dim() - 2) + [rows, x.shape[-1] if cols is None else cols]
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), block, layout(block, x.dtype, swizzle))
+    desc = TensorDescriptor.__new__(TensorDescriptor)
+    desc.__dict__.update(base=x, shape=list(x.shape), strides=list(x.stride()), block_shape=block,
+                         layout=layout(block, x.dtype, swizzle), padding="zero")
+    return desc
 
 
 def tma_view(x: torch.Tensor) -> torch.Tensor:

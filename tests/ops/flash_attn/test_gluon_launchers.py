@@ -70,3 +70,21 @@ def test_heads_first_grid_puts_the_heads_first(monkeypatch):
         calls.clear()
         launch_bwd_ws.flash_backward_gluon_ws(grad_out, q, k, v, out, lse, True, 0.125, heads_first=heads_first)
         assert calls[1][1] == grid and calls[1][3]["HEADS_FIRST"] == heads_first
+
+
+@pytest.mark.parametrize("make", [lambda: torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16),
+                                  lambda: torch.zeros(2, 40, 3, 128, dtype=torch.float16).transpose(1, 2),
+                                  lambda: torch.zeros(6, 40, 64)], ids=["contiguous", "transposed", "float32 3-D"])
+def test_descriptors_hold_what_the_checked_constructor_would(make):
+    """launch.descriptor skips TensorDescriptor's checks: its fields, in order, are the constructor's, and
+    the constructor accepts the same arguments (so nothing those checks would refuse is built)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from ops.flash_attn.gluon import launch
+
+    x = make()
+    fast = launch.descriptor(x, 64, cols=32)
+    checked = TensorDescriptor(x, list(x.shape), list(x.stride()), fast.block_shape, fast.layout)
+    assert type(fast) is TensorDescriptor and list(vars(fast)) == list(vars(checked))
+    assert fast.base is checked.base
+    assert all(vars(fast)[name] == vars(checked)[name] for name in vars(fast) if name != "base")
