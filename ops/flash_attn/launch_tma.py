@@ -66,9 +66,16 @@ def tma_device(device: torch.device) -> bool:
 
 
 def tma_aligned(x: torch.Tensor) -> bool:
-    *outer, last = x.stride()
+    """TMA's rules for a tensor it copies: a 16-byte-aligned base, unit last stride, the others 16-byte
+    multiples. (A loop, not all() over a generator: launchers call it once per operand.)"""
+    strides = x.stride()
+    if strides[-1] != 1 or x.data_ptr() % TMA_ALIGN:
+        return False
     size = x.element_size()
-    return last == 1 and x.data_ptr() % TMA_ALIGN == 0 and all(s * size % TMA_ALIGN == 0 for s in outer)
+    for stride in strides[:-1]:
+        if stride * size % TMA_ALIGN:
+            return False
+    return True
 
 
 def descriptor(x: torch.Tensor, block_rows: int) -> TensorDescriptor:

@@ -82,9 +82,15 @@ def descriptor(x: torch.Tensor, rows: int, swizzle: int | None = None, cols: int
     buffers are fresh and contiguous) and the block shapes come from the tile tables. The fields are
     those the constructor sets, in its order (test_gluon_launchers.py compares the two)."""
     block = [1] * (x.dim() - 2) + [rows, x.shape[-1] if cols is None else cols]
+    return unchecked_descriptor(x, block, layout(block, x.dtype, swizzle))
+
+
+def unchecked_descriptor(x: torch.Tensor, block: list[int], block_layout: gl.NVMMASharedLayout) -> TensorDescriptor:
+    """TensorDescriptor(x, shape, strides, block, layout) without its __post_init__ checks, for tensors
+    that passed them already (see descriptor)."""
     desc = TensorDescriptor.__new__(TensorDescriptor)
     desc.__dict__.update(base=x, shape=list(x.shape), strides=list(x.stride()), block_shape=block,
-                         layout=layout(block, x.dtype, swizzle), padding="zero")
+                         layout=block_layout, padding="zero")
     return desc
 
 

@@ -28,10 +28,12 @@ from ops.flash_attn.gluon.launch import (
     query_group,
     tile_type,
     tma_view,
+    unchecked_descriptor,
 )
 from ops.flash_attn.kernels import LOG2E
 from ops.flash_attn.launch import heads_view, launch_grid, row_buffers
 from ops.flash_attn.launch_onepass import ROW_BLOCK, dq_convert_kernel, preprocess_kernel
+from ops.flash_attn.launch_tma import tma_aligned
 from ops.triton_utils.replay import ReplayLauncher
 
 NUM_WARPS = 8  # two warpgroups: 64 key rows each (kernels_bwd.py)
@@ -130,9 +132,9 @@ def row_descriptor(x2: torch.Tensor, rows: int) -> TensorDescriptor:
     row strides: for Nq not a multiple of 4 the rows are copied into a wider buffer first (the
     descriptor keeps the logical width, so columns past Nq still read as zero)."""
     n = x2.shape[1]
-    if n % 4:
-        x2 = torch.nn.functional.pad(x2, (0, 4 - n % 4))[:, :n]  # (BH, Nq) view, row stride a multiple of 4
-    return TensorDescriptor(x2, list(x2.shape), list(x2.stride()), [1, rows], layout([1, rows], x2.dtype))
+    if n % 4 or not tma_aligned(x2):
+        x2 = torch.nn.functional.pad(x2, (0, -n % 4))[:, :n]  # (BH, Nq) view, row stride a multiple of 4
+    return unchecked_descriptor(x2, [1, rows], layout([1, rows], x2.dtype))  # TMA-aligned: checked above
 
 
 def compile_backward(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,

@@ -88,3 +88,20 @@ def test_descriptors_hold_what_the_checked_constructor_would(make):
     assert type(fast) is TensorDescriptor and list(vars(fast)) == list(vars(checked))
     assert fast.base is checked.base
     assert all(vars(fast)[name] == vars(checked)[name] for name in vars(fast) if name != "base")
+
+
+ROWS = {"aligned": lambda: torch.randn(4, 8), "odd width": lambda: torch.randn(4, 7),
+        "strided": lambda: torch.randn(4, 9)[:, 1:], "offset": lambda: torch.randn(37)[1:].view(4, 9)}
+
+
+@pytest.mark.parametrize("make", list(ROWS.values()), ids=list(ROWS))
+def test_row_descriptors_are_tma_aligned_with_the_values(make):
+    """L and Delta rows: used as they are where TMA takes them, else copied into 16-byte-aligned rows;
+    the descriptor shows the logical (BH, Nq) values either way."""
+    from ops.flash_attn.gluon.launch_bwd import row_descriptor
+    from ops.flash_attn.launch_tma import tma_aligned
+
+    x = make()
+    desc = row_descriptor(x, 64)
+    assert tma_aligned(desc.base) and desc.shape == list(x.shape) and torch.equal(desc.base, x)
+    assert (desc.base.data_ptr() == x.data_ptr()) == tma_aligned(x)
