@@ -149,11 +149,11 @@ def compiled_memory(block: nn.Module, x: torch.Tensor, policy: ActivationCheckpo
     kept = after_forward - start - _allocated_bytes(out)
     loss = out.sum()
     torch.cuda.synchronize(device)
-    after_forward = torch.cuda.memory_allocated(device)
+    before_backward = torch.cuda.memory_allocated(device)  # the kept bytes, the output and the loss
     torch.cuda.reset_peak_memory_stats(device)
     loss.backward()
     torch.cuda.synchronize(device)
-    backward = torch.cuda.max_memory_allocated(device) - after_forward
+    backward = torch.cuda.max_memory_allocated(device) - before_backward
     del out, loss
     block.zero_grad(set_to_none=True)
     return kept, backward
