@@ -238,12 +238,6 @@ class LayerCosts:
         if self.backward_bytes is not None and len(self.backward_bytes) != len(self.policies):
             raise ValueError("LayerCosts: one backward_bytes per policy, or none")
 
-    @property
-    def transient_bytes(self) -> int:
-        """What the layer whose backward runs holds beyond every layer's kept bytes, whatever its policy:
-        the largest `transient(p)`."""
-        return max(self.transient(p) for p in self.policies)
-
     def transient(self, policy: str) -> int:
         """What one layer under `policy` holds while its backward runs, beyond its kept bytes: the measured
         backward working set, or where none was measured, `none`'s kept bytes (its whole forward again)."""
