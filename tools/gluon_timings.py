@@ -31,8 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # (name, batch, heads, N, D): the 8B model's layer and the CS336 leaderboard (16 heads x 16384 x 64, batch 1).
 TARGETS = [("8B", 2, 32, 32768, 128), ("leaderboard", 1, 16, 16384, 64)]
-# --backward-tiles also times grouped-query heads: issue 30's GQA shape, Hq 32 over Hkv 8 (the last field).
-BACKWARD_SHAPES = [*TARGETS, ("gqa 8B", 1, 32, 32768, 128, 8)]
+# --backward-tiles also times grouped-query heads: issue 30's GQA shape, Hq 32 over Hkv 8 (the last field), at
+# 32768 and at 4096 tokens, where 256 CTAs of unequal length (causal, GROUP query heads each) share 132 SMs,
+# and the same 4096-token shape without GQA.
+BACKWARD_SHAPES = [*TARGETS, ("gqa 8B", 1, 32, 32768, 128, 8), ("gqa 4k", 1, 32, 4096, 128, 8),
+                   ("4k", 1, 32, 4096, 128)]
 # Smaller shapes that decide the dispatch rule (forward only).
 RULE_SHAPES = [("64x4096x64", 4, 16, 4096, 64), ("16x4096x128", 1, 16, 4096, 128), ("1x16384x128", 1, 1, 16384, 128),
                ("4x4096x128", 1, 4, 4096, 128), ("16x2048x64", 1, 16, 2048, 64), ("1x8192x64", 1, 1, 8192, 64),
