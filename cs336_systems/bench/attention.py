@@ -170,9 +170,6 @@ def make_inputs(shape: tuple[int, ...], dtype: torch.dtype, device: str, seed: i
     return q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), grad
 
 
-
-
-
 def measure(impl: str, shape: tuple[int, ...], dtype: torch.dtype, causal: bool, device: str,
             passes: tuple[str, ...], warmup_ms: float, rep_ms: float) -> list[dict[str, Any]]:
     """One row per pass for `impl` at `shape`; a failure becomes rows with its status."""
@@ -433,7 +430,8 @@ def main(args: argparse.Namespace) -> int:
         from cs336_systems.bench import attention_dispatch
 
         return attention_dispatch.write(results, args)
-    columns = ["impl", "dtype", "shape", "pass", "ms", "tflops", "extra_peak_mib", "status", "reason"]
+    columns = ["impl", "dtype", "shape", "pass", "ms", "tflops", "sm_clock_mhz", "extra_peak_mib", "status",
+               "reason"]
     results.write(args.out_dir, columns)
     results.plot(args.out_dir, _draw(results.rows, "forward+backward"))
     return 0

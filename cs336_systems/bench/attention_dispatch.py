@@ -159,8 +159,8 @@ def draw_ratios(table: list[dict[str, Any]], head_dims: list[int], causals: list
 
 def write(results: Results, args: argparse.Namespace) -> int:
     """Every timing as attention.md/.json, then the dispatch table, its summary and the plot."""
-    results.write(args.out_dir, ["impl", "dtype", "shape", "causal", "pass", "ms", "tflops", "extra_peak_mib",
-                                 "status", "reason"])
+    results.write(args.out_dir, ["impl", "dtype", "shape", "causal", "pass", "ms", "tflops", "sm_clock_mhz",
+                                 "extra_peak_mib", "status", "reason"])
     table = dispatch_table(results.rows)
     stats = summary(table)
     dispatch = Results("attention_dispatch", meta=dict(results.meta), rows=table)

@@ -1,6 +1,8 @@
 """Timing attention passes for `bench attention`'s sweeps (the plain sweep, the dispatch sweep and the
 grouped-head / document sweep of attention_variants.py): the pass closures, one row per pass, and a
-failure as rows with its status."""
+failure as rows with its status. On CUDA each row carries the SM clock (median MHz) that NVML sampled while
+the pass was timed, so a kernel timed here can be compared with the same kernel inside a training step
+(`bench step` records the step's clock): a card under sustained load runs at its power limit's clock."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from cs336_systems.bench.common import OOM, UNSUPPORTED, extra_peak_mib, free_device_memory, is_oom, time_ms
+from cs336_systems.bench.gpu_monitor import GpuMonitor
 
 CUDA_ONLY = ("sdpa-cudnn", "sdpa-efficient", "flex")
 PASS_FLOP_FACTOR = {"forward": 1.0, "backward": 2.5, "forward+backward": 3.5}
@@ -49,8 +52,9 @@ def time_passes(base: dict[str, Any], build: Callable[[], tuple], needs_cuda: bo
         runs = pass_functions(fn, q, k, v, grad)
         rows = []
         for name in passes:
-            ms = time_ms(runs[name], device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-            row = dict(base, **{"pass": name}, ms=ms, tflops=PASS_FLOP_FACTOR[name] * flops / ms / 1e9, status="ok")
+            ms, clock = _time_with_clock(runs[name], device, warmup_ms, rep_ms)
+            row = dict(base, **{"pass": name}, ms=ms, tflops=PASS_FLOP_FACTOR[name] * flops / ms / 1e9, status="ok",
+                       **clock)
             if name == "forward+backward":
                 q.grad = k.grad = v.grad = None  # the gradients count as extra memory too
                 row["extra_peak_mib"] = extra_peak_mib(runs[name], device)
@@ -62,3 +66,14 @@ def time_passes(base: dict[str, Any], build: Callable[[], tuple], needs_cuda: bo
         return [dict(base, **{"pass": name}, ms=None, tflops=None, status=status, reason=reason) for name in passes]
     finally:
         free_device_memory()
+
+
+def _time_with_clock(fn: Callable[[], Any], device: str, warmup_ms: float, rep_ms: float) -> tuple[float, dict]:
+    """(median ms, {"sm_clock_mhz": median SM clock while timed}); the clock only on CUDA with NVML and
+    where a sample was taken (a timing shorter than the 20 ms interval may have none)."""
+    if device != "cuda":
+        return time_ms(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms), {}
+    with GpuMonitor(interval_s=0.02) as monitor:
+        ms = time_ms(fn, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    summary = monitor.summary()
+    return ms, ({"sm_clock_mhz": summary["sm_clock_mhz_median"]} if summary["samples"] else {})

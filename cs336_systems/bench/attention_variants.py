@@ -217,8 +217,8 @@ def run_variants(args: argparse.Namespace, dtypes: dict[str, torch.dtype]) -> in
                                       for r in rows), flush=True)
     fitted = fits(results.rows)
     results.meta["sum_sq_fits"] = fitted
-    columns = ["impl", "dtype", "shape", "doc_mean", "documents", "pass", "ms", "tflops", "extra_peak_mib",
-               "status", "reason"]
+    columns = ["impl", "dtype", "shape", "doc_mean", "documents", "pass", "ms", "tflops", "sm_clock_mhz",
+               "extra_peak_mib", "status", "reason"]
     out = results.write(args.out_dir, columns)
     if fitted:
         from cs336_systems.bench.common import markdown_table

@@ -3,6 +3,7 @@ one-line errors for bad input."""
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from helpers import assert_cli_error
 
 from cs336_systems import cli
 from cs336_systems.bench import attention
+from cs336_systems.bench.gpu_monitor import GpuMonitor
 
 FAST = ["--device", "cpu", "--warmup-ms", "1", "--rep-ms", "5"]
 
@@ -129,3 +131,45 @@ def test_planned_flops_count_every_timed_call():
     board = _parsed("--device", "cpu", "--leaderboard", "--repeats", "2")
     per_impl = attention.attention_flops((16, 16384, 64), True) * 4 * (1 + 3.5)
     assert attention.planned_flops(board) == per_impl * len(attention.leaderboard_impls("cpu")) * 2
+
+
+class ClockOnlyNvml:
+    """NVML as far as GpuMonitor reads it: the SM clock falls from 1980 to 1500 MHz after two samples."""
+
+    NVML_CLOCK_SM, NVML_TEMPERATURE_GPU = 1, 0
+
+    def __init__(self):
+        self.reads = 0
+
+    def nvmlDeviceGetHandleByIndex(self, index):
+        return index
+
+    def nvmlDeviceGetClockInfo(self, handle, kind):
+        self.reads += 1
+        return 1980 if self.reads <= 2 else 1500
+
+    def nvmlDeviceGetPowerUsage(self, handle):
+        return 700_000
+
+    def nvmlDeviceGetTemperature(self, handle, kind):
+        return 70
+
+    def nvmlDeviceGetCurrentClocksThrottleReasons(self, handle):
+        return 0x4
+
+
+def test_cuda_rows_carry_the_sm_clock_sampled_while_timed(monkeypatch):
+    """On CUDA every timed pass records the median SM clock of the samples taken while it ran (here a
+    fake NVML and a timing that lasts long enough for several samples); elsewhere no clock column."""
+    from cs336_systems.bench import attention_timing
+
+    def slow_timing(fn, device, warmup_ms, rep_ms):
+        time.sleep(0.2)
+        return 1.25
+
+    monkeypatch.setattr(attention_timing, "time_ms", slow_timing)
+    monkeypatch.setattr(attention_timing, "GpuMonitor",
+                        lambda interval_s: GpuMonitor(index=0, interval_s=interval_s, nvml=ClockOnlyNvml()))
+    ms, clock = attention_timing._time_with_clock(lambda: None, "cuda", 1.0, 5.0)
+    assert ms == 1.25 and clock == {"sm_clock_mhz": 1500.0}  # most samples after the fall
+    assert attention_timing._time_with_clock(lambda: None, "cpu", 1.0, 5.0) == (1.25, {})
