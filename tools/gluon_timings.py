@@ -138,7 +138,7 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int, kv_heads: int | N
 
     from ops.flash_attn.dispatch import attention_backward, attention_forward
     from ops.flash_attn.gluon.launch_bwd import BACKWARD_TILES, GluonBackwardTiles, flash_backward_gluon
-    from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws
+    from ops.flash_attn.gluon.launch_bwd_ws import flash_backward_gluon_ws as ws
     from ops.flash_attn.launch_onepass import flash_backward_onepass
 
     gen = torch.Generator("cuda").manual_seed(0)
@@ -153,10 +153,12 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int, kv_heads: int | N
     variants = [("gluon_table", flash_backward_gluon, BACKWARD_TILES[d])] + [
         (f"gluon_{bm}x{bn}x{st}{'' if early else 'late'}", flash_backward_gluon,
          GluonBackwardTiles(bm, bn, st, early_dp=early)) for bm, bn, st, early in BACKWARD_VARIANTS[d]] + [
-        ("gluon_ws", flash_backward_gluon_ws, BACKWARD_TILES[d]),
-        ("gluon_ws_heads_first", functools.partial(flash_backward_gluon_ws, heads_first=True), BACKWARD_TILES[d])] + [
-        (f"gluon_ws_{bm}x{bn}x{st}", flash_backward_gluon_ws, GluonBackwardTiles(bm, bn, st))
-        for bm, bn, st in WS_VARIANTS[d]]
+        ("gluon_ws", functools.partial(ws, heads_first=False), BACKWARD_TILES[d]),
+        ("gluon_ws_heads_first", functools.partial(ws, heads_first=True), BACKWARD_TILES[d])] + [
+        (f"gluon_ws_{bm}x{bn}x{st}", functools.partial(ws, heads_first=False), GluonBackwardTiles(bm, bn, st))
+        for bm, bn, st in WS_VARIANTS[d]] + [
+        (f"gluon_ws{'_heads_first' * first}_group_inner", functools.partial(ws, heads_first=first, group_inner=True),
+         BACKWARD_TILES[d]) for first in ((False, True) if kv_heads else ())]
     for label, backward, tiles in variants:
         try:
             grads = backward(dout, q, k, v, out, lse, True, scale, tiles=tiles)

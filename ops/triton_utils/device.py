@@ -44,6 +44,13 @@ def device_capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def sm_count(index: int | None) -> int:
+    """Streaming multiprocessors of CUDA device `index` (None: the current device), cached."""
+    device = torch.cuda.current_device() if index is None else index
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def tf32_tensor_cores() -> bool:
     """True on GPUs with TF32 tensor cores (sm_80+)."""
     return torch.cuda.is_available() and device_capability(torch.cuda.current_device()) >= (8, 0)
