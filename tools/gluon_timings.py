@@ -235,6 +235,8 @@ def main() -> None:
     parser.add_argument("--rules", action="store_true", help="only the forward at the dispatch rule's shapes")
     parser.add_argument("--launch-profile", action="store_true",
                         help="small Gluon and tl forwards under torch.profiler: host time vs kernel time per call")
+    parser.add_argument("--shapes", nargs="+", choices=[shape[0] for shape in BACKWARD_SHAPES],
+                        help="--backward-tiles: only these shapes, in this order (default: all)")
     parser.add_argument("--timeout", type=int, default=200, help="seconds the timings may take (default: 200)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -244,13 +246,15 @@ def main() -> None:
         import torch
 
         print(torch.cuda.get_device_name(), torch.__version__, flush=True)
-        for shape in BACKWARD_SHAPES:
-            _backward_tiles(*shape)
+        shapes = {shape[0]: shape for shape in BACKWARD_SHAPES}
+        for name in args.shapes or shapes:
+            _backward_tiles(*shapes[name])
         return None
     if args.child:
         return _timings(args.sweep, args.pingpong, args.rules)
     flags = (["--sweep"] * args.sweep + ["--pingpong"] * args.pingpong + ["--backward-tiles"] * args.backward_tiles
-             + ["--rules"] * args.rules + ["--launch-profile"] * args.launch_profile)
+             + ["--rules"] * args.rules + ["--launch-profile"] * args.launch_profile
+             + (["--shapes", *args.shapes] if args.shapes else []))
     sys.exit(_child(args.timeout, flags))
 
 
