@@ -101,6 +101,8 @@ def _parsed(*argv: str):
 def test_preset_8b_is_the_leaderboard_steps_attention_layer():
     args = _parsed("--preset", "8b", "--device", "cpu")
     assert (args.batch, args.heads, args.seq_lens, args.head_dims, args.dtypes) == (2, 32, [32768], [128], ["bf16"])
+    assert (args.warmup_ms, args.rep_ms) == (2000.0, 5000.0)  # timed at the card's steady clock
+    assert _parsed("--preset", "8b", "--device", "cpu", "--rep-ms", "100").rep_ms == 100.0  # flags win
 
 
 def test_explicit_shape_flags_win_over_the_preset_and_defaults_fill_the_rest():
