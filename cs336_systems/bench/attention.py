@@ -355,7 +355,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dispatch-sweep", action="store_true", help="ours (the dispatch rule), ours-tl, "
                         "ours-gluon and cuDNN over the shapes the rule decides (bench/attention_dispatch.py)")
     parser.add_argument("--passes", nargs="+", choices=PASSES, default=list(PASSES))
-    parser.add_argument("--warmup-ms", type=nonnegative_float, help="do_bench warm-up (default: 25; leaderboard: 1000; preset 8b: 2000)")
+    parser.add_argument("--warmup-ms", type=nonnegative_float,
+                        help="do_bench warm-up (default: 25; leaderboard: 1000; preset 8b: 2000)")
     parser.add_argument("--rep-ms", type=positive_float,
                         help="do_bench repetition time (default: 100; leaderboard: 10000; dispatch sweep: 50; "
                              "preset 8b: 5000)")
