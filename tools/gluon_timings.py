@@ -156,9 +156,7 @@ def _backward_tiles(name: str, b: int, h: int, n: int, d: int, kv_heads: int | N
         ("gluon_ws", functools.partial(ws, heads_first=False), BACKWARD_TILES[d]),
         ("gluon_ws_heads_first", functools.partial(ws, heads_first=True), BACKWARD_TILES[d])] + [
         (f"gluon_ws_{bm}x{bn}x{st}", functools.partial(ws, heads_first=False), GluonBackwardTiles(bm, bn, st))
-        for bm, bn, st in WS_VARIANTS[d]] + [
-        (f"gluon_ws{'_heads_first' * first}_group_inner", functools.partial(ws, heads_first=first, group_inner=True),
-         BACKWARD_TILES[d]) for first in ((False, True) if kv_heads else ())]
+        for bm, bn, st in WS_VARIANTS[d]]
     for label, backward, tiles in variants:
         try:
             grads = backward(dout, q, k, v, out, lse, True, scale, tiles=tiles)

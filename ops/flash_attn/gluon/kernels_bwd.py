@@ -87,24 +87,18 @@ def _document_query_tiles(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M: g
 
 
 @gluon.jit
-def _query_step(it, ahead: gl.constexpr, first, n_tiles, bh, h, GROUP: gl.constexpr,
-                GROUP_INNER: gl.constexpr = False):
+def _query_step(it, ahead: gl.constexpr, first, n_tiles, bh, h, GROUP: gl.constexpr):
     """Step `it + ahead` of the walk over the group's query rows (GQA: the GROUP query heads that read
-    this K/V head, n_tiles query tiles each): (its query row b * Hq + h_q, h_q, query tile). The heads
-    one after another, or with GROUP_INNER each query tile in every head before the next tile (so the
-    CTAs of one K/V head read the same query heads at the same time). Without GQA the row is bh and the
-    tile first + it + ahead (summed in that order: the kernel's instructions stay those it had before GQA)."""
+    this K/V head, n_tiles query tiles each, one after another): (its query row b * Hq + h_q, h_q,
+    query tile). Without GQA the row is bh and the tile first + it + ahead (summed in that order: the
+    kernel's instructions stay those it had before GQA). Walking each tile through all GROUP heads
+    before the next tile instead measured slower (docs/perf/flash_attention_gluon.md)."""
     if GROUP == 1:
         row, h_q, tile = bh, h, first + it + ahead
     else:
         step = it + ahead
-        if GROUP_INNER:
-            g = step % GROUP
-            tile = first + step // GROUP
-        else:
-            g = step // n_tiles
-            tile = first + step - g * n_tiles
-        row, h_q = bh * GROUP + g, h * GROUP + g
+        g = step // n_tiles
+        row, h_q, tile = bh * GROUP + g, h * GROUP + g, first + step - g * n_tiles
     return row, h_q, tile
 
 

@@ -74,7 +74,7 @@ def _steps(bh, start_n, n_queries, start_ptr, end_ptr, BLOCK_M: gl.constexpr, BL
 def _load_partition(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                     lse_smem, delta_smem, bars, start_ptr, end_ptr, n_queries, n_heads, BLOCK_M: gl.constexpr,
                     BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr,
-                    HAS_DOCS: gl.constexpr, HEADS_FIRST: gl.constexpr, GROUP_INNER: gl.constexpr):
+                    HAS_DOCS: gl.constexpr, HEADS_FIRST: gl.constexpr):
     """K and V of this CTA's keys, then each step's Q, dO, L and Delta into ring slot it % NUM_STAGES."""
     kv_ready, ready, empty, _, _, _ = bars
     bh, start_n = _cta(BLOCK_N, HEADS_FIRST)
@@ -89,7 +89,7 @@ def _load_partition(q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_sme
         # A fresh mbarrier counts as having completed the phase before phase 0: the first NUM_STAGES
         # waits pass at once.
         mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1)
-        row, h_q, tile = _query_step(it, 0, first, n_tiles, bh, h, GROUP, GROUP_INNER)
+        row, h_q, tile = _query_step(it, 0, first, n_tiles, bh, h, GROUP)
         _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_smem, do_smem, lse_smem, delta_smem, ready, b, h_q,
                    row, tile, stage)
 
@@ -99,7 +99,7 @@ def _mma_partition(half: gl.constexpr, dk_desc, dv_desc, dq_desc, k_smem, v_smem
                    delta_smem, ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
                    sm_scale, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                    NUM_STAGES: gl.constexpr, IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr,
-                   HEADS_FIRST: gl.constexpr, GROUP_INNER: gl.constexpr):
+                   HEADS_FIRST: gl.constexpr):
     """Keys [half * 64, half * 64 + 64) of the CTA: their dK and dV, and dQ's columns [half * D/2, + D/2)."""
     kv_ready, ready, empty, ds_ready, ds_free, done = bars
     dtype: gl.constexpr = q_smem.dtype
@@ -128,7 +128,7 @@ def _mma_partition(half: gl.constexpr, dk_desc, dv_desc, dq_desc, k_smem, v_smem
     for it in range(n_steps):
         stage = it % NUM_STAGES
         buf = it % 2
-        row, h_q, tile = _query_step(it, 0, first, n_tiles, bh, h, GROUP, GROUP_INNER)
+        row, h_q, tile = _query_step(it, 0, first, n_tiles, bh, h, GROUP)
         start_m = tile * BLOCK_M
         if HAS_DOCS:
             key_start, key_end = _key_bounds(start_ptr, end_ptr, row, my_keys, n_keys, st_layout, KEYS)
@@ -203,7 +203,7 @@ def flash_bwd_ws_kernel(
     n_queries, n_keys, n_heads, qk_scale, sm_scale,  # n_heads: K/V heads; qk_scale = sm_scale * log2(e)
     HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr,
     IS_CAUSAL: gl.constexpr, GROUP: gl.constexpr, HAS_DOCS: gl.constexpr, MMA_REGS: gl.constexpr,
-    HEADS_FIRST: gl.constexpr, GROUP_INNER: gl.constexpr,
+    HEADS_FIRST: gl.constexpr,
 ):
     """dK, dV of BLOCK_N keys of one K/V head; dQ_acc += dS K (unscaled) for each query tile they meet.
     dQ_acc must hold zeros first (the tl preprocess kernel writes them with Delta)."""
@@ -241,12 +241,12 @@ def flash_bwd_ws_kernel(
         (_mma_partition, (0, dk_desc, dv_desc, dq_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                           ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
                           sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS,
-                          HEADS_FIRST, GROUP_INNER)),
+                          HEADS_FIRST)),
         (_mma_partition, (1, dk_desc, dv_desc, dq_desc, k_smem, v_smem, q_smem, do_smem, lse_smem, delta_smem,
                           ds_smem, dq_smem, bars, start_ptr, end_ptr, n_queries, n_keys, n_heads, qk_scale,
                           sm_scale, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS,
-                          HEADS_FIRST, GROUP_INNER)),
+                          HEADS_FIRST)),
         (_load_partition, (q_desc, k_desc, v_desc, do_desc, lse_desc, delta_desc, k_smem, v_smem, q_smem, do_smem,
                            lse_smem, delta_smem, bars, start_ptr, end_ptr, n_queries, n_heads, BLOCK_M, BLOCK_N,
-                           NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS, HEADS_FIRST, GROUP_INNER)),
+                           NUM_STAGES, IS_CAUSAL, GROUP, HAS_DOCS, HEADS_FIRST)),
     ], [4, 1], [MMA_REGS, 24])

@@ -38,15 +38,14 @@ NUM_WARPS = 4  # the default partition: MMA warpgroup 0
 # launch; setmaxnreg then gives both MMA warpgroups 240 and the load warpgroup 24 (as the forward).
 MAXNREG = 168
 MMA_REGS = 240
-HEADS_FIRST_MAX_WAVES = 4  # heads_first_rule: measured a win at 2 waves, a tie at 8, a loss from 16
+HEADS_FIRST_MAX_WAVES = 8  # heads_first_rule: measured wins at 2 waves, a tie and a win at 8, losses from 16
 _KERNEL = ReplayLauncher(flash_bwd_ws_kernel)
 
 
 def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int, documents: bool,
-          heads_first: bool = False, group_inner: bool = False) -> dict:
+          heads_first: bool = False) -> dict:
     return dict(HEAD_DIM=head_dim, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, NUM_STAGES=tiles.num_stages,
-                IS_CAUSAL=is_causal, GROUP=group, HAS_DOCS=documents, MMA_REGS=MMA_REGS, HEADS_FIRST=heads_first,
-                GROUP_INNER=group_inner and group > 1)
+                IS_CAUSAL=is_causal, GROUP=group, HAS_DOCS=documents, MMA_REGS=MMA_REGS, HEADS_FIRST=heads_first)
 
 
 def heads_first_rule(is_causal: bool, ctas: int, device: torch.device) -> bool:
@@ -54,11 +53,12 @@ def heads_first_rule(is_causal: bool, ctas: int, device: torch.device) -> bool:
     CTA of the first key tile walks every query tile (GROUP times with GQA) and the last almost none, so
     the longest CTA is 2 / waves of an SM's share of the work, waves = CTAs / SMs. Launched tiles first,
     the long CTAs of the last heads start late and run alone at the end; heads first, the longest start
-    first. Measured on one H100 (tools/gluon_timings.py --backward-tiles): 256 CTAs (GQA 1 x 32/8 x 4096 x
-    128) 0.851 vs 1.021 ms; 1024 CTAs (1 x 32 x 4096 x 128) a tie, 0.796 vs 0.793; 2048 (the leaderboard
-    shape) 3.305 vs 3.263; 8192 (the 8B layer) 163 vs 78.9, where each SM's CTAs read other heads' Q and
-    dO and L2 stops serving the reuse the tiles-first order gets. So: causal and at most
-    HEADS_FIRST_MAX_WAVES waves."""
+    first. Measured on one H100 in two runs (tools/gluon_timings.py --backward-tiles, heads first vs tiles
+    first, ms): 256 CTAs (GQA 1 x 32/8 x 4096 x 128, 2 waves) 0.851 vs 1.021 and 0.840 vs 1.014; 1024
+    (1 x 32 x 4096 x 128, 8 waves) 0.796 vs 0.793 and 0.739 vs 0.806; 2048 (the leaderboard shape, D 64)
+    3.305 vs 3.263; 2048 (GQA 1 x 32/8 x 32768) 45.5 vs 46.1 and 46.0 vs 41.4; 8192 (the 8B layer) 163 vs
+    78.9, where the SMs' CTAs read different heads' Q and dO and L2 no longer serves the reuse the
+    tiles-first order gets. So: causal and at most HEADS_FIRST_MAX_WAVES waves."""
     if not is_causal or device.type != "cuda":
         return False
     return ctas <= HEADS_FIRST_MAX_WAVES * sm_count(device.index)
@@ -75,13 +75,10 @@ def _grid(n_keys: int, block_n: int, kv_bh: int, heads_first: bool) -> tuple[int
 
 
 def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale: float, bounds=None, *,
-                            tiles: GluonBackwardTiles | None = None, heads_first: bool | None = None,
-                            group_inner: bool = False):
+                            tiles: GluonBackwardTiles | None = None, heads_first: bool | None = None):
     """(dQ, dK, dV) as launch_bwd.flash_backward_gluon returns them, from the warp-specialised kernel.
     `heads_first`: launch the CTAs key tile by key tile across the heads (kernels_bwd_ws._cta); None:
-    where heads_first_rule says. `group_inner` (GQA): each CTA walks the query tiles in its group's
-    heads tile by tile, not head by head (kernels_bwd._query_step); a variant tools/gluon_timings.py
-    times, not the default."""
+    where heads_first_rule says."""
     start, end = bounds_pointers(bounds, q)
     head_dim = q.shape[-1]
     tiles = tiles or BACKWARD_TILES[head_dim]
@@ -100,7 +97,7 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
             row_descriptor(t.lse, tiles.block_m), row_descriptor(t.delta, tiles.block_m),
             start, end,  # (BH, Nq) int32 each, or None
             n_q, n_k, kv_heads, scale * LOG2E, scale,
-            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None, first, group_inner),
+            **_meta(head_dim, is_causal, tiles, query_group(t.q4, t.k4), start is not None, first),
             num_warps=NUM_WARPS, maxnreg=MAXNREG)
 
     return gluon_backward(grad_out, q, k, v, out, lse, scale, middle)
@@ -108,10 +105,10 @@ def flash_backward_gluon_ws(grad_out, q, k, v, out, lse, is_causal: bool, scale:
 
 def compile_backward_ws(head_dim: int, is_causal: bool, dtype: torch.dtype = torch.bfloat16,
                         tiles: GluonBackwardTiles | None = None, target=SM90, group: int = 1, documents: bool = False,
-                        heads_first: bool = False, group_inner: bool = False):
+                        heads_first: bool = False):
     """Compile the warp-specialised backward for `target` without a GPU (see launch.compile_forward)."""
     tiles = tiles or BACKWARD_TILES[head_dim]
-    meta = _meta(head_dim, is_causal, tiles, group, documents, heads_first, group_inner)
+    meta = _meta(head_dim, is_causal, tiles, group, documents, heads_first)
     bounds = {name: "*i32" if documents else "constexpr" for name in ("start_ptr", "end_ptr")}
     rows = (tiles.block_m, tiles.block_n, KEYS.value)
     q_type, k_type, half_type = (tile_type(n, head_dim, dtype) for n in rows)

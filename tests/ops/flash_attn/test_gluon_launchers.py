@@ -70,15 +70,14 @@ def test_heads_first_grid_puts_the_heads_first(monkeypatch):
         calls.clear()
         launch_bwd_ws.flash_backward_gluon_ws(grad_out, q, k, v, out, lse, True, 0.125, heads_first=heads_first)
         assert calls[1][1] == grid and calls[1][3]["HEADS_FIRST"] == heads_first
-    calls.clear()  # the rule decides, and on CPU tensors never launches heads first; group_inner reaches the kernel
-    launch_bwd_ws.flash_backward_gluon_ws(grad_out, q, k, v, out, lse, True, 0.125, group_inner=True)
-    assert calls[1][1] == (3, 4) and calls[1][3]["HEADS_FIRST"] is False and calls[1][3]["GROUP_INNER"] is True
+    calls.clear()  # by default the rule decides, and on CPU tensors never launches heads first
+    launch_bwd_ws.flash_backward_gluon_ws(grad_out, q, k, v, out, lse, True, 0.125)
+    assert calls[1][1] == (3, 4) and calls[1][3]["HEADS_FIRST"] is False
 
 
 def test_heads_first_rule_picks_short_causal_grids(monkeypatch):
-    """Heads first for causal grids of at most HEADS_FIRST_MAX_WAVES CTAs per SM, on CUDA only; and the
-    group-inner walk is only ever on with GQA."""
-    from ops.flash_attn.gluon import launch_bwd, launch_bwd_ws
+    """Heads first for causal grids of at most HEADS_FIRST_MAX_WAVES CTAs per SM, on CUDA only."""
+    from ops.flash_attn.gluon import launch_bwd_ws
 
     monkeypatch.setattr(launch_bwd_ws, "sm_count", lambda index: 132)
     limit = launch_bwd_ws.HEADS_FIRST_MAX_WAVES * 132
@@ -86,9 +85,6 @@ def test_heads_first_rule_picks_short_causal_grids(monkeypatch):
     assert launch_bwd_ws.heads_first_rule(True, limit, cuda) and launch_bwd_ws.heads_first_rule(True, 256, cuda)
     assert not launch_bwd_ws.heads_first_rule(True, limit + 1, cuda)
     assert not launch_bwd_ws.heads_first_rule(False, 256, cuda) and not launch_bwd_ws.heads_first_rule(True, 256, cpu)
-    tiles = launch_bwd.BACKWARD_TILES[128]
-    assert launch_bwd_ws._meta(128, True, tiles, 1, False, group_inner=True)["GROUP_INNER"] is False
-    assert launch_bwd_ws._meta(128, True, tiles, 4, False, group_inner=True)["GROUP_INNER"] is True
 
 
 @pytest.mark.parametrize("make", [lambda: torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16),

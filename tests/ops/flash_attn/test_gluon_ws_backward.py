@@ -41,25 +41,23 @@ def test_compiles_for_sm90(head_dim, causal, group, documents):
     assert compiled.metadata.shared <= 227 * 1024
 
 
-@pytest.mark.parametrize("schedule", [{"heads_first": True}, {"group_inner": True}], ids=str)
 @pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
-def test_other_walk_orders_compile_with_the_same_resources(documents, schedule):
-    """The (heads, key tiles) launch order changes which grid index names what, and the group-inner
-    walk which step is which query head and tile: the same shared memory as the default order (ptxas
-    may allocate registers a little differently: its spills are not compared), other code."""
+def test_heads_first_compiles_with_the_same_resources(documents):
+    """The (heads, key tiles) launch order changes which grid index names what: the same shared memory
+    as the default order (ptxas may allocate registers a little differently: its spills are not compared)."""
     from ops.flash_attn.gluon import launch_bwd_ws
 
-    default, other = (launch_bwd_ws.compile_backward_ws(128, True, group=4, documents=documents, **options)
-                      for options in ({}, schedule))
-    assert other.metadata.shared == default.metadata.shared
-    assert other.asm["ptx"] != default.asm["ptx"]
+    default, heads_first = (launch_bwd_ws.compile_backward_ws(128, True, group=4, documents=documents,
+                                                              heads_first=first) for first in (False, True))
+    assert heads_first.metadata.shared == default.metadata.shared
+    assert heads_first.asm["ptx"] != default.asm["ptx"]
 
 
 cuda = pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)),
                           reason="needs an sm_90 GPU")
 
 
-def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None, heads_first=False, group_inner=False):
+def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None, heads_first=False):
     """(O, dQ, dK, dV) with the warp-specialised backward, and what the float64 oracle needs."""
     from ops.flash_attn.dispatch import attention_forward
     from ops.flash_attn.documents import document_bounds
@@ -71,8 +69,7 @@ def _case(lead, n_q, n_k, head_dim, causal, gen, kv_heads=None, ids=None, heads_
     scale = head_dim ** -0.5
     out, lse = attention_forward(q, k, v, causal, scale, ids)
     bounds = None if ids is None else document_bounds(ids, q.shape[:-1])
-    grads = flash_backward_gluon_ws(grad_out, q, k, v, out, lse, causal, scale, bounds, heads_first=heads_first,
-                                    group_inner=group_inner)
+    grads = flash_backward_gluon_ws(grad_out, q, k, v, out, lse, causal, scale, bounds, heads_first=heads_first)
     assert all(g.shape == x.shape and g.dtype == x.dtype for g, x in zip(grads, (q, k, v)))
     return (out, *grads), (q, k, v, causal, grad_out)
 
@@ -82,14 +79,13 @@ def check_matches_float64(lead, n_q, n_k, head_dim, causal, heads_first=False):
     assert_close_to_reference(ours, *inputs)
 
 
-def check_grouped_heads_and_documents(causal, documents, heads_first=False, group_inner=False):
+def check_grouped_heads_and_documents(causal, documents, heads_first=False):
     gen = torch.Generator().manual_seed(7)
     ids = None
     if documents:  # documents of 1 to ~300 tokens, the same split for every head
         starts = torch.rand(2, 777, generator=gen) < 1 / 150
         ids = starts.cumsum(-1).to("cuda")[:, None, :]  # (B, 1, N)
-    ours, inputs = _case((2, 8), 777, 777, 128, causal, gen, kv_heads=2, ids=ids, heads_first=heads_first,
-                         group_inner=group_inner)
+    ours, inputs = _case((2, 8), 777, 777, 128, causal, gen, kv_heads=2, ids=ids, heads_first=heads_first)
     assert_close_to_reference(ours, *inputs, document_ids=ids)
 
 
@@ -132,15 +128,6 @@ def test_matches_float64(shape, head_dim, causal):
 def test_grouped_heads_and_documents_match_float64(causal, documents, heads_first):
     """With GQA and documents, and in both launch orders of the CTAs (kernels_bwd_ws._cta)."""
     _isolated("check_grouped_heads_and_documents", causal, documents, heads_first)
-
-
-@pytest.mark.cuda
-@cuda
-@pytest.mark.parametrize("documents", [False, True], ids=["gqa", "gqa+documents"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_group_inner_walk_matches_float64(causal, documents):
-    """GQA with each query tile visited in all of the group's heads before the next (kernels_bwd._query_step)."""
-    _isolated("check_grouped_heads_and_documents", causal, documents, False, True)
 
 
 @pytest.mark.cuda
