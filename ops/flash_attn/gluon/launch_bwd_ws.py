@@ -38,7 +38,7 @@ NUM_WARPS = 4  # the default partition: MMA warpgroup 0
 # launch; setmaxnreg then gives both MMA warpgroups 240 and the load warpgroup 24 (as the forward).
 MAXNREG = 168
 MMA_REGS = 240
-HEADS_FIRST_MAX_WAVES = 8  # heads_first_rule: measured wins at 2 waves, a tie and a win at 8, losses from 16
+HEADS_FIRST_MAX_WAVES = 8  # heads_first_rule: wins measured at 2 waves, a tie and a win at 8, losses at 16
 _KERNEL = ReplayLauncher(flash_bwd_ws_kernel)
 
 
@@ -49,16 +49,13 @@ def _meta(head_dim: int, is_causal: bool, tiles: GluonBackwardTiles, group: int,
 
 
 def heads_first_rule(is_causal: bool, ctas: int, device: torch.device) -> bool:
-    """Launch heads first where the causal CTAs' unequal lengths would leave a tail: with causal masking the
-    CTA of the first key tile walks every query tile (GROUP times with GQA) and the last almost none, so
-    the longest CTA is 2 / waves of an SM's share of the work, waves = CTAs / SMs. Launched tiles first,
-    the long CTAs of the last heads start late and run alone at the end; heads first, the longest start
-    first. Measured on one H100 in two runs (tools/gluon_timings.py --backward-tiles, heads first vs tiles
-    first, ms): 256 CTAs (GQA 1 x 32/8 x 4096 x 128, 2 waves) 0.851 vs 1.021 and 0.840 vs 1.014; 1024
-    (1 x 32 x 4096 x 128, 8 waves) 0.796 vs 0.793 and 0.739 vs 0.806; 2048 (the leaderboard shape, D 64)
-    3.305 vs 3.263; 2048 (GQA 1 x 32/8 x 32768) 45.5 vs 46.1 and 46.0 vs 41.4; 8192 (the 8B layer) 163 vs
-    78.9, where the SMs' CTAs read different heads' Q and dO and L2 no longer serves the reuse the
-    tiles-first order gets. So: causal and at most HEADS_FIRST_MAX_WAVES waves."""
+    """Launch heads first where the causal CTAs' unequal lengths would leave a tail: the CTA of the first
+    key tile walks every query tile (GROUP times with GQA) and the last almost none, so the longest CTA is
+    about 2 / waves of an SM's share of the work (waves = CTAs / SMs). Tiles first, the long CTAs of the
+    last heads start late and run alone at the end; heads first, they start first. On long grids heads
+    first loses the L2 reuse of CTAs of one head walking the same query tiles (2x slower at the 8B layer).
+    Measured on one H100 (docs/perf/flash_attention_gluon.md, "Launch order"): GQA 1 x 32/8 x 4096 x 128,
+    256 CTAs, 0.85 vs 1.02 ms; 1024 CTAs a tie and an 8 % win; 2048 a 1 % and an 11 % loss."""
     if not is_causal or device.type != "cuda":
         return False
     return ctas <= HEADS_FIRST_MAX_WAVES * sm_count(device.index)
