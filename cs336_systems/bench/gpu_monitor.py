@@ -15,6 +15,7 @@ Reading the card changes nothing on it (no clock, power or mode setting).
 
 from __future__ import annotations
 
+import functools
 import statistics
 import threading
 import time
@@ -25,6 +26,7 @@ THROTTLE_REASONS = {0x1: "idle", 0x4: "sw_power_cap", 0x8: "hw_slowdown", 0x20: 
                     0x40: "hw_thermal", 0x80: "hw_power_brake"}
 
 
+@functools.cache  # once per process: bench attention starts a monitor for each of its timings
 def _nvml() -> Any:
     import pynvml
 
