@@ -73,10 +73,22 @@ def free_device_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def git_revision() -> str:
+def git_revision(cwd: str | Path | None = None) -> str:
+    """The short commit the numbers come from: CS336_GIT_REVISION where set (a tree copied without its
+    history, e.g. to a GPU host, can name its commit that way), else HEAD, with "-dirty" when tracked
+    files differ from it (a copied working tree over a stale checkout shows as such); "unknown"
+    outside a git checkout."""
+    if os.environ.get("CS336_GIT_REVISION"):
+        return os.environ["CS336_GIT_REVISION"]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
