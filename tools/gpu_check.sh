@@ -122,7 +122,7 @@ for part in $PARTS; do
     esac
 done
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,power.limit --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown), $(date -u +%FT%TZ), results in $OUT_DIR"
+echo "git ${CS336_GIT_REVISION:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}, $(date -u +%FT%TZ), results in $OUT_DIR"
 for part in $PARTS; do
     echo "== $part"
     "$part"
